@@ -1,0 +1,67 @@
+"""Engine process entry point: ``python -m engine --model-path P --ipc-address A``.
+
+Started by the mlx-server supervisor (or a Procfile). Loads the model, binds
+the ROUTER socket, then serves until SIGTERM/SIGINT or until its parent dies.
+Readiness is the handshake: the socket answers Hello only after the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.core import Scheduler, SchedulerConfig
+from engine.loading import load_model
+from engine.proc import EngineLoop
+
+log = logging.getLogger("engine")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--adapter-path")
+    p.add_argument("--ipc-address", required=True)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--prefill-batch-size", type=int, default=8)
+    p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s engine %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        loaded = load_model(args.model_path, args.adapter_path)
+    except Exception as exc:
+        # One line the supervisor can show; the traceback only at debug level.
+        log.debug("load failed", exc_info=True)
+        print(f"engine: failed to load model: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    info = loaded.info
+    scheduler = Scheduler(
+        loaded.model,
+        SchedulerConfig(
+            eos_token_ids=tuple(info.eos_token_ids),
+            vocab_size=info.vocab_size,
+            context_length=info.context_length,
+            max_batch_size=args.max_batch_size,
+            prefill_batch_size=args.prefill_batch_size,
+            prefill_step_size=args.prefill_step_size,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+        ),
+    )
+    loop = EngineLoop(scheduler, info, args.ipc_address)
+    loop.install_signal_handlers()
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

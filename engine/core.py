@@ -1,0 +1,262 @@
+"""Scheduling of wire requests over mlx-lm's BatchGenerator (no sockets here).
+
+The Scheduler owns the continuous batch and the prefix cache. ``add`` and
+``abort`` may be called between steps; ``step`` advances the batch once and
+returns every delta produced, grouped by the frontend worker that owns the
+request, so the socket loop sends one message per worker per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from engine.sampling import build_logits_processors, build_sampler
+from ipc.messages import Generate, TokenDelta
+
+log = logging.getLogger(__name__)
+
+WorkerId = bytes
+Outputs = dict[WorkerId, list[TokenDelta]]
+
+# The prefix cache keys entries by model; this engine holds exactly one.
+PREFIX_CACHE_MODEL_KEY = "model"
+# Entry count cap of the prefix cache; the byte cap is the real limit.
+PREFIX_CACHE_MAX_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    context_length: int
+    max_batch_size: int = 64
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    prompt_cache_bytes: int = 2 << 30
+
+
+@dataclass
+class _Active:
+    request_id: str
+    worker: WorkerId
+    uid: int
+    cached_prompt_tokens: int
+    first_sent: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    started_at: float = field(default_factory=time.monotonic)
+    tokens_generated: int = 0
+    prompt_tokens_processed: int = 0
+    requests_finished: int = 0
+    prompt_cache_hits: int = 0
+    prompt_cache_hit_tokens: int = 0
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot run; it ends with an error delta."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: Any,
+        config: SchedulerConfig,
+        make_generator: Optional[Callable[..., BatchGenerator]] = None,
+    ) -> None:
+        self._model = model
+        self._config = config
+        self._make_generator = make_generator or BatchGenerator
+        self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
+        self._prefix_cache = LRUPromptCache(
+            max_size=PREFIX_CACHE_MAX_ENTRIES, max_bytes=max(config.prompt_cache_bytes, 0)
+        )
+        self._by_uid: dict[int, _Active] = {}
+        self._by_id: dict[str, _Active] = {}
+        # Finals produced outside a step (aborts, rejections), sent with the next step.
+        self._pending: Outputs = defaultdict(list)
+        self.stats = SchedulerStats()
+        self._generator = self._new_generator()
+
+    # ------------------------------------------------------------------ state
+
+    def _new_generator(self) -> BatchGenerator:
+        cfg = self._config
+        return self._make_generator(
+            self._model,
+            stop_tokens=[[t] for t in cfg.eos_token_ids],
+            completion_batch_size=cfg.max_batch_size,
+            prefill_batch_size=cfg.prefill_batch_size,
+            prefill_step_size=cfg.prefill_step_size,
+        )
+
+    @property
+    def running(self) -> int:
+        return len(self._by_id)
+
+    @property
+    def queued(self) -> int:
+        # Requests inserted but not yet in the decode batch (waiting or prefilling).
+        return len(self._generator._unprocessed_sequences) + len(self._generator._prompt_batch)
+
+    @property
+    def prefix_cache_entries(self) -> int:
+        return len(self._prefix_cache)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self._prefix_cache.nbytes
+
+    def has_work(self) -> bool:
+        return bool(self._by_id) or bool(self._pending)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._by_id
+
+    # ------------------------------------------------------------------ input
+
+    def add(self, worker: WorkerId, request: Generate) -> None:
+        """Insert a request into the running batch, or end it with an error."""
+        try:
+            self._insert(worker, request)
+        except RequestRejected as exc:
+            self._finish_now(worker, request.request_id, "error", str(exc))
+
+    def _validate(self, request: Generate) -> None:
+        cfg = self._config
+        if request.request_id in self._by_id:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise RequestRejected("empty prompt")
+        if request.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise RequestRejected(f"prompt token ids must be in [0, {cfg.vocab_size})")
+        if len(prompt) + request.max_tokens > cfg.context_length:
+            raise RequestRejected(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) "
+                f"exceeds the context length {cfg.context_length}"
+            )
+
+    def _insert(self, worker: WorkerId, request: Generate) -> None:
+        self._validate(request)
+        prompt = request.prompt_token_ids
+        cache, rest = self._fetch_prefix(prompt)
+        cached = len(prompt) - len(rest)
+        stops = (
+            self._default_stops
+            if request.stop_token_ids is None
+            else StopSequences([[t] for t in request.stop_token_ids])
+        )
+        (uid,) = self._generator.insert(
+            [rest],
+            max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[build_sampler(request.sampling)],
+            logits_processors=[build_logits_processors(request.sampling)],
+            stop_sequences=[stops],
+        )
+        active = _Active(request.request_id, worker, uid, cached)
+        self._by_uid[uid] = active
+        self._by_id[request.request_id] = active
+        self.stats.prompt_tokens_processed += len(rest)
+        if cached:
+            self.stats.prompt_cache_hits += 1
+            self.stats.prompt_cache_hit_tokens += cached
+
+    def _fetch_prefix(self, prompt: list[int]) -> tuple[Optional[list[Any]], list[int]]:
+        """The longest cached prefix of ``prompt`` and the tokens still to prefill.
+
+        At least one token is always left to prefill: the model must see the
+        last prompt token to produce the first logits.
+        """
+        if self._config.prompt_cache_bytes <= 0:
+            return None, prompt
+        cache, rest = self._prefix_cache.fetch_nearest_cache(PREFIX_CACHE_MODEL_KEY, prompt)
+        if cache is None or rest:
+            return cache, rest
+        if not can_trim_prompt_cache(cache):
+            return None, prompt
+        trim_prompt_cache(cache, 1)
+        return cache, prompt[-1:]
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Remove requests from the batch; unknown or finished ids are ignored."""
+        found = [self._by_id[r] for r in request_ids if r in self._by_id]
+        if not found:
+            return
+        self._generator.remove([a.uid for a in found])
+        for active in found:
+            self._forget(active)
+            self._pending[active.worker].append(TokenDelta(active.request_id, [], "abort"))
+
+    def drop_worker(self, worker: WorkerId) -> None:
+        """A frontend worker went away: abort everything it owned, silently."""
+        ids = [a.request_id for a in self._by_id.values() if a.worker == worker]
+        self.abort(ids)
+        self._pending.pop(worker, None)
+
+    def fail_all(self, reason: str) -> None:
+        """End every request with an error and start a fresh batch (after a step failed)."""
+        for active in list(self._by_id.values()):
+            self._forget(active)
+            self._pending[active.worker].append(
+                TokenDelta(active.request_id, [], "error", error=reason)
+            )
+        self._generator = self._new_generator()
+
+    def _finish_now(self, worker: WorkerId, request_id: str, reason: str, error: str) -> None:
+        self._pending[worker].append(TokenDelta(request_id, [], reason, error=error))
+
+    def _forget(self, active: _Active) -> None:
+        self._by_uid.pop(active.uid, None)
+        self._by_id.pop(active.request_id, None)
+        self.stats.requests_finished += 1
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> Outputs:
+        """Advance the batch once; return all deltas grouped by worker."""
+        outputs, self._pending = self._pending, defaultdict(list)
+        if not self._by_id:
+            return outputs
+        _, responses = self._generator.next()
+        self.stats.tokens_generated += len(responses)
+        for r in responses:
+            active = self._by_uid.get(r.uid)
+            if active is None:  # removed while its token was in flight
+                continue
+            finished = r.finish_reason is not None
+            # A "stop" finish means the token is the EOS/stop token: never text.
+            tokens = [] if r.finish_reason == "stop" else [r.token]
+            cached = 0 if active.first_sent else active.cached_prompt_tokens
+            active.first_sent = True
+            outputs[active.worker].append(
+                TokenDelta(active.request_id, tokens, r.finish_reason, cached)
+            )
+            if finished:
+                self._forget(active)
+                self._remember_prefix(r.all_tokens, r.prompt_cache)
+        return outputs
+
+    def _remember_prefix(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
+        budget = self._config.prompt_cache_bytes
+        if budget <= 0 or not tokens or cache is None:
+            return
+        self._prefix_cache.insert_cache(PREFIX_CACHE_MODEL_KEY, list(tokens), cache)
+        # Live batch caches count against the same budget (as in mlx_lm.server).
+        self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
+
+    def memory(self) -> tuple[int, int]:
+        return mx.get_active_memory(), mx.get_peak_memory()

@@ -1,0 +1,165 @@
+"""The engine's socket loop: ROUTER in, dispatch table, one step, one send per worker.
+
+While requests run, the socket is drained without blocking between steps;
+when idle, the loop blocks on the socket (with a short timeout so it notices
+a stop request or a dead parent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+import msgspec
+import zmq
+
+from engine.core import Scheduler
+from ipc import codec
+from ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    EngineStatus,
+    Generate,
+    Hello,
+    ModelInfo,
+    Ping,
+    Pong,
+    Rejected,
+    StatusQuery,
+    StepOutputs,
+    Welcome,
+)
+from ipc.sockets import bind_router
+
+log = logging.getLogger(__name__)
+
+# How long an idle engine waits on its socket before re-checking stop flags.
+IDLE_POLL_MS = 200
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, model: ModelInfo, address: str) -> None:
+        self._scheduler = scheduler
+        self._model = model
+        self._ctx = zmq.Context()
+        self._sock = bind_router(self._ctx, address)
+        self._stop = False
+        self._parent_pid = os.getppid()
+        self._handlers: dict[type, Callable[[bytes, object], None]] = {
+            Hello: self._on_hello,
+            Generate: self._on_generate,
+            Abort: self._on_abort,
+            StatusQuery: self._on_status,
+            Ping: self._on_ping,
+        }
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, *_: object) -> None:
+        """Signal handler: only record (the loop acts on the flag)."""
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _parent_gone(self) -> bool:
+        # Reparenting means whoever started us died: don't hold the model's memory.
+        return os.getppid() != self._parent_pid
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        log.info("engine ready (pid %d)", os.getpid())
+        try:
+            while not self._stop:
+                if self._parent_gone():
+                    log.warning("parent process exited; engine stopping")
+                    break
+                self._drain(block=not self._scheduler.has_work())
+                if self._scheduler.has_work():
+                    self._step()
+        finally:
+            self._sock.close()
+            self._ctx.term()
+            log.info("engine stopped")
+
+    def _drain(self, block: bool) -> None:
+        timeout = IDLE_POLL_MS if block else 0
+        while self._sock.poll(timeout, zmq.POLLIN):
+            timeout = 0
+            frames = self._sock.recv_multipart(copy=False)
+            if len(frames) != 2:
+                log.warning("dropping malformed frame set (%d parts)", len(frames))
+                continue
+            worker, payload = frames[0].bytes, frames[1].buffer
+            try:
+                message = codec.decode_frontend_message(payload)
+            except msgspec.DecodeError as exc:
+                log.warning("dropping undecodable message from %r: %s", worker, exc)
+                continue
+            self._handlers[type(message)](worker, message)
+
+    def _step(self) -> None:
+        try:
+            outputs = self._scheduler.step()
+        except Exception as exc:  # one bad step must not take the engine down
+            log.exception("engine step failed; failing the running requests")
+            self._scheduler.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            outputs = self._scheduler.step()
+        for worker, deltas in outputs.items():
+            if deltas:
+                self._send(worker, StepOutputs(deltas))
+
+    def _send(self, worker: bytes, message: msgspec.Struct) -> None:
+        self._sock.send_multipart([worker, codec.encode(message)], copy=False)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_hello(self, worker: bytes, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            log.error(
+                "worker %s speaks protocol %d, engine speaks %d",
+                msg.worker_id,
+                msg.protocol_version,
+                PROTOCOL_VERSION,
+            )
+            self._send(worker, Rejected(f"protocol {msg.protocol_version} != {PROTOCOL_VERSION}"))
+            return
+        log.debug("worker %s connected", msg.worker_id)
+        self._send(worker, Welcome(PROTOCOL_VERSION, self._model))
+
+    def _on_generate(self, worker: bytes, msg: Generate) -> None:
+        self._scheduler.add(worker, msg)
+
+    def _on_abort(self, worker: bytes, msg: Abort) -> None:
+        self._scheduler.abort(msg.request_ids)
+
+    def _on_ping(self, worker: bytes, msg: Ping) -> None:
+        self._send(worker, Pong(msg.nonce))
+
+    def _on_status(self, worker: bytes, msg: StatusQuery) -> None:
+        s = self._scheduler
+        active, peak = s.memory()
+        self._send(
+            worker,
+            EngineStatus(
+                query_id=msg.query_id,
+                state="ready",
+                uptime_s=time.monotonic() - s.stats.started_at,
+                running_requests=s.running - s.queued,
+                queued_requests=s.queued,
+                tokens_generated=s.stats.tokens_generated,
+                prompt_tokens_processed=s.stats.prompt_tokens_processed,
+                requests_finished=s.stats.requests_finished,
+                prompt_cache_entries=s.prefix_cache_entries,
+                prompt_cache_bytes=s.prefix_cache_bytes,
+                prompt_cache_hits=s.stats.prompt_cache_hits,
+                prompt_cache_hit_tokens=s.stats.prompt_cache_hit_tokens,
+                active_memory_bytes=active,
+                peak_memory_bytes=peak,
+            ),
+        )

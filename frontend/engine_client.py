@@ -1,0 +1,45 @@
+"""The interface the HTTP resources use to reach the engine.
+
+Resources depend only on ``EngineClient``; production passes the ZeroMQ
+client (``frontend.zmq_client``), unit tests pass a fake.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
+
+
+class EngineUnavailable(Exception):
+    """The engine is down, restarting or did not answer in time (HTTP 503)."""
+
+
+class RequestStream(Protocol):
+    """The engine's answer to one Generate, delta by delta.
+
+    Iterating yields TokenDeltas and stops after the final one (the one with
+    ``finish_reason`` set). It raises EngineUnavailable if the engine dies or
+    stays silent past the client's timeout. ``close()`` aborts the request in
+    the engine unless it already ended; it is idempotent and must always be
+    called (use ``with``).
+    """
+
+    request_id: str
+
+    def __iter__(self) -> Iterator[TokenDelta]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "RequestStream": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class EngineClient(Protocol):
+    @property
+    def model(self) -> ModelInfo: ...
+
+    def submit(self, request: Generate) -> RequestStream: ...
+
+    def status(self, timeout_s: float = 5.0) -> EngineStatus: ...

@@ -1,0 +1,256 @@
+"""ZeroMQ implementation of EngineClient, one per gunicorn worker process.
+
+ZeroMQ sockets are not thread-safe, so one I/O thread owns the DEALER. Request
+threads hand it encoded messages through per-thread inproc PUSH sockets; the
+I/O thread routes incoming deltas to per-request queues. It also pings the
+engine: when pongs stop, every waiting request fails with EngineUnavailable
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from typing import Callable, Iterator, Optional, Union
+
+import msgspec
+import zmq
+
+from frontend.engine_client import EngineUnavailable
+from ipc import codec
+from ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    EngineStatus,
+    Generate,
+    Hello,
+    ModelInfo,
+    Ping,
+    Pong,
+    Rejected,
+    StatusQuery,
+    StepOutputs,
+    TokenDelta,
+    Welcome,
+)
+from ipc.sockets import connect_dealer
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.5
+# No pong for this long: the engine is dead or wedged. A long prefill chunk
+# must fit well inside it, so it is generous.
+ENGINE_SILENCE_LIMIT_S = 10.0
+IO_POLL_MS = 100
+
+_Item = Union[TokenDelta, EngineUnavailable]
+
+
+class _Stream:
+    """One request's deltas; closing it before its final delta aborts it."""
+
+    def __init__(self, client: "ZmqEngineClient", request_id: str, timeout_s: float) -> None:
+        self.request_id = request_id
+        self._client = client
+        self._timeout_s = timeout_s
+        self._queue: "queue.SimpleQueue[_Item]" = queue.SimpleQueue()
+        self._done = False
+
+    def put(self, item: _Item) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[TokenDelta]:
+        while not self._done:
+            try:
+                item = self._queue.get(timeout=self._timeout_s)
+            except queue.Empty:
+                raise EngineUnavailable(
+                    f"no output from the engine for {self._timeout_s:.0f} s"
+                ) from None
+            if isinstance(item, EngineUnavailable):
+                self._done = True
+                raise item
+            if item.finish_reason is not None:
+                self._done = True
+                self._client._forget(self.request_id)
+            yield item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._client._abort(self.request_id)
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ZmqEngineClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        request_timeout_s: float = 600.0,
+        handshake_timeout_s: float = 30.0,
+        silence_limit_s: float = ENGINE_SILENCE_LIMIT_S,
+    ) -> None:
+        self._address = address
+        self._silence_limit_s = silence_limit_s
+        self._request_timeout_s = request_timeout_s
+        self._ctx = zmq.Context()
+        self._identity = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self._inbox = f"inproc://engine-client-{self._identity.decode()}"
+        self._local = threading.local()
+        self._streams: dict[str, _Stream] = {}
+        self._status_waiters: dict[str, "queue.SimpleQueue[EngineStatus]"] = {}
+        self._lock = threading.Lock()
+        self._welcome: "queue.SimpleQueue[Union[Welcome, Rejected]]" = queue.SimpleQueue()
+        self._model: Optional[ModelInfo] = None
+        self._alive = False
+        self._last_heard = time.monotonic()
+        self._nonce = itertools.count()
+        # The inproc PULL must exist before any PUSH connects to it.
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(self._inbox)
+        self._handlers: dict[type, Callable[[object], None]] = {
+            StepOutputs: self._on_outputs,
+            EngineStatus: self._on_status,
+            Pong: self._on_pong,
+            Welcome: self._welcome.put,
+            Rejected: self._welcome.put,
+        }
+        self._thread = threading.Thread(target=self._io_loop, name="engine-io", daemon=True)
+        self._thread.start()
+        self._handshake(handshake_timeout_s)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def model(self) -> ModelInfo:
+        assert self._model is not None
+        return self._model
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def submit(self, request: Generate) -> _Stream:
+        if not self._alive:
+            raise EngineUnavailable("the engine is not available")
+        stream = _Stream(self, request.request_id, self._request_timeout_s)
+        with self._lock:
+            self._streams[request.request_id] = stream
+        self._post(codec.encode(request))
+        return stream
+
+    def status(self, timeout_s: float = 5.0) -> EngineStatus:
+        if not self._alive:
+            raise EngineUnavailable("the engine is not available")
+        query_id = uuid.uuid4().hex
+        waiter: "queue.SimpleQueue[EngineStatus]" = queue.SimpleQueue()
+        with self._lock:
+            self._status_waiters[query_id] = waiter
+        try:
+            self._post(codec.encode(StatusQuery(query_id)))
+            return waiter.get(timeout=timeout_s)
+        except queue.Empty:
+            raise EngineUnavailable("the engine did not answer a status query") from None
+        finally:
+            with self._lock:
+                self._status_waiters.pop(query_id, None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _handshake(self, timeout_s: float) -> None:
+        self._post(codec.encode(Hello(self._identity.decode(), PROTOCOL_VERSION)))
+        try:
+            reply = self._welcome.get(timeout=timeout_s)
+        except queue.Empty:
+            raise EngineUnavailable(f"no handshake from the engine at {self._address}") from None
+        if isinstance(reply, Rejected):
+            raise EngineUnavailable(f"engine rejected this worker: {reply.reason}")
+        self._model = reply.model
+        self._last_heard = time.monotonic()
+        self._alive = True
+
+    def _post(self, payload: bytes) -> None:
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(self._inbox)
+            self._local.push = push
+        push.send(payload, copy=False)
+
+    def _abort(self, request_id: str) -> None:
+        self._forget(request_id)
+        if self._alive:
+            self._post(codec.encode(Abort([request_id])))
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def _io_loop(self) -> None:
+        dealer = connect_dealer(self._ctx, self._address, self._identity)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        next_ping = 0.0
+        while True:
+            for sock, _ in poller.poll(IO_POLL_MS):
+                if sock is self._pull:
+                    while self._pull.poll(0):
+                        dealer.send(self._pull.recv(copy=False), copy=False)
+                else:
+                    while dealer.poll(0):
+                        self._dispatch(dealer.recv(copy=False).buffer)
+            now = time.monotonic()
+            if now >= next_ping:
+                dealer.send(codec.encode(Ping(next(self._nonce))))
+                next_ping = now + HEARTBEAT_INTERVAL_S
+            if self._alive and now - self._last_heard > self._silence_limit_s:
+                self._engine_lost()
+
+    def _dispatch(self, payload: memoryview) -> None:
+        try:
+            message = codec.decode_engine_message(payload)
+        except msgspec.DecodeError:
+            log.warning("dropping undecodable message from the engine")
+            return
+        self._last_heard = time.monotonic()
+        if not self._alive and self._model is not None:
+            log.info("engine is back")
+            self._alive = True
+        self._handlers[type(message)](message)
+
+    def _on_outputs(self, message: StepOutputs) -> None:
+        streams = self._streams
+        for delta in message.deltas:
+            stream = streams.get(delta.request_id)
+            if stream is not None:
+                stream.put(delta)
+
+    def _on_status(self, message: EngineStatus) -> None:
+        with self._lock:
+            waiter = self._status_waiters.get(message.query_id)
+        if waiter is not None:
+            waiter.put(message)
+
+    def _on_pong(self, message: Pong) -> None:
+        pass  # _dispatch already recorded that the engine is alive
+
+    def _engine_lost(self) -> None:
+        log.error("engine silent for %.0f s: failing in-flight requests", self._silence_limit_s)
+        self._alive = False
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(EngineUnavailable("the engine stopped responding"))

@@ -1,0 +1,25 @@
+"""msgpack encoding of the wire catalogue (one encoder, one decoder per direction)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ipc.messages import EngineMessage, FrontendMessage
+
+_encoder = msgspec.msgpack.Encoder()
+_frontend_decoder = msgspec.msgpack.Decoder(FrontendMessage)
+_engine_decoder = msgspec.msgpack.Decoder(EngineMessage)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_frontend_message(data: bytes) -> FrontendMessage:
+    """Decode what a frontend worker sent (raises msgspec.DecodeError)."""
+    return _frontend_decoder.decode(data)
+
+
+def decode_engine_message(data: bytes) -> EngineMessage:
+    """Decode what the engine sent (raises msgspec.DecodeError)."""
+    return _engine_decoder.decode(data)

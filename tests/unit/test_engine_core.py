@@ -1,0 +1,218 @@
+"""Scheduler over the real BatchGenerator, on a tiny random llama, no sockets."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import llama
+
+from engine.core import Scheduler, SchedulerConfig
+from ipc.messages import Generate, SamplingParams
+
+VOCAB = 300
+EOS = 1
+GREEDY = SamplingParams(temperature=0.0)
+MAX_STEPS = 500  # every loop below is bounded
+
+
+@pytest.fixture(scope="module")
+def model():
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(0)
+    m = llama.Model(args)
+    mx.eval(m.parameters())
+    return m
+
+
+def make_scheduler(model, **overrides) -> Scheduler:
+    config = dict(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512)
+    config.update(overrides)
+    return Scheduler(model, SchedulerConfig(**config))
+
+
+def gen(rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Generate:
+    kw.setdefault("sampling", GREEDY)
+    kw.setdefault("stop_token_ids", [])
+    return Generate(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens, **kw)
+
+
+def run_to_end(s: Scheduler) -> dict[str, dict]:
+    """Step until idle; collect tokens and the final delta of every request."""
+    results: dict[str, dict] = {}
+    for _ in range(MAX_STEPS):
+        if not s.has_work():
+            return results
+        for worker, deltas in s.step().items():
+            for d in deltas:
+                r = results.setdefault(d.request_id, {"tokens": [], "finals": [], "worker": worker})
+                r["tokens"] += d.token_ids
+                if d.finish_reason:
+                    r["finals"].append(d)
+    raise AssertionError("scheduler did not go idle")
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = []
+    for (tok, _), _ in zip(generate_step(mx.array(prompt), model), range(n)):
+        out.append(int(tok))
+    return out
+
+
+def test_batch_matches_single_stream_greedy(model):
+    s = make_scheduler(model)
+    prompts = {f"r{i}": list(range(5 + i, 30 + 2 * i)) for i in range(4)}
+    for rid, p in prompts.items():
+        s.add(b"w1", gen(rid, p, 12))
+    results = run_to_end(s)
+    for rid, p in prompts.items():
+        assert results[rid]["tokens"] == reference_greedy(model, p, 12)
+        assert [f.finish_reason for f in results[rid]["finals"]] == ["length"]
+
+
+def test_request_joins_a_running_batch(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("first", list(range(5, 25)), 20))
+    early = []
+    for _ in range(MAX_STEPS):
+        early += [t for d in s.step().get(b"w", []) for t in d.token_ids]
+        if len(early) >= 5:
+            break
+    s.add(b"w", gen("late", list(range(40, 60)), 6))
+    results = run_to_end(s)
+    assert results["late"]["tokens"] == reference_greedy(model, list(range(40, 60)), 6)
+    # The late request ran while "first" was still decoding.
+    assert len(results["first"]["tokens"]) > len(results["late"]["tokens"])
+    assert early + results["first"]["tokens"] == reference_greedy(model, list(range(5, 25)), 20)
+
+
+def test_outputs_grouped_per_worker_one_list_per_step(model):
+    s = make_scheduler(model)
+    s.add(b"a", gen("a1", [5, 6, 7], 4))
+    s.add(b"a", gen("a2", [8, 9, 10], 4))
+    s.add(b"b", gen("b1", [11, 12], 4))
+    seen_workers = set()
+    for _ in range(MAX_STEPS):
+        if not s.has_work():
+            break
+        out = s.step()
+        for worker, deltas in out.items():
+            seen_workers.add(worker)
+            assert len({d.request_id for d in deltas}) == len(deltas)
+            owner = {"a1": b"a", "a2": b"a", "b1": b"b"}
+            assert all(owner[d.request_id] == worker for d in deltas)
+    assert seen_workers == {b"a", b"b"}
+
+
+def test_eos_stops_and_is_not_sent(model):
+    s = make_scheduler(model)
+    prompt = list(range(5, 40))
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    s.add(b"w", gen("free", prompt, 30, sampling=seeded))
+    first = run_to_end(s)["free"]["tokens"]
+    # Declare the first token not seen before a stop token: the same seeded run ends there.
+    k = next(i for i in range(1, 30) if first[i] not in first[:i])
+    s.add(b"w", gen("r", prompt, 40, sampling=seeded, stop_token_ids=[first[k]]))
+    r = run_to_end(s)["r"]
+    assert r["tokens"] == first[:k]
+    assert r["finals"][0].finish_reason == "stop"
+
+
+def test_abort_is_final_once_and_idempotent(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("x", list(range(5, 20)), 50))
+    s.step()
+    s.abort(["x"])
+    s.abort(["x", "never-existed"])
+    r = run_to_end(s)["x"]
+    assert [f.finish_reason for f in r["finals"]] == ["abort"]
+    assert s.running == 0 and not s.has_work()
+
+
+def test_drop_worker_frees_its_slots_only(model):
+    s = make_scheduler(model)
+    s.add(b"gone", gen("g", list(range(5, 20)), 50))
+    s.add(b"stay", gen("s", list(range(5, 20)), 5))
+    s.step()
+    s.drop_worker(b"gone")
+    results = run_to_end(s)
+    assert results["s"]["finals"][0].finish_reason == "length"
+    assert "g" not in results or all(f.finish_reason == "abort" for f in results["g"]["finals"])
+    assert s.running == 0
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (gen("e1", [], 5), "empty prompt"),
+        (gen("e2", [VOCAB + 5], 5), "token ids"),
+        (gen("e3", [5] * 500, 100), "context length"),
+    ],
+)
+def test_invalid_requests_end_with_one_error(model, request_, message):
+    s = make_scheduler(model)
+    s.add(b"w", request_)
+    r = run_to_end(s)[request_.request_id]
+    assert len(r["finals"]) == 1 and r["finals"][0].finish_reason == "error"
+    assert message in r["finals"][0].error
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(model):
+    s = make_scheduler(model)
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    s.add(b"w", gen("s1", [5, 6, 7], 10, sampling=seeded))
+    s.add(b"w", gen("noise", [9, 9, 9], 10, sampling=SamplingParams(temperature=1.0)))
+    first = run_to_end(s)["s1"]["tokens"]
+    s.add(b"w", gen("s2", [5, 6, 7], 10, sampling=seeded))
+    assert run_to_end(s)["s2"]["tokens"] == first
+
+
+def test_prefix_cache_hit_reuses_prompt(model):
+    s = make_scheduler(model)
+    prompt = list(range(5, 200))
+    s.add(b"w", gen("a", prompt, 4))
+    a = run_to_end(s)["a"]
+    s.add(b"w", gen("b", prompt + [7, 8], 4))
+    b = run_to_end(s)["b"]
+    assert s.stats.prompt_cache_hits == 1
+    assert b["finals"][0].cached_prompt_tokens == 0  # reported on the first delta only
+    assert b["tokens"] == reference_greedy(model, prompt + [7, 8], 4)
+    assert a["tokens"] == reference_greedy(model, prompt, 4)
+    assert s.prefix_cache_entries >= 1
+
+
+def test_prefix_cache_disabled_with_zero_bytes(model):
+    s = make_scheduler(model, prompt_cache_bytes=0)
+    s.add(b"w", gen("a", list(range(5, 50)), 3))
+    run_to_end(s)
+    s.add(b"w", gen("b", list(range(5, 50)), 3))
+    run_to_end(s)
+    assert s.stats.prompt_cache_hits == 0 and s.prefix_cache_entries == 0
+
+
+def test_logit_bias_forces_a_token(model):
+    s = make_scheduler(model)
+    sampling = SamplingParams(temperature=0.0, logit_bias={42: 100.0})
+    s.add(b"w", gen("b", [5, 6, 7], 5, sampling=sampling))
+    assert run_to_end(s)["b"]["tokens"] == [42] * 5
+
+
+def test_failed_step_fails_requests_and_recovers(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("doomed", [5, 6, 7], 5))
+    s.fail_all("boom")
+    r = run_to_end(s)["doomed"]
+    assert r["finals"][0].finish_reason == "error" and r["finals"][0].error == "boom"
+    s.add(b"w", gen("after", [5, 6, 7], 3))
+    assert run_to_end(s)["after"]["finals"][0].finish_reason == "length"

@@ -1,0 +1,178 @@
+"""The wire: codec round trips, and a real engine loop talking to the real client."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import mlx.core as mx
+import msgspec
+import pytest
+import zmq
+from mlx_lm.models import llama
+
+from engine.core import Scheduler, SchedulerConfig
+from engine.proc import EngineLoop
+from frontend.engine_client import EngineUnavailable
+from frontend.zmq_client import ZmqEngineClient
+from ipc import codec
+from ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    EngineStatus,
+    Generate,
+    Hello,
+    ModelInfo,
+    Rejected,
+    SamplingParams,
+    StepOutputs,
+    TokenDelta,
+    Welcome,
+)
+from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
+
+VOCAB = 300
+MODEL = ModelInfo(
+    model_id="tiny",
+    model_path="/nowhere/tiny",
+    adapter_path=None,
+    context_length=512,
+    eos_token_ids=[1],
+    vocab_size=VOCAB,
+    created=0,
+)
+
+
+def test_codec_round_trips_every_direction():
+    out = StepOutputs([TokenDelta("a", [1, 2]), TokenDelta("b", [], "stop", 3)])
+    assert codec.decode_engine_message(codec.encode(out)) == out
+    g = Generate(
+        request_id="x",
+        prompt_token_ids=[1, 2, 3],
+        max_tokens=4,
+        sampling=SamplingParams(temperature=0.5, logit_bias={3: -100.0}, seed=1),
+    )
+    assert codec.decode_frontend_message(codec.encode(g)) == g
+    assert codec.decode_frontend_message(codec.encode(Abort(["x"]))) == Abort(["x"])
+
+
+def test_codec_rejects_wrong_direction_and_garbage():
+    with pytest.raises(msgspec.DecodeError):
+        codec.decode_frontend_message(codec.encode(Welcome(PROTOCOL_VERSION, MODEL)))
+    with pytest.raises(msgspec.DecodeError):
+        codec.decode_engine_message(b"\x93not msgpack of ours")
+
+
+def test_runtime_dir_is_private():
+    d = make_private_runtime_dir()
+    try:
+        assert (d.stat().st_mode & 0o777) == 0o700
+        assert default_ipc_address(d).startswith("ipc://")
+    finally:
+        d.rmdir()
+
+
+@pytest.fixture(scope="module")
+def model():
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    mx.random.seed(0)
+    m = llama.Model(args)
+    mx.eval(m.parameters())
+    return m
+
+
+@pytest.fixture
+def engine(model):
+    """A real EngineLoop on a private ipc:// socket, run in a thread."""
+    runtime = make_private_runtime_dir()
+    address = default_ipc_address(runtime)
+    scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+    loop = EngineLoop(scheduler, MODEL, address)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    yield address, loop, scheduler
+    loop.request_stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    for p in runtime.iterdir():
+        p.unlink()
+    runtime.rmdir()
+
+
+def gen(rid, max_tokens=6, **kw):
+    return Generate(request_id=rid, prompt_token_ids=[5, 6, 7], max_tokens=max_tokens,
+                    sampling=SamplingParams(temperature=0.0), stop_token_ids=[], **kw)  # fmt: skip
+
+
+def test_client_handshake_generate_and_status(engine):
+    address, _, _ = engine
+    client = ZmqEngineClient(address, request_timeout_s=30)
+    assert client.model == MODEL
+    with client.submit(gen("r1")) as stream:
+        deltas = list(stream)
+    assert sum(len(d.token_ids) for d in deltas) == 6
+    assert deltas[-1].finish_reason == "length"
+    assert [d.finish_reason for d in deltas].count(None) == len(deltas) - 1
+    status = client.status()
+    assert isinstance(status, EngineStatus)
+    assert status.tokens_generated >= 6 and status.running_requests == 0
+
+
+def test_many_concurrent_streams_from_threads(engine):
+    address, _, _ = engine
+    client = ZmqEngineClient(address, request_timeout_s=30)
+    results: dict[str, int] = {}
+
+    def one(i: int) -> None:
+        with client.submit(gen(f"c{i}", 10)) as stream:
+            results[f"c{i}"] = sum(len(d.token_ids) for d in stream)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {f"c{i}": 10 for i in range(16)}
+
+
+def test_closing_a_stream_early_aborts_in_engine(engine):
+    address, _, scheduler = engine
+    client = ZmqEngineClient(address, request_timeout_s=30)
+    stream = client.submit(gen("long", 400))
+    next(iter(stream))
+    stream.close()
+    stream.close()  # idempotent
+    for _ in range(100):
+        if client.status().running_requests == 0 and not scheduler.has_request("long"):
+            break
+        threading.Event().wait(0.05)
+    assert not scheduler.has_request("long")
+
+
+def test_protocol_mismatch_is_rejected(engine):
+    address, _, _ = engine
+    ctx = zmq.Context()
+    sock = connect_dealer(ctx, address, uuid.uuid4().hex.encode())
+    try:
+        sock.send(codec.encode(Hello("old-worker", PROTOCOL_VERSION + 1)))
+        assert sock.poll(10_000)
+        assert isinstance(codec.decode_engine_message(sock.recv()), Rejected)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_engine_silence_fails_streams_instead_of_hanging(engine):
+    address, loop, _ = engine
+    client = ZmqEngineClient(address, request_timeout_s=60, silence_limit_s=1.0)
+    stream = client.submit(gen("orphan", 400))
+    loop.request_stop()  # the engine goes away mid-request
+    with pytest.raises(EngineUnavailable):
+        for _ in stream:
+            pass
+    with pytest.raises(EngineUnavailable):
+        client.submit(gen("after"))
