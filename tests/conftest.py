@@ -1,0 +1,36 @@
+"""Session-wide models: the generated tiny model + LoRA adapter, and SmolLM2.
+
+The tiny model is rebuilt per session (milliseconds). SmolLM2 is converted
+once into a persistent cache and reused between runs. A failing build fails
+the fixture (and the tests that use it): nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from deploy.demo_model import ensure_demo_model
+from tests.model_factory import build_lora_adapter, build_tiny_model
+
+
+def _test_cache_dir() -> Path:
+    env = os.environ.get("MLX_SERVER_TEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mlx-server-tests"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-adapter"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return ensure_demo_model(_test_cache_dir())
