@@ -73,6 +73,9 @@ def web_command(settings: Settings) -> list[str]:
         "--threads", str(settings.threads),
         "--log-level", settings.log_level,
         "--graceful-timeout", str(int(WEB_STOP_TIMEOUT_S)),
+        # gunicorn's control socket sits at one fixed path per user: several
+        # instances on one machine would fight over it, and we don't use it.
+        "--no-control-socket",
         "frontend.wsgi:build_app()",
     ]  # fmt: skip
 
@@ -85,6 +88,9 @@ def web_environment(settings: Settings, address: str) -> dict[str, str]:
             ENV_SUPERVISOR_PID: str(os.getpid()),
             "MLX_SERVER_DEFAULT_MAX_TOKENS": str(settings.default_max_tokens),
             "MLX_SERVER_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+            # The frontend uses transformers for tokenizers only; its "PyTorch
+            # was not found" advisory is noise for every worker.
+            "TRANSFORMERS_VERBOSITY": "error",
         }
     )
     return env

@@ -1,0 +1,75 @@
+"""The Falcon WSGI application: routes, error handlers, shared context.
+
+``create_app(engine)`` is all a WSGI server needs; the engine client is
+injected (DESIGN rule 7), so unit tests pass a fake and gunicorn workers the
+ZeroMQ client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Union
+
+import falcon
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from frontend.context import AppContext, FrontendSettings
+from frontend.engine_client import EngineClient
+from frontend.errors import install_error_handlers
+from frontend.resources.chat import ChatCompletionsResource
+from frontend.resources.completions import CompletionsResource
+from frontend.resources.models import ModelsResource
+from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
+from frontend.resources.status import StatusResource
+from frontend.tokenization import Tokenization
+
+__all__ = ["FrontendSettings", "ROUTES", "create_app"]
+
+log = logging.getLogger(__name__)
+
+# URI template -> resource factory. Falcon answers 404/405 for anything else
+# (turned into OpenAI error JSON by the error handlers).
+ROUTES: dict[str, Callable[[AppContext], object]] = {
+    "/v1/chat/completions": ChatCompletionsResource,
+    "/v1/completions": CompletionsResource,
+    "/v1/models": ModelsResource,
+    "/v1/mlx/status": StatusResource,
+    # Removed in 0.2: 410 Gone with what to do instead.
+    "/v1/models/{model_id:path}": lambda ctx: RetrieveModelResource(),
+    "/v1/mlx/models/{rest:path}": lambda ctx: ModelManagementResource(),
+}
+
+
+def _tokenization(
+    engine: EngineClient,
+    tokenizer: Union[Tokenization, PreTrainedTokenizerBase, None],
+    settings: FrontendSettings,
+) -> Tokenization:
+    if isinstance(tokenizer, Tokenization):
+        return tokenizer
+    if tokenizer is not None:
+        return Tokenization(tokenizer, skip_special_tokens=settings.skip_special_tokens)
+    # The model path the engine announced in its handshake.
+    return Tokenization.from_pretrained(engine.model.model_path, skip_special_tokens=settings.skip_special_tokens)
+
+
+def create_app(
+    engine: EngineClient,
+    tokenizer: Union[Tokenization, PreTrainedTokenizerBase, None] = None,
+    *,
+    settings: Optional[FrontendSettings] = None,
+) -> falcon.App:
+    """A WSGI app serving ``engine``'s model.
+
+    ``tokenizer``: a ``Tokenization``, a transformers tokenizer, or None to
+    load it from ``engine.model.model_path``.
+    """
+    settings = settings or FrontendSettings()
+    ctx = AppContext(engine=engine, tokenization=_tokenization(engine, tokenizer, settings), settings=settings)
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app.req_options.strip_url_path_trailing_slash = True
+    install_error_handlers(app, retry_after_s=settings.retry_after_s)
+    for uri_template, make_resource in ROUTES.items():
+        app.add_route(uri_template, make_resource(ctx))
+    log.info("frontend ready for %s (context %d)", engine.model.model_id, engine.model.context_length)
+    return app

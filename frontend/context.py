@@ -1,0 +1,46 @@
+"""What every resource needs: the engine client, the tokenizer and the settings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from frontend.engine_client import EngineClient
+from frontend.tokenization import Tokenization
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    """HTTP-side limits and defaults (deploy settings fill these in)."""
+
+    # max_tokens when a request omits it: the rest of the context, capped here.
+    # Without a cap one request could hold a batch slot for a whole long
+    # context; 4096 fits any ordinary answer (mlx_lm.server's own default is 512).
+    default_max_tokens: int = 4096
+    # Largest `n` (choices per prompt) and largest prompts x n per request:
+    # each choice is one engine request, i.e. one batch slot.
+    max_n: int = 16
+    max_choices: int = 64
+    # Request bodies above this answer 413 (a long chat history is a few MB).
+    max_request_bytes: int = 32 * MIB
+    # Retry-After on 503 (engine unavailable): about an engine restart.
+    retry_after_s: int = 5
+    # GET /v1/mlx/status waits this long for the engine's answer.
+    status_timeout_s: float = 5.0
+    # mlx-lm's streaming detokenizers keep special tokens' text; so do we by default.
+    skip_special_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_n", "max_choices", "max_request_bytes", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FrontendSettings.{name} must be >= 1")
+
+
+@dataclass
+class AppContext:
+    engine: EngineClient
+    tokenization: Tokenization
+    settings: FrontendSettings
+    started_at: float = field(default_factory=time.monotonic)

@@ -1,0 +1,136 @@
+"""OpenAI-style errors: one JSON shape for every failure, never a traceback.
+
+Two families (DESIGN rule 4): client errors (4xx, ``invalid_request_error``)
+and server errors (5xx, ``server_error``; 503 when the engine is unavailable).
+Falcon's own errors (unknown route, wrong method, unreadable body) are mapped
+to the same shape by ``install_error_handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional
+
+import falcon
+import msgspec
+
+from frontend.engine_client import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+NOT_FOUND = "not_found_error"
+
+_json = msgspec.json.Encoder()
+
+
+def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error that reaches the client as OpenAI error JSON with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or (INVALID_REQUEST if status < 500 else SERVER_ERROR)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def invalid_request(message: str, *, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def generation_failed(detail: Optional[str]) -> APIError:
+    """The engine reported an error for one request (finish_reason "error")."""
+    return APIError(500, f"generation failed in the engine: {detail or 'unknown error'}", code="engine_error")
+
+
+def engine_unavailable_body(exc: BaseException) -> dict[str, Any]:
+    message = f"the engine is unavailable: {exc}" if str(exc) else "the engine is unavailable"
+    return error_body(message, SERVER_ERROR, None, "engine_unavailable")
+
+
+def _write(
+    resp: falcon.Response, status: int, body: dict[str, Any], headers: Optional[Mapping[str, str]] = None
+) -> None:
+    # Replace whatever a half-run responder set. A streamed body that will
+    # never be sent must still be closed: closing it aborts its engine requests.
+    close = getattr(resp.stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing an abandoned response body failed")
+    resp.stream = None
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = _json.encode(body)
+    for name, value in (headers or {}).items():
+        resp.set_header(name, value)
+
+
+# Falcon's built-in errors, by status: what the client is told.
+_FALCON_MESSAGES = {
+    404: lambda req, ex: f"Invalid URL ({req.method} {req.path})",
+    405: lambda req, ex: f"Method {req.method} is not allowed for {req.path}",
+}
+_FALCON_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _falcon_message(req: falcon.Request, ex: falcon.HTTPError) -> str:
+    describe = _FALCON_MESSAGES.get(ex.status_code)
+    if describe is not None:
+        return describe(req, ex)
+    parts = [p for p in (ex.title, ex.description) if p]
+    return ": ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
+    """Route every exception to OpenAI error JSON (most specific class wins)."""
+
+    def on_api_error(req: falcon.Request, resp: falcon.Response, ex: APIError, params: dict) -> None:
+        if ex.status >= 500:
+            log.error("%s %s failed: %s", req.method, req.path, ex.message)
+        _write(resp, ex.status, ex.body(), ex.headers)
+
+    def on_engine_unavailable(req: falcon.Request, resp: falcon.Response, ex: EngineUnavailable, params: dict) -> None:
+        log.warning("%s %s: engine unavailable: %s", req.method, req.path, ex)
+        _write(resp, 503, engine_unavailable_body(ex), {"Retry-After": str(retry_after_s)})
+
+    def on_falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
+        status = ex.status_code
+        type_ = INVALID_REQUEST if status < 500 else SERVER_ERROR
+        body = error_body(_falcon_message(req, ex), type_, None, _FALCON_CODES.get(status))
+        _write(resp, status, body, dict(ex.headers or {}))
+
+    def on_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+        # The traceback goes to the log, never to the client.
+        log.exception("%s %s: unexpected error", req.method, req.path)
+        _write(resp, 500, error_body("internal server error", SERVER_ERROR, None, "internal_error"))
+
+    app.add_error_handler(Exception, on_unexpected)
+    app.add_error_handler(falcon.HTTPError, on_falcon_error)
+    app.add_error_handler(EngineUnavailable, on_engine_unavailable)
+    app.add_error_handler(APIError, on_api_error)

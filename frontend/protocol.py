@@ -1,0 +1,414 @@
+"""OpenAI request models we accept and the response dicts we send.
+
+Requests are validated strictly (a string is not a number) but ignore unknown
+fields, as OpenAI-compatible servers do. Fields OpenAI defines that we cannot
+honour yet are refused with 400 naming the field (``unsupported_problem``):
+never a silently ignored field we claim to support (DESIGN rule 4).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from frontend.errors import APIError, invalid_request, unsupported
+from ipc.messages import SamplingParams
+
+# OpenAI's own limits.
+MAX_STOP_SEQUENCES = 4
+LOGIT_BIAS_LIMIT = 100.0
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# mlx's PRNG keys are unsigned 64-bit; OpenAI seeds are signed 64-bit.
+SEED_MODULUS = 2**64
+
+OWNED_BY = "mlx-server"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: Optional[bool] = None
+
+
+class ChatMessage(_Strict):
+    # Extra keys (name, tool_call_id, reasoning_content, ...) go to the chat
+    # template untouched, as mlx_lm.server passes message dicts.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by chat completions and completions."""
+
+    model: Optional[str] = None  # any value: this server has one model
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)  # -1 or 0: off (vLLM uses -1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: Optional[int] = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise invalid_request(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+        if any(s == "" for s in stops):
+            raise invalid_request("stop sequences must not be empty strings", param="stop")
+        return tuple(stops)
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise invalid_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def sampling(self, vocab_size: int) -> SamplingParams:
+        """Wire sampling parameters; omitted fields keep the wire defaults."""
+        given: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None if self.top_k is None else max(self.top_k, 0),
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": _logit_bias(self.logit_bias, vocab_size),
+            "seed": None if self.seed is None else self.seed % SEED_MODULUS,
+        }
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise invalid_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise invalid_request(
+                f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})", param="logit_bias"
+            )
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise invalid_request(
+                f"logit_bias values must be between -100 and 100, got {value} for token {token_id}",
+                param="logit_bias",
+            )
+        out[token_id] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- unsupported fields
+
+# field -> (is the value something we cannot honour?, what to tell the client)
+_Check = tuple[Callable[[Any], bool], str]
+
+_CHAT_UNSUPPORTED: dict[str, _Check] = {
+    "logprobs": (lambda v: v is True, "logprobs are not supported yet"),
+    "top_logprobs": (lambda v: v not in (None, 0), "top_logprobs is not supported yet (logprobs are not)"),
+    "response_format": (
+        lambda v: v is not None and v.get("type") != "text",
+        'only response_format {"type": "text"} is supported; json_object and json_schema are not yet',
+    ),
+    "tools": (lambda v: bool(v), "tools (function calling) are not supported yet"),
+    "tool_choice": (lambda v: v not in (None, "none", "auto"), "tool_choice is not supported yet (tools are not)"),
+    "functions": (lambda v: bool(v), "functions (function calling) are not supported"),
+    "function_call": (lambda v: v not in (None, "none", "auto"), "function_call is not supported"),
+    "audio": (lambda v: v is not None, "audio output is not supported"),
+    "modalities": (lambda v: v not in (None, ["text"]), 'only modalities ["text"] is supported'),
+    "prediction": (lambda v: v is not None, "predicted outputs (prediction) are not supported"),
+    "web_search_options": (lambda v: v is not None, "web search is not supported"),
+}
+
+_COMPLETION_UNSUPPORTED: dict[str, _Check] = {
+    "logprobs": (lambda v: v is not None, "logprobs are not supported yet"),
+    "suffix": (lambda v: bool(v), "suffix (insertion) is not supported"),
+}
+
+_TEXT_PART_TYPES = frozenset({"text", "input_text"})
+_MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
+
+
+def _first_unsupported(extra: dict[str, Any], table: dict[str, _Check]) -> Optional[APIError]:
+    for field_name, (is_unsupported, message) in table.items():
+        if is_unsupported(extra.get(field_name)):
+            return unsupported(field_name, message)
+    return None
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    # mlx_lm.server / vLLM extension: extra variables for the chat template.
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    # Checked against _CHAT_UNSUPPORTED; typed loosely so the check, not a
+    # type error, tells the client what is wrong.
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
+    functions: Optional[list[Any]] = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Optional[list[str]] = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        # max_completion_tokens is the current name; max_tokens the deprecated one.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_supported(self) -> None:
+        self.check_common()
+        problem = _first_unsupported(dict(self), _CHAT_UNSUPPORTED)
+        if problem is not None:
+            raise problem
+        for i, message in enumerate(self.messages):
+            _check_content(i, message.content)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates expect them (mlx_lm.server.process_message_content)."""
+        return [_template_message(i, m) for i, m in enumerate(self.messages)]
+
+
+def _check_content(i: int, content: Union[str, list[dict[str, Any]], None]) -> None:
+    if not isinstance(content, list):
+        return
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        param = f"messages[{i}].content[{j}]"
+        if kind in _TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise invalid_request("a text content part needs a string 'text'", param=param)
+        elif kind in _MEDIA_PART_TYPES:
+            raise unsupported(
+                param, f"content parts of type {kind!r} are not supported: this server serves a text model"
+            )
+        else:
+            raise invalid_request(f"unknown content part type {kind!r}", param=param)
+
+
+def _template_message(i: int, message: ChatMessage) -> dict[str, Any]:
+    out = message.model_dump(exclude_none=True)
+    # OpenAI's "developer" messages are the newer name for system messages;
+    # templates know "system" (some raise on roles they do not know).
+    if out["role"] == "developer":
+        out["role"] = "system"
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part["text"] for part in content)
+    out["content"] = content or ""
+    if message.tool_calls:
+        out["tool_calls"] = [_parsed_tool_call(i, call) for call in message.tool_calls]
+    return out
+
+
+def _parsed_tool_call(i: int, call: dict[str, Any]) -> dict[str, Any]:
+    """Templates iterate over arguments as a mapping; OpenAI sends a JSON string."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        raise invalid_request("tool call arguments must be a JSON string", param=f"messages[{i}].tool_calls") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+# ---------------------------------------------------------------- completions
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _prompt_shape(value: Any) -> PromptInput:
+    """OpenAI's four prompt forms, with one clear message for anything else
+    (a pydantic union would report its first member's complaint)."""
+    if isinstance(value, str) or _is_token_list(value):
+        return value
+    if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(_is_token_list(p) for p in value)):
+        return value
+    raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Annotated[Any, PlainValidator(_prompt_shape)]
+    echo: Optional[bool] = None
+    best_of: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def check_supported(self) -> None:
+        self.check_common()
+        problem = _first_unsupported(dict(self), _COMPLETION_UNSUPPORTED)
+        if problem is not None:
+            raise problem
+        # best_of == n returns all n candidates: the same as plain n.
+        if self.best_of not in (None, 1, self.choices_per_prompt):
+            raise unsupported("best_of", "best_of other than n is not supported")
+        if self.stream and self.best_of not in (None, 1):
+            raise invalid_request("best_of cannot be used with stream", param="best_of")
+
+    def prompt_items(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise invalid_request("prompt must not be an empty list", param="prompt")
+        if isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- responses
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def chat_completion(
+    response_id: str, created: int, model: str, choices: Sequence[tuple[int, str, str]], usage_: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            for index, text, finish_reason in choices
+        ],
+        "usage": usage_,
+    }
+
+
+def text_completion(
+    response_id: str, created: int, model: str, choices: Sequence[tuple[int, str, str]], usage_: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            for index, text, finish_reason in choices
+        ],
+        "usage": usage_,
+    }
+
+
+class _Chunks:
+    """Builds the stream chunks of one response (same id, created, model)."""
+
+    object_name = ""
+
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = {"id": response_id, "object": self.object_name, "created": created, "model": model}
+        self._include_usage = include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {**self._head, "choices": choices}
+        if self._include_usage:
+            chunk["usage"] = None  # OpenAI: null on every chunk but the last
+        return chunk
+
+    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head, "choices": [], "usage": usage_}
+
+
+class ChatChunks(_Chunks):
+    object_name = "chat.completion.chunk"
+
+    def _choice(self, index: int, delta: dict[str, Any], finish_reason: Optional[str] = None) -> dict[str, Any]:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def start(self, index: int) -> list[dict[str, Any]]:
+        return [self._choice(index, {"role": "assistant", "content": ""})]
+
+    def piece(self, index: int, text: str) -> dict[str, Any]:
+        return self._choice(index, {"content": text})
+
+    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return self._choice(index, {}, finish_reason)
+
+
+class CompletionChunks(_Chunks):
+    object_name = "text_completion"
+
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool, echoes: Sequence[str] = ()
+    ) -> None:
+        super().__init__(response_id, created, model, include_usage)
+        self._echoes = list(echoes)  # per choice index: the prompt text to echo, or ""
+
+    def _choice(self, index: int, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
+        return self._chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+
+    def start(self, index: int) -> list[dict[str, Any]]:
+        echo = self._echoes[index] if index < len(self._echoes) else ""
+        return [self._choice(index, echo)] if echo else []
+
+    def piece(self, index: int, text: str) -> dict[str, Any]:
+        return self._choice(index, text)
+
+    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return self._choice(index, "", finish_reason)
+
+
+def model_card(model_id: str, created: int, context_length: int, adapter: Optional[str], path: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNED_BY,
+        "context_length": context_length,
+        "max_model_len": context_length,  # vLLM's name for the same number
+        "adapter": adapter,
+        "path": path,
+    }

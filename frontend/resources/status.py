@@ -1,0 +1,58 @@
+"""GET /v1/mlx/status: what the engine is doing (503 when it does not answer)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import falcon
+
+from frontend.context import AppContext
+from ipc.messages import EngineStatus
+
+
+def status_body(ctx: AppContext, status: EngineStatus) -> dict[str, Any]:
+    model = ctx.engine.model
+    return {
+        "object": "mlx.status",
+        "model": {
+            "id": model.model_id,
+            "path": model.model_path,
+            "adapter": model.adapter_path,
+            "context_length": model.context_length,
+            "vocab_size": model.vocab_size,
+            "created": model.created,
+        },
+        "engine": {
+            "state": status.state,
+            "uptime_s": round(status.uptime_s, 3),
+            "running_requests": status.running_requests,
+            "queued_requests": status.queued_requests,
+            "requests_finished": status.requests_finished,
+            "tokens_generated": status.tokens_generated,
+            "prompt_tokens_processed": status.prompt_tokens_processed,
+        },
+        "prompt_cache": {
+            "entries": status.prompt_cache_entries,
+            "bytes": status.prompt_cache_bytes,
+            "hits": status.prompt_cache_hits,
+            "hit_tokens": status.prompt_cache_hit_tokens,
+        },
+        "memory": {
+            "active_bytes": status.active_memory_bytes,
+            "peak_bytes": status.peak_memory_bytes,
+        },
+        # This answer came from one gunicorn worker; say which.
+        "frontend": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - ctx.started_at, 3)},
+    }
+
+
+class StatusResource:
+    def __init__(self, ctx: AppContext) -> None:
+        self._ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # EngineUnavailable propagates to the 503 handler (with Retry-After).
+        status = self._ctx.engine.status(timeout_s=self._ctx.settings.status_timeout_s)
+        resp.media = status_body(self._ctx, status)

@@ -1,0 +1,62 @@
+"""Server-sent events framing and the WSGI body that carries them.
+
+Each event is one ``data:`` line holding compact JSON, then a blank line, as
+OpenAI streams; the stream ends with ``data: [DONE]`` (or with an error event
+and no [DONE] when it fails midway).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Iterator
+
+import msgspec
+
+from frontend.engine_client import RequestStream
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/event-stream"
+# Proxies (nginx) must pass events through as they come instead of buffering.
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+
+_json = msgspec.json.Encoder()
+
+
+def event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+class SSEBody:
+    """The WSGI iterable of a streamed response.
+
+    WSGI servers call ``close()`` on the body when the response ends, also
+    when the client went away mid-stream. Closing here (not only in the
+    generator's ``finally``) matters: ``close()`` on a generator that never
+    started runs no ``finally``, and the engine requests would be left behind.
+    """
+
+    def __init__(self, events: Iterator[bytes], streams: Iterable[RequestStream]) -> None:
+        self._events = events
+        self._streams = list(streams)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        try:
+            close_generator = getattr(self._events, "close", None)
+            if close_generator is not None:
+                close_generator()
+        finally:
+            close_all(self._streams)
+
+
+def close_all(streams: Iterable[RequestStream]) -> None:
+    """Close every stream (aborting unfinished requests), whatever fails."""
+    for stream in streams:
+        try:
+            stream.close()
+        except Exception:  # one failed abort must not keep the others alive
+            log.exception("closing request %s failed", getattr(stream, "request_id", "?"))

@@ -1,0 +1,311 @@
+"""The benchmark's pure parts: statistics, SSE reading, prompts, report rendering.
+
+No servers, no timing assertions: the benchmark itself is run by hand (bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.loadgen import LoadSpec
+from bench.prompts import make_prompt, make_prompts, templated_ids
+from bench.servers import cpu_delta
+from bench.serving import eos_ids, parse_args
+from bench.sse import Event, LineSplitter, parse_line
+from bench.stats import (
+    CpuUse,
+    RequestResult,
+    RunResult,
+    Summary,
+    median_run,
+    percentile,
+    summarize,
+    summarize_repeats,
+)
+
+# --- statistics ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.5),
+        ([1.0, 2.0, 3.0, 4.0], 0, 1.0),
+        ([1.0, 2.0, 3.0, 4.0], 100, 4.0),
+        ([10.0, 20.0, 30.0, 40.0, 50.0], 95, 48.0),  # numpy's linear: 40 + 0.8 * 10
+        ([4.0, 1.0, 3.0, 2.0], 25, 1.75),  # order of input does not matter
+        ([7.0], 95, 7.0),
+    ],
+)
+def test_percentile_interpolates_linearly(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == pytest.approx(expected)
+
+
+def test_percentile_of_nothing_is_nan_and_q_is_checked() -> None:
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_tokens_prefer_usage_over_chunks() -> None:
+    assert RequestResult(chunks=5).tokens == 5
+    assert RequestResult(chunks=5, usage_tokens=8).tokens == 8
+
+
+def _run() -> RunResult:
+    ok = RequestResult(ttft_s=0.1, itl_s=[0.01, 0.03], chunks=3, usage_tokens=3)
+    short = RequestResult(ttft_s=0.3, itl_s=[0.02], chunks=2, retries=1)
+    failed = RequestResult(ttft_s=9.0, itl_s=[9.0], chunks=1, error="boom")
+    cpu = CpuUse(client_s=0.5, server_s={"engine": 1.0, "http": 0.5}, other_s=0.1)
+    return RunResult("ours", 3, 3, 2.0, [ok, short, failed], cpu)
+
+
+def test_summarize_counts_and_pools() -> None:
+    s = summarize(_run())
+    assert (s.requests, s.errors, s.short, s.retries) == (3, 1, 1, 1)
+    assert s.tokens == 6  # a failed stream's tokens were still streamed
+    assert s.tokens_per_s == pytest.approx(3.0)
+    # Failed requests do not enter the latency percentiles.
+    assert s.ttft_p50_ms == pytest.approx(200.0)
+    assert s.itl_p50_ms == pytest.approx(20.0)
+    assert s.itl_p95_ms == pytest.approx(29.0)
+    assert s.client_cores == pytest.approx(0.25)
+    assert s.server_cores == pytest.approx(0.75)
+    assert s.other_cores == pytest.approx(0.05)
+
+
+def test_summarize_with_no_successes_gives_nan_latencies() -> None:
+    run = RunResult("mlx_lm", 1, 4, 1.0, [RequestResult(error="HTTP 500")])
+    s = summarize(run)
+    assert s.errors == 1 and s.tokens == 0
+    assert math.isnan(s.ttft_p50_ms) and math.isnan(s.itl_p95_ms)
+
+
+def _timed(wall_s: float) -> RunResult:
+    return RunResult("raw", 1, 10, wall_s, [RequestResult(ttft_s=wall_s, chunks=10)])
+
+
+def test_repeats_pick_the_median_run_and_keep_the_spread() -> None:
+    runs = [_timed(1.0), _timed(4.0), _timed(2.0)]  # 10, 2.5 and 5 tokens/s
+    assert median_run(runs) is runs[2]
+    s = summarize_repeats(runs)
+    assert (s.repeats, s.tokens_per_s, s.tps_min, s.tps_max) == (3, 5.0, 2.5, 10.0)
+    assert s.ttft_p50_ms == pytest.approx(2000.0)  # latencies come from the same (median) run
+    assert median_run(runs[:2]) is runs[1]  # even count: the lower median
+    assert summarize_repeats(runs[:1]).repeats == 1
+
+
+def test_cpu_delta_per_label_counts_new_processes_from_zero() -> None:
+    before = {1: ("engine", 10.0), 2: ("http", 1.0)}
+    after = {1: ("engine", 12.5), 2: ("http", 1.5), 3: ("http", 0.25)}
+    assert cpu_delta(before, after) == {"engine": 2.5, "http": 0.75}
+
+
+# --- SSE ----------------------------------------------------------------------
+
+
+def test_line_splitter_joins_lines_cut_across_reads() -> None:
+    split = LineSplitter()
+    assert split.feed(b'data: {"a"') == []
+    assert split.feed(b': 1}\n\ndata: [DO') == [b'data: {"a": 1}', b""]
+    assert split.feed(b"NE]\n") == [b"data: [DONE]"]
+    assert split.flush() == []
+    split.feed(b"tail")
+    assert split.flush() == [b"tail"]
+
+
+def _chunk(delta: dict, usage: dict | None = None) -> bytes:
+    obj: dict = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
+    if usage is not None:
+        obj = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+    return b"data: " + json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [
+        (_chunk({"content": "Hi"}), Event(content=True)),
+        (_chunk({"role": "assistant", "content": ""}), Event(content=False)),
+        (_chunk({"content": None}), Event(content=False)),
+        (_chunk({}, usage={"prompt_tokens": 3, "completion_tokens": 128}), Event(usage_tokens=128)),
+        (b'data: {"choices": [{"index": 0, "text": "x"}]}', Event(content=True)),  # /v1/completions
+        (b"data: [DONE]", Event(done=True)),
+        (b"data:[DONE]\r", Event(done=True)),  # no space, CRLF line ends
+        (b'data: {"error": {"message": "engine died", "type": "server_error"}}', Event(error="engine died")),
+    ],
+)
+def test_parse_line_events(line: bytes, event: Event) -> None:
+    assert parse_line(line) == event
+
+
+@pytest.mark.parametrize("line", [b"", b": keepalive 10/32", b"event: message", b"id: 7", b"data: "])
+def test_parse_line_ignores_non_data_lines(line: bytes) -> None:
+    assert parse_line(line) is None
+
+
+def test_parse_line_reports_bad_json_as_error() -> None:
+    event = parse_line(b"data: {not json")
+    assert event is not None and event.error is not None and "bad JSON" in event.error
+
+
+def test_request_body_bans_eos_and_streams_usage() -> None:
+    spec = LoadSpec(model="m", max_tokens=16, logit_bias={0: -100.0, 2: -100.0}, request_timeout_s=5)
+    prompts = make_prompts(_WordTokenizer(), 1, 12, "s")
+    body = spec.body(prompts[0])
+    assert body["logit_bias"] == {"0": -100.0, "2": -100.0}
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["temperature"] == 0.0 and body["max_tokens"] == 16
+    assert body["messages"] == [{"role": "user", "content": prompts[0].text}]
+
+
+# --- prompts ------------------------------------------------------------------
+
+
+class _WordTokenizer:
+    """One token per word (and one per letter of a filler); a 3-token chat template."""
+
+    def apply_chat_template(self, conversation: list[dict], **_: object) -> str:
+        return "<s> user " + conversation[0]["content"] + " <e>"
+
+    def encode(self, text: str, **_: object) -> list[int]:
+        return [len(w) for w in text.split()]
+
+    def decode(self, ids: list[int], **_: object) -> str:
+        return " ".join("x" * i for i in ids)
+
+
+def test_prompts_have_the_exact_length_and_are_deterministic() -> None:
+    tok = _WordTokenizer()
+    first = make_prompts(tok, 4, 20, "run-8")
+    assert [len(p.ids) for p in first] == [20] * 4
+    assert first == make_prompts(tok, 4, 20, "run-8")
+    assert len({p.text for p in first}) == 4  # distinct per index
+    assert make_prompt(tok, 20, "warm-8", 0) != first[0]  # and per seed
+    assert all(tuple(templated_ids(tok, p.text)) == p.ids for p in first)
+
+
+def test_prompt_shorter_than_the_template_is_refused() -> None:
+    with pytest.raises(ValueError, match="template"):
+        make_prompt(_WordTokenizer(), 3, "s", 0)
+
+
+def test_prompts_with_the_generated_tokenizer(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for length in (16, 32, 200):
+        prompts = make_prompts(tok, 8, length, "t")
+        assert {len(p.ids) for p in prompts} == {length}
+        assert all(list(p.ids) == templated_ids(tok, p.text) for p in prompts)
+
+
+def test_eos_ids_from_config_and_tokenizer(tiny_model_dir: Path) -> None:
+    class Tok:
+        eos_token_id = 2
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert eos_ids(tiny_model_dir, Tok()) == sorted(set(config["eos_token_id"]) | {2})
+
+
+# --- CLI ------------------------------------------------------------------------
+
+
+def test_cli_parses_lists_and_rejects_unknown_targets() -> None:
+    args = parse_args(["--concurrency", "1,8,32", "--targets", "raw,mlx_lm"])
+    assert args.concurrency == [1, 8, 32] and args.targets == ["raw", "mlx_lm"]
+    with pytest.raises(SystemExit):
+        parse_args(["--targets", "ours,vllm"])
+    with pytest.raises(SystemExit):
+        parse_args(["--concurrency", "0,8"])
+
+
+# --- report ---------------------------------------------------------------------
+
+
+def _summary(target: str, conc: int, tps: float) -> Summary:
+    return Summary(
+        target, conc, conc, 0, 0, 0, conc * 128, 1.0, tps, 10.0, 20.0, 1.0, 2.0, 0.2, 1.0,
+        other_cores=0.0, repeats=3, tps_min=tps, tps_max=tps,
+    )  # fmt: skip
+
+
+SUMMARIES = [
+    _summary("ours", 8, 3000.0),
+    _summary("mlx_lm", 8, 1500.0),
+    _summary("raw", 8, 4000.0),
+    _summary("mlx_lm", 32, 1600.0),
+    _summary("raw", 32, 3200.0),
+]
+
+
+def test_ratio_rows_cover_measured_pairs_only() -> None:
+    header, rows = report.ratio_rows(SUMMARIES)
+    assert header == ["conc", "ours/mlx_lm", "ours/raw", "mlx_lm/raw"]
+    assert rows == [["8", "2.00", "0.75", "0.38"], ["32", "–", "–", "0.50"]]
+    assert report.ratio_rows([_summary("raw", 1, 10.0)]) == (["conc"], [])
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [("", "failed"), ("TimeoutError: slow", "TimeoutError: slow"), ("E: a\nValueError: b\nok", "E: a ... ValueError: b")],
+)
+def test_failure_line(message: str, line: str) -> None:
+    assert report.failure_line(message) == line
+
+
+def test_text_table_aligns_columns() -> None:
+    text = report.text_table(["a", "bbb"], [["1", "2"], ["333", "4"]])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[0].split() == ["a", "bbb"] and lines[3].split() == ["333", "4"]
+
+
+def _info(**overrides: object) -> report.SectionInfo:
+    fields: dict = dict(
+        name="tiny-x86_64", title="tiny", date="2026-01-01 00:00 UTC", command="python -m bench.serving",
+        machine={"CPU": "test"}, settings={"load": "8 clients"}, chart="bench/throughput.png",
+    )  # fmt: skip
+    fields.update(overrides)
+    return report.SectionInfo(**fields)
+
+
+def test_markdown_section_has_markers_tables_chart_and_failures() -> None:
+    failures = {"ours": "RuntimeError: ours exited 1:\nTraceback\nModuleNotFoundError: no x\nHaltServer\nstopped"}
+    text = report.markdown_section(_info(notes=("a note",)), SUMMARIES, failures)
+    assert text.startswith("<!-- bench:tiny-x86_64:begin -->") and text.endswith("<!-- bench:tiny-x86_64:end -->\n")
+    assert "| ours | 8 | 3,000 | 3,000-3,000 |" in text
+    assert "| 8 | 2.00 | 0.75 | 0.38 |" in text
+    assert "![throughput vs concurrency](bench/throughput.png)" in text
+    assert "**ours failed**: `RuntimeError: ours exited 1: ... ModuleNotFoundError: no x`" in text
+    assert "* a note" in text
+    assert "```\npython -m bench.serving\n```" in text
+
+
+def test_replace_section_keeps_the_rest_of_the_document() -> None:
+    first = report.markdown_section(_info(), SUMMARIES[:1], {})
+    doc = report.replace_section("", "tiny-x86_64", first)
+    assert doc.startswith("# Benchmarks")
+    other = report.markdown_section(_info(name="other", date="kept date"), [], {})
+    doc = report.replace_section(doc + "\n## GPU\nkept\n", "other", other)
+    second = report.markdown_section(_info(date="2027-01-01 00:00 UTC"), SUMMARIES, {})
+    updated = report.replace_section(doc, "tiny-x86_64", second)
+    assert "2027-01-01" in updated and "2026-01-01" not in updated
+    assert "## GPU\nkept" in updated and "bench:other:begin" in updated
+    assert updated.count("bench:tiny-x86_64:begin") == 1
+
+
+def test_write_chart_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "chart.png"
+    report.write_chart(out, SUMMARIES, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_machine_info_names_the_basics() -> None:
+    info = report.machine_info()
+    assert {"CPU", "cores", "RAM", "OS", "Python", "packages"} <= info.keys()

@@ -1,0 +1,140 @@
+"""Models, status, removed endpoints and the error JSON of Falcon's own errors."""
+
+from __future__ import annotations
+
+import falcon.testing
+import pytest
+
+from frontend.app import create_app
+from frontend.tokenization import Tokenization
+from tests.openai_schema import validate
+from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
+    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture
+def engine() -> FakeEngineClient:
+    return FakeEngineClient(model_info=make_model_info(adapter_path="/adapters/a1"))
+
+
+@pytest.fixture
+def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(engine, tok))
+
+
+def test_models(client):
+    result = client.simulate_get("/v1/models")
+    assert result.status_code == 200
+    validate(result.json, "ListModelsResponse")
+    [card] = result.json["data"]
+    assert card["id"] == "tiny-test-model"
+    assert card["object"] == "model"
+    assert card["owned_by"] == "mlx-server"
+    assert card["created"] == 1_700_000_000
+    assert card["context_length"] == 256
+    assert card["adapter"] == "/adapters/a1"
+
+
+def test_trailing_slash_is_the_same_route(client):
+    assert client.simulate_get("/v1/models/").status_code == 200
+
+
+def test_status(client, engine):
+    result = client.simulate_get("/v1/mlx/status")
+    assert result.status_code == 200
+    body = result.json
+    assert body["model"] == {
+        "id": "tiny-test-model",
+        "path": "/models/tiny-test-model",
+        "adapter": "/adapters/a1",
+        "context_length": 256,
+        "vocab_size": 512,
+        "created": 1_700_000_000,
+    }
+    assert body["engine"]["state"] == "ready"
+    assert body["engine"]["running_requests"] == 2
+    assert body["engine"]["queued_requests"] == 1
+    assert body["engine"]["tokens_generated"] == 1234
+    assert body["prompt_cache"]["hits"] == 7
+    assert body["memory"]["peak_bytes"] == 2 << 20
+    assert body["frontend"]["pid"] > 0
+    assert engine.status_queries == 1
+
+
+def test_status_engine_unavailable(client, engine):
+    engine.available = False
+    result = client.simulate_get("/v1/mlx/status")
+    assert result.status_code == 503
+    assert result.headers["retry-after"] == "5"
+    validate(result.json, "ErrorResponse")
+    assert result.json["error"]["code"] == "engine_unavailable"
+
+
+@pytest.mark.parametrize(
+    "method, path, words",
+    [
+        ("POST", "/v1/mlx/models/load", "another mlx-server instance"),
+        ("DELETE", "/v1/mlx/models/tiny-test-model", "one model"),
+        ("DELETE", "/v1/mlx/models/mlx-community/Llama-3", "one model"),
+        ("POST", "/v1/mlx/models/tiny-test-model/reload", "Restart"),
+        ("POST", "/v1/mlx/models/org/name/reload", "Restart"),
+        ("GET", "/v1/models/tiny-test-model", "GET /v1/models lists"),
+        ("GET", "/v1/models/org/name", "GET /v1/models lists"),
+    ],
+)
+def test_removed_endpoints_are_gone(client, method, path, words):
+    result = client.simulate_request(method, path, json={"model_path": "/x"})
+    assert result.status_code == 410
+    validate(result.json, "ErrorResponse")
+    error = result.json["error"]
+    assert error["code"] == "endpoint_removed"
+    assert "one model, fixed at startup" in error["message"]
+    assert words in error["message"]
+
+
+def test_unknown_route_is_404_json(client):
+    result = client.simulate_get("/v1/nothing")
+    assert result.status_code == 404
+    validate(result.json, "ErrorResponse")
+    assert result.json["error"]["type"] == "invalid_request_error"
+    assert "/v1/nothing" in result.json["error"]["message"]
+
+
+def test_unknown_model_management_post_is_404(client):
+    assert client.simulate_post("/v1/mlx/models/foo").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "method, path", [("GET", "/v1/chat/completions"), ("POST", "/v1/models"), ("PUT", "/v1/completions")]
+)
+def test_wrong_method_is_405_json(client, method, path):
+    result = client.simulate_request(method, path)
+    assert result.status_code == 405
+    validate(result.json, "ErrorResponse")
+    assert "allow" in result.headers
+
+
+def test_unexpected_exception_is_500_json_without_traceback(engine, tok, caplog):
+    def broken_status(timeout_s: float = 5.0):
+        raise RuntimeError("secret internals")
+
+    engine.status = broken_status  # type: ignore[method-assign]
+    client = falcon.testing.TestClient(create_app(engine, tok))
+    result = client.simulate_get("/v1/mlx/status")
+    assert result.status_code == 500
+    validate(result.json, "ErrorResponse")
+    assert "secret internals" not in result.text and "Traceback" not in result.text
+    assert result.json["error"]["type"] == "server_error"
+    assert "secret internals" in caplog.text  # logged instead
+
+
+def test_create_app_loads_tokenizer_from_model_path(tmp_path):
+    path = write_tokenizer_dir(tmp_path / "model")
+    engine = FakeEngineClient(model_info=make_model_info(model_path=str(path)))
+    client = falcon.testing.TestClient(create_app(engine))
+    result = client.simulate_post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert result.status_code == 200, result.text
