@@ -130,6 +130,9 @@ class Scheduler:
             self._insert(worker, request)
         except RequestRejected as exc:
             self._finish_now(worker, request.request_id, "error", str(exc))
+        except Exception as exc:  # a bad request must not take the engine down
+            log.exception("could not start request %s", request.request_id)
+            self._finish_now(worker, request.request_id, "error", f"{type(exc).__name__}: {exc}")
 
     def _validate(self, request: Generate) -> None:
         cfg = self._config

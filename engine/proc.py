@@ -101,7 +101,10 @@ class EngineLoop:
             except msgspec.DecodeError as exc:
                 log.warning("dropping undecodable message from %r: %s", worker, exc)
                 continue
-            self._handlers[type(message)](worker, message)
+            try:
+                self._handlers[type(message)](worker, message)
+            except Exception:  # one bad message must not take the engine down
+                log.exception("handling %s from %r failed", type(message).__name__, worker)
 
     def _step(self) -> None:
         try:

@@ -60,13 +60,8 @@ def _seeded_sampler(params: SamplingParams) -> Sampler:
 
 
 @lru_cache(maxsize=256)
-def _shared_sampler(params: SamplingParams) -> Sampler:
-    return make_sampler(
-        params.temperature,
-        top_p=params.top_p,
-        min_p=params.min_p,
-        top_k=params.top_k,
-    )
+def _shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Sampler:
+    return make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def build_sampler(params: SamplingParams) -> Sampler:
@@ -74,7 +69,7 @@ def build_sampler(params: SamplingParams) -> Sampler:
         return greedy_sampler
     if params.seed is not None:
         return _seeded_sampler(params)
-    return _shared_sampler(params)
+    return _shared_sampler(params.temperature, params.top_p, params.min_p, params.top_k)
 
 
 def build_logits_processors(params: SamplingParams) -> Optional[list[LogitsProcessor]]:

@@ -75,8 +75,11 @@ class ServerProcess:
         raise RuntimeError(f"mlx-server not ready in {timeout_s} s:\n{self.log_text()}")
 
     def process_tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # already exited (and reaped)
+            return []
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal the supervisor; return its exit code once every process it started is gone."""

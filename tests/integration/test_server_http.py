@@ -154,7 +154,7 @@ def test_removed_endpoints_answer_410(base, method, path):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000_000}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000_000}, "messages"),
     ],
 )
 def test_invalid_requests_are_4xx_openai_errors(base, payload, param):

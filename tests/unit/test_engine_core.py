@@ -216,3 +216,19 @@ def test_failed_step_fails_requests_and_recovers(model):
     assert r["finals"][0].finish_reason == "error" and r["finals"][0].error == "boom"
     s.add(b"w", gen("after", [5, 6, 7], 3))
     assert run_to_end(s)["after"]["finals"][0].finish_reason == "length"
+
+
+def test_unexpected_insert_failure_ends_that_request_only(model):
+    s = make_scheduler(model)
+
+    class Exploding(SamplingParams, frozen=True):
+        @property
+        def temperature(self):  # type: ignore[override]
+            raise RuntimeError("sampler construction failed")
+
+    s.add(b"w", gen("bad", [5, 6], 3, sampling=Exploding()))
+    s.add(b"w", gen("good", [5, 6], 3))
+    results = run_to_end(s)
+    assert results["bad"]["finals"][0].finish_reason == "error"
+    assert "sampler construction failed" in results["bad"]["finals"][0].error
+    assert results["good"]["finals"][0].finish_reason == "length"
