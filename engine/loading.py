@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 
 from ipc.messages import ModelInfo
@@ -19,6 +21,43 @@ log = logging.getLogger(__name__)
 # Used when config.json names no context length at all.
 FALLBACK_CONTEXT_LENGTH = 4096
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length")
+# Without a terminal, one progress line per this many percent.
+PROGRESS_STEP_PERCENT = 10
+PROGRESS_BAR_WIDTH = 30
+
+
+class LoadProgress:
+    """Weight loading progress: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total_bytes: int, stream=sys.stderr) -> None:
+        self._total = max(total_bytes, 1)
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._next_percent = 0
+
+    def update(self, done_bytes: int) -> None:
+        percent = min(100, done_bytes * 100 // self._total)
+        if self._tty:
+            filled = PROGRESS_BAR_WIDTH * percent // 100
+            bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+            end = "\n" if percent == 100 else ""
+            self._stream.write(f"\rloading weights [{bar}] {percent:3d}%{end}")
+            self._stream.flush()
+        elif percent >= self._next_percent:
+            log.info("loading weights: %d%% of %.2f GB", percent, self._total / 1e9)
+            self._next_percent = percent + PROGRESS_STEP_PERCENT
+
+
+def materialize_weights(model: Any) -> None:
+    """Evaluate lazily loaded weights one array at a time, reporting progress."""
+    params = tree_flatten(model.parameters())
+    progress = LoadProgress(sum(v.nbytes for _, v in params))
+    done = 0
+    progress.update(0)
+    for _, value in params:
+        mx.eval(value)
+        done += value.nbytes
+        progress.update(done)
 
 
 @dataclass
@@ -46,7 +85,9 @@ def load_model(model_path: str, adapter_path: Optional[str] = None) -> LoadedMod
     path = Path(model_path).resolve()
     log.info("loading model %s%s", path, f" with adapter {adapter_path}" if adapter_path else "")
     started = time.monotonic()
-    model, tokenizer = mlx_lm_load(str(path), adapter_path=adapter_path)
+    # Lazy load, then evaluate with progress: big models take minutes.
+    model, tokenizer = mlx_lm_load(str(path), adapter_path=adapter_path, lazy=True)
+    materialize_weights(model)
     config = json.loads((path / "config.json").read_text())
     info = ModelInfo(
         model_id=path.name,
