@@ -143,6 +143,20 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, description="seconds a request may run before it is aborted"
     )
+    # Security: off by default, like any local tool; set a key before binding beyond 127.0.0.1.
+    api_key: str | None = Field(None, description="API key clients must send as `Authorization: Bearer KEY`")
+    api_key_file: Path | None = Field(None, description="file with accepted API keys, one per line")
+    cors_origins: str | None = Field(
+        None, description="comma-separated origins allowed by CORS (default: CORS off)"
+    )
+    # Graceful stop: new requests get 503 while running ones may finish this long.
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="seconds running requests may take to finish on SIGTERM"
+    )
+    # A crash loop (bad weights, out of memory at load) must end, not spin forever.
+    max_engine_restarts: int = Field(
+        5, ge=0, description="engine restarts (with backoff) before mlx-server gives up and exits"
+    )
     ipc_address: str | None = Field(
         None,
         description="engine socket, ipc://PATH or tcp://HOST:PORT "
@@ -200,6 +214,30 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable_keys(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = Path(os.path.abspath(path.expanduser()))
+        try:
+            keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        if not keys:
+            raise ValueError(f"{path} holds no API key")
+        return path
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key: --api-key plus the lines of --api-key-file."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file is not None:
+            keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+        return tuple(keys)
+
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in (self.cors_origins or "").split(",") if o.strip())
 
     @field_validator("ipc_address")
     @classmethod

@@ -20,17 +20,23 @@ from typing import Optional
 import zmq
 
 from deploy.settings import Settings
+from frontend.environment import ENV_API_KEYS, ENV_CORS_ORIGINS, ENV_DRAIN_FLAG, IPC_ADDRESS
 from ipc import codec
-from ipc.messages import PROTOCOL_VERSION, Hello, ModelInfo, Rejected, Welcome
-from ipc.sockets import ENV_IPC_ADDRESS, connect_dealer, default_ipc_address, make_private_runtime_dir
+from ipc.messages import PROTOCOL_VERSION, EngineStatus, Hello, ModelInfo, Rejected, StatusQuery, Welcome
+from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
 
 log = logging.getLogger("mlx-server")
 
 SUPERVISE_INTERVAL_S = 0.2
 ENGINE_STOP_TIMEOUT_S = 10.0
-# gunicorn's graceful stop lets in-flight requests finish for this long.
-WEB_STOP_TIMEOUT_S = 30.0
+# After our own drain, gunicorn gets this long to close what still runs.
+WEB_STOP_TIMEOUT_S = 5.0
 ENV_SUPERVISOR_PID = "MLX_SERVER_SUPERVISOR_PID"
+DRAIN_FLAG_NAME = "draining"
+# Backoff between engine restarts; the last value repeats.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+# An engine that stayed up this long resets the crash count.
+ENGINE_STABLE_S = 120.0
 
 
 class StartupError(Exception):
@@ -84,10 +90,12 @@ def web_environment(settings: Settings, address: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            ENV_IPC_ADDRESS: address,
+            IPC_ADDRESS: address,
             ENV_SUPERVISOR_PID: str(os.getpid()),
             "MLX_SERVER_DEFAULT_MAX_TOKENS": str(settings.default_max_tokens),
             "MLX_SERVER_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+            ENV_API_KEYS: "\n".join(settings.api_keys()),
+            ENV_CORS_ORIGINS: ",".join(settings.cors_origin_list()),
             # The frontend uses transformers for tokenizers only; its "PyTorch
             # was not found" advisory is noise for every worker.
             "TRANSFORMERS_VERBOSITY": "error",
@@ -137,17 +145,112 @@ def stop_process(proc: Optional[subprocess.Popen], name: str, timeout_s: float) 
         proc.wait()
 
 
-def _supervise(engine: subprocess.Popen, web: subprocess.Popen, stop: _StopFlag) -> int:
-    while not stop:
-        if engine.poll() is not None:
-            log.error("the engine exited with code %s; stopping", engine.returncode)
+class Supervisor:
+    """Owns the two children; restarts a dead engine with backoff; drains on stop."""
+
+    def __init__(self, settings: Settings, address: str, runtime_dir: Path, stop: _StopFlag) -> None:
+        self.settings = settings
+        self.address = address
+        self.drain_flag = runtime_dir / DRAIN_FLAG_NAME
+        self.stop = stop
+        self.engine: Optional[subprocess.Popen] = None
+        self.web: Optional[subprocess.Popen] = None
+        self._engine_started_at = 0.0
+        self._restarts = 0
+
+    def start_engine(self) -> ModelInfo:
+        self.engine = subprocess.Popen(engine_command(self.settings, self.address), start_new_session=True)
+        self._engine_started_at = time.monotonic()
+        return wait_for_engine(self.address, self.engine, self.settings.engine_startup_timeout_s, self.stop)
+
+    def start_web(self) -> None:
+        env = web_environment(self.settings, self.address)
+        env[ENV_DRAIN_FLAG] = str(self.drain_flag)
+        self.web = subprocess.Popen(web_command(self.settings), env=env, start_new_session=True)
+
+    def supervise(self) -> int:
+        while not self.stop:
+            if self.web is not None and self.web.poll() is not None:
+                log.error("gunicorn exited with code %s; stopping", self.web.returncode)
+                return 1
+            if self.engine is not None and self.engine.poll() is not None:
+                code = self._restart_engine()
+                if code is not None:
+                    return code
+            elif time.monotonic() - self._engine_started_at > ENGINE_STABLE_S:
+                self._restarts = 0  # it ran fine for a while: forget old crashes
+            time.sleep(SUPERVISE_INTERVAL_S)
+        log.info("received %s; stopping", signal.Signals(self.stop.signum).name)
+        return 0
+
+    def _restart_engine(self) -> Optional[int]:
+        """Restart a dead engine after a backoff; an exit code when we give up."""
+        assert self.engine is not None
+        code = self.engine.returncode
+        if self._restarts >= self.settings.max_engine_restarts:
+            print(
+                f"mlx-server: error: the engine exited with code {code}; gave up after "
+                f"{self._restarts} restarts (max_engine_restarts)",
+                file=sys.stderr,
+            )
             return 1
-        if web.poll() is not None:
-            log.error("gunicorn exited with code %s; stopping", web.returncode)
-            return 1
-        time.sleep(SUPERVISE_INTERVAL_S)
-    log.info("received %s; stopping", signal.Signals(stop.signum).name)
-    return 0
+        delay = RESTART_BACKOFF_S[min(self._restarts, len(RESTART_BACKOFF_S) - 1)]
+        self._restarts += 1
+        log.error(
+            "the engine exited with code %s; restart %d of %d in %.0f s",
+            code, self._restarts, self.settings.max_engine_restarts, delay,
+        )  # fmt: skip
+        if self._sleep(delay):
+            return None
+        try:
+            model = self.start_engine()
+            log.info("engine restarted: %s", model.model_id)
+        except StartupError as exc:
+            log.error("engine restart failed: %s", exc)
+        return None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless asked to stop; True if a stop came."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop:
+            time.sleep(SUPERVISE_INTERVAL_S)
+        return bool(self.stop)
+
+    def drain(self) -> None:
+        """Refuse new requests (503), let running ones finish up to the drain timeout."""
+        if self.web is None or self.web.poll() is not None or self.engine is None:
+            return
+        self.drain_flag.touch()
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        log.info("draining: waiting up to %.0f s for running requests", self.settings.drain_timeout_s)
+        while time.monotonic() < deadline and self.engine.poll() is None:
+            busy = engine_busy(self.address)
+            if busy is None or busy == 0:
+                return
+            time.sleep(SUPERVISE_INTERVAL_S)
+        log.warning("drain timeout: aborting the requests still running")
+
+    def shutdown(self) -> None:
+        # gunicorn first: closing its streams aborts their requests in the engine.
+        stop_process(self.web, "gunicorn", WEB_STOP_TIMEOUT_S + 5)
+        stop_process(self.engine, "engine", ENGINE_STOP_TIMEOUT_S)
+
+
+def engine_busy(address: str, timeout_s: float = 2.0) -> Optional[int]:
+    """Running + queued requests in the engine, or None if it does not answer."""
+    ctx = zmq.Context()
+    sock = connect_dealer(ctx, address, f"supervisor-probe-{os.getpid()}".encode())
+    try:
+        sock.send(codec.encode(StatusQuery("drain")))
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = codec.decode_engine_message(sock.recv())
+        if isinstance(reply, EngineStatus):
+            return reply.running_requests + reply.queued_requests
+        return None
+    finally:
+        sock.close()
+        ctx.term()
 
 
 def run(settings: Settings) -> int:
@@ -158,27 +261,21 @@ def run(settings: Settings) -> int:
     stop = _StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    runtime_dir: Optional[Path] = None
-    address = settings.ipc_address
-    if not address:
-        runtime_dir = make_private_runtime_dir()
-        address = default_ipc_address(runtime_dir)
-    engine: Optional[subprocess.Popen] = None
-    web: Optional[subprocess.Popen] = None
+    runtime_dir = make_private_runtime_dir()
+    address = settings.ipc_address or default_ipc_address(runtime_dir)
+    sup = Supervisor(settings, address, runtime_dir, stop)
     try:
-        engine = subprocess.Popen(engine_command(settings, address), start_new_session=True)
-        model = wait_for_engine(address, engine, settings.engine_startup_timeout_s, stop)
+        model = sup.start_engine()
         log.info("engine ready: %s (context %d)", model.model_id, model.context_length)
-        web = subprocess.Popen(
-            web_command(settings), env=web_environment(settings, address), start_new_session=True
-        )
+        sup.start_web()
         log.info("serving %s on http://%s:%d/v1", model.model_id, settings.host, settings.port)
-        return _supervise(engine, web, stop)
+        code = sup.supervise()
+        if code == 0:
+            sup.drain()
+        return code
     except StartupError as exc:
         print(f"mlx-server: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        stop_process(web, "gunicorn", WEB_STOP_TIMEOUT_S + 5)
-        stop_process(engine, "engine", ENGINE_STOP_TIMEOUT_S)
-        if runtime_dir is not None:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+        sup.shutdown()
+        shutil.rmtree(runtime_dir, ignore_errors=True)

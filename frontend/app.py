@@ -17,7 +17,9 @@ from frontend.context import AppContext, FrontendSettings
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
 from frontend.resources.chat import ChatCompletionsResource
+from frontend.guards import ApiKeyGate
 from frontend.resources.completions import CompletionsResource
+from frontend.resources.health import LivenessResource, ReadinessResource
 from frontend.resources.models import ModelsResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
 from frontend.resources.status import StatusResource
@@ -34,6 +36,8 @@ ROUTES: dict[str, Callable[[AppContext], object]] = {
     "/v1/completions": CompletionsResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
+    "/health": LivenessResource,
+    "/health/ready": ReadinessResource,
     # Removed in 0.2: 410 Gone with what to do instead.
     "/v1/models/{model_id:path}": lambda ctx: RetrieveModelResource(),
     "/v1/mlx/models/{rest:path}": lambda ctx: ModelManagementResource(),
@@ -66,10 +70,15 @@ def create_app(
     """
     settings = settings or FrontendSettings()
     ctx = AppContext(engine=engine, tokenization=_tokenization(engine, tokenizer, settings), settings=settings)
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    middleware: list[object] = [ctx.drain_gate]
+    if settings.api_keys:
+        middleware.insert(0, ApiKeyGate(settings.api_keys))
+    if settings.cors_origins:
+        middleware.insert(0, falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     for uri_template, make_resource in ROUTES.items():
         app.add_route(uri_template, make_resource(ctx))
-    log.info("frontend ready for %s (context %d)", engine.model.model_id, engine.model.context_length)
+    log.info("frontend worker ready")
     return app

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from frontend.engine_client import EngineClient
+from frontend.guards import DrainGate
 from frontend.tokenization import Tokenization
 
 MIB = 1024 * 1024
@@ -31,6 +33,12 @@ class FrontendSettings:
     status_timeout_s: float = 5.0
     # mlx-lm's streaming detokenizers keep special tokens' text; so do we by default.
     skip_special_tokens: bool = False
+    # Bearer keys accepted on /v1 routes; empty: no authentication.
+    api_keys: tuple[str, ...] = ()
+    # Origins allowed by CORS; empty: CORS off (browsers can't call us cross-origin).
+    cors_origins: tuple[str, ...] = ()
+    # The supervisor creates this file when a graceful stop begins.
+    drain_flag: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_n", "max_choices", "max_request_bytes", "retry_after_s"):
@@ -44,3 +52,7 @@ class AppContext:
     tokenization: Tokenization
     settings: FrontendSettings
     started_at: float = field(default_factory=time.monotonic)
+    drain_gate: DrainGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.drain_gate = DrainGate(self.settings.drain_flag, self.settings.retry_after_s)

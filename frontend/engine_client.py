@@ -38,7 +38,14 @@ class RequestStream(Protocol):
 
 class EngineClient(Protocol):
     @property
-    def model(self) -> ModelInfo: ...
+    def model(self) -> ModelInfo:
+        """The loaded model's facts; raises EngineUnavailable before the first handshake."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine is connected and answering right now."""
+        ...
 
     def submit(self, request: Generate) -> RequestStream: ...
 

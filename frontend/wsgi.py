@@ -11,28 +11,44 @@ import os
 
 import falcon
 
+from frontend import environment as env
 from frontend.app import create_app
 from frontend.context import FrontendSettings
+from frontend.tokenization import Tokenization
 from frontend.zmq_client import ZmqEngineClient
-from ipc.sockets import ENV_IPC_ADDRESS
 
 log = logging.getLogger(__name__)
 
-# The supervisor passes these; defaults match deploy.settings for a bare gunicorn run.
-ENV_DEFAULT_MAX_TOKENS = "MLX_SERVER_DEFAULT_MAX_TOKENS"
-ENV_REQUEST_TIMEOUT_S = "MLX_SERVER_REQUEST_TIMEOUT_S"
-ENV_ENGINE_WAIT_S = "MLX_SERVER_ENGINE_WAIT_S"
+# How long a booting worker waits for the engine's handshake when it can load
+# the tokenizer without it (MLX_SERVER_MODEL_PATH set): then it boots anyway
+# and answers 503 until the engine is ready. Without the path it must wait.
+ENGINE_WAIT_S = 5.0
+ENGINE_WAIT_NO_PATH_S = 600.0
+
+
+def settings_from_environment() -> FrontendSettings:
+    """What the supervisor (or a Procfile's environment) configured; defaults match deploy.settings."""
+    get = os.environ.get
+    return FrontendSettings(
+        default_max_tokens=int(get(env.DEFAULT_MAX_TOKENS, "4096")),
+        api_keys=tuple(k.strip() for k in get(env.ENV_API_KEYS, "").splitlines() if k.strip()),
+        cors_origins=tuple(o.strip() for o in get(env.ENV_CORS_ORIGINS, "").split(",") if o.strip()),
+        drain_flag=get(env.ENV_DRAIN_FLAG) or None,
+    )
 
 
 def build_app() -> falcon.App:
-    address = os.environ.get(ENV_IPC_ADDRESS)
+    address = os.environ.get(env.IPC_ADDRESS)
     if not address:
-        raise RuntimeError(f"{ENV_IPC_ADDRESS} is not set: start the frontend with mlx-server")
-    client = ZmqEngineClient(
-        address,
-        request_timeout_s=float(os.environ.get(ENV_REQUEST_TIMEOUT_S, "600")),
-        handshake_timeout_s=float(os.environ.get(ENV_ENGINE_WAIT_S, "30")),
-    )
-    settings = FrontendSettings(default_max_tokens=int(os.environ.get(ENV_DEFAULT_MAX_TOKENS, "4096")))
-    log.info("worker %d serving %s", os.getpid(), client.model.model_id)
-    return create_app(client, settings=settings)
+        raise RuntimeError(f"{env.IPC_ADDRESS} is not set: start the frontend with mlx-server")
+    client = ZmqEngineClient(address, request_timeout_s=float(os.environ.get(env.REQUEST_TIMEOUT_S, "600")))
+    settings = settings_from_environment()
+    model_path = os.environ.get(env.MODEL_PATH)
+    if client.wait_ready(ENGINE_WAIT_S if model_path else ENGINE_WAIT_NO_PATH_S):
+        model_path = client.model.model_path
+    elif model_path:
+        log.warning("engine not ready yet: answering 503 until it is")
+    else:
+        raise RuntimeError(f"no handshake from the engine at {address}")
+    tokenization = Tokenization.from_pretrained(model_path, skip_special_tokens=settings.skip_special_tokens)
+    return create_app(client, tokenization, settings=settings)

@@ -2,9 +2,13 @@
 
 ZeroMQ sockets are not thread-safe, so one I/O thread owns the DEALER. Request
 threads hand it encoded messages through per-thread inproc PUSH sockets; the
-I/O thread routes incoming deltas to per-request queues. It also pings the
-engine: when pongs stop, every waiting request fails with EngineUnavailable
-instead of hanging.
+I/O thread routes incoming deltas to per-request queues.
+
+Engine liveness: a socket monitor reports the moment the engine's connection
+drops (process death), so in-flight requests fail at once instead of hanging;
+heartbeat pings catch an engine that is alive but wedged. When the engine
+comes back (restarted by the supervisor, or started later by a Procfile
+runner) the DEALER reconnects by itself and the client handshakes again.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from ipc.messages import (
     TokenDelta,
     Welcome,
 )
+from zmq.utils.monitor import recv_monitor_message
+
 from ipc.sockets import connect_dealer
 
 log = logging.getLogger(__name__)
@@ -98,7 +104,6 @@ class ZmqEngineClient:
         address: str,
         *,
         request_timeout_s: float = 600.0,
-        handshake_timeout_s: float = 30.0,
         silence_limit_s: float = ENGINE_SILENCE_LIMIT_S,
     ) -> None:
         self._address = address
@@ -111,9 +116,11 @@ class ZmqEngineClient:
         self._streams: dict[str, _Stream] = {}
         self._status_waiters: dict[str, "queue.SimpleQueue[EngineStatus]"] = {}
         self._lock = threading.Lock()
-        self._welcome: "queue.SimpleQueue[Union[Welcome, Rejected]]" = queue.SimpleQueue()
         self._model: Optional[ModelInfo] = None
+        self._ready = threading.Event()
+        self._rejected: Optional[str] = None
         self._alive = False
+        self._connected = False
         self._last_heard = time.monotonic()
         self._nonce = itertools.count()
         # The inproc PULL must exist before any PUSH connects to it.
@@ -123,18 +130,22 @@ class ZmqEngineClient:
             StepOutputs: self._on_outputs,
             EngineStatus: self._on_status,
             Pong: self._on_pong,
-            Welcome: self._welcome.put,
-            Rejected: self._welcome.put,
+            Welcome: self._on_welcome,
+            Rejected: self._on_rejected,
         }
         self._thread = threading.Thread(target=self._io_loop, name="engine-io", daemon=True)
         self._thread.start()
-        self._handshake(handshake_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until the first handshake succeeded (True) or timeout (False)."""
+        return self._ready.wait(timeout_s)
 
     # ------------------------------------------------------------------ public API
 
     @property
     def model(self) -> ModelInfo:
-        assert self._model is not None
+        if self._model is None:
+            raise EngineUnavailable(self._rejected or "the engine is still starting")
         return self._model
 
     @property
@@ -168,18 +179,6 @@ class ZmqEngineClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _handshake(self, timeout_s: float) -> None:
-        self._post(codec.encode(Hello(self._identity.decode(), PROTOCOL_VERSION)))
-        try:
-            reply = self._welcome.get(timeout=timeout_s)
-        except queue.Empty:
-            raise EngineUnavailable(f"no handshake from the engine at {self._address}") from None
-        if isinstance(reply, Rejected):
-            raise EngineUnavailable(f"engine rejected this worker: {reply.reason}")
-        self._model = reply.model
-        self._last_heard = time.monotonic()
-        self._alive = True
-
     def _post(self, payload: bytes) -> None:
         push = getattr(self._local, "push", None)
         if push is None:
@@ -200,24 +199,38 @@ class ZmqEngineClient:
 
     def _io_loop(self) -> None:
         dealer = connect_dealer(self._ctx, self._address, self._identity)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._pull, zmq.POLLIN)
+        for sock in (dealer, self._pull, monitor):
+            poller.register(sock, zmq.POLLIN)
         next_ping = 0.0
         while True:
             for sock, _ in poller.poll(IO_POLL_MS):
                 if sock is self._pull:
                     while self._pull.poll(0):
                         dealer.send(self._pull.recv(copy=False), copy=False)
-                else:
+                elif sock is dealer:
                     while dealer.poll(0):
                         self._dispatch(dealer.recv(copy=False).buffer)
+                else:
+                    self._on_connection_event(recv_monitor_message(monitor)["event"], dealer)
             now = time.monotonic()
-            if now >= next_ping:
+            if self._connected and now >= next_ping:
                 dealer.send(codec.encode(Ping(next(self._nonce))))
                 next_ping = now + HEARTBEAT_INTERVAL_S
             if self._alive and now - self._last_heard > self._silence_limit_s:
-                self._engine_lost()
+                self._engine_lost(f"the engine sent nothing for {self._silence_limit_s:.0f} s")
+
+    def _on_connection_event(self, event: int, dealer: zmq.Socket) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._connected = True
+            self._last_heard = time.monotonic()
+            # A (re)connected engine must learn who we are and that we speak its protocol.
+            dealer.send(codec.encode(Hello(self._identity.decode(), PROTOCOL_VERSION)))
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._connected = False
+            if self._alive:
+                self._engine_lost("the engine connection was lost")
 
     def _dispatch(self, payload: memoryview) -> None:
         try:
@@ -226,10 +239,20 @@ class ZmqEngineClient:
             log.warning("dropping undecodable message from the engine")
             return
         self._last_heard = time.monotonic()
-        if not self._alive and self._model is not None:
-            log.info("engine is back")
-            self._alive = True
         self._handlers[type(message)](message)
+
+    def _on_welcome(self, message: Welcome) -> None:
+        if self._model is not None and not self._alive:
+            log.info("engine is back")
+        self._model = message.model
+        self._rejected = None
+        self._alive = True
+        self._ready.set()
+
+    def _on_rejected(self, message: Rejected) -> None:
+        log.error("the engine rejected this worker: %s", message.reason)
+        self._rejected = f"the engine rejected this worker: {message.reason}"
+        self._alive = False
 
     def _on_outputs(self, message: StepOutputs) -> None:
         streams = self._streams
@@ -247,10 +270,10 @@ class ZmqEngineClient:
     def _on_pong(self, message: Pong) -> None:
         pass  # _dispatch already recorded that the engine is alive
 
-    def _engine_lost(self) -> None:
-        log.error("engine silent for %.0f s: failing in-flight requests", self._silence_limit_s)
+    def _engine_lost(self, why: str) -> None:
+        log.error("%s: failing in-flight requests until it is back", why)
         self._alive = False
         with self._lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.put(EngineUnavailable("the engine stopped responding"))
+            stream.put(EngineUnavailable(why))

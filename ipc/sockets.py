@@ -12,7 +12,6 @@ import zmq
 # blocks a shutdown.
 LINGER_MS = 0
 ENGINE_SOCKET_NAME = "engine.sock"
-ENV_IPC_ADDRESS = "MLX_SERVER_IPC_ADDRESS"
 
 
 def make_private_runtime_dir(prefix: str = "mlx-server-") -> Path:

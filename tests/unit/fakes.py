@@ -122,6 +122,10 @@ class FakeEngineClient:
     def model(self) -> ModelInfo:
         return self.model_info
 
+    @property
+    def alive(self) -> bool:
+        return self.available
+
     def script(self, *scripts: Script) -> None:
         """Answer the next submits with these scripts, in order."""
         self._scripts.extend(scripts)

@@ -103,6 +103,12 @@ def engine(model):
     runtime.rmdir()
 
 
+def connect(address: str, **kw) -> ZmqEngineClient:
+    client = ZmqEngineClient(address, **kw)
+    assert client.wait_ready(30)
+    return client
+
+
 def gen(rid, max_tokens=6, **kw):
     return Generate(request_id=rid, prompt_token_ids=[5, 6, 7], max_tokens=max_tokens,
                     sampling=SamplingParams(temperature=0.0), stop_token_ids=[], **kw)  # fmt: skip
@@ -110,7 +116,7 @@ def gen(rid, max_tokens=6, **kw):
 
 def test_client_handshake_generate_and_status(engine):
     address, _, _ = engine
-    client = ZmqEngineClient(address, request_timeout_s=30)
+    client = connect(address, request_timeout_s=30)
     assert client.model == MODEL
     with client.submit(gen("r1")) as stream:
         deltas = list(stream)
@@ -124,7 +130,7 @@ def test_client_handshake_generate_and_status(engine):
 
 def test_many_concurrent_streams_from_threads(engine):
     address, _, _ = engine
-    client = ZmqEngineClient(address, request_timeout_s=30)
+    client = connect(address, request_timeout_s=30)
     results: dict[str, int] = {}
 
     def one(i: int) -> None:
@@ -141,7 +147,7 @@ def test_many_concurrent_streams_from_threads(engine):
 
 def test_closing_a_stream_early_aborts_in_engine(engine):
     address, _, scheduler = engine
-    client = ZmqEngineClient(address, request_timeout_s=30)
+    client = connect(address, request_timeout_s=30)
     stream = client.submit(gen("long", 400))
     next(iter(stream))
     stream.close()
@@ -166,9 +172,9 @@ def test_protocol_mismatch_is_rejected(engine):
         ctx.term()
 
 
-def test_engine_silence_fails_streams_instead_of_hanging(engine):
+def test_engine_death_fails_streams_at_once_instead_of_hanging(engine):
     address, loop, _ = engine
-    client = ZmqEngineClient(address, request_timeout_s=60, silence_limit_s=1.0)
+    client = connect(address, request_timeout_s=60, silence_limit_s=30.0)
     stream = client.submit(gen("orphan", 400))
     loop.request_stop()  # the engine goes away mid-request
     with pytest.raises(EngineUnavailable):
@@ -176,3 +182,36 @@ def test_engine_silence_fails_streams_instead_of_hanging(engine):
             pass
     with pytest.raises(EngineUnavailable):
         client.submit(gen("after"))
+
+
+def test_client_waits_for_a_late_engine_and_reconnects_after_a_restart(model):
+    runtime = make_private_runtime_dir()
+    address = default_ipc_address(runtime)
+    client = ZmqEngineClient(address, request_timeout_s=30)
+    assert not client.wait_ready(0.3)  # no engine yet
+    with pytest.raises(EngineUnavailable):
+        client.model
+    with pytest.raises(EngineUnavailable):
+        client.submit(gen("too-early"))
+    for generation in range(2):  # start, then a "restarted" engine on the same address
+        scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+        loop = EngineLoop(scheduler, MODEL, address)
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        for _ in range(200):
+            if client.alive:
+                break
+            threading.Event().wait(0.05)
+        assert client.alive and client.model == MODEL
+        with client.submit(gen(f"g{generation}")) as stream:
+            assert sum(len(d.token_ids) for d in stream) == 6
+        loop.request_stop()
+        thread.join(10)
+        for _ in range(200):
+            if not client.alive:
+                break
+            threading.Event().wait(0.05)
+        assert not client.alive
+    for p in runtime.iterdir():
+        p.unlink()
+    runtime.rmdir()

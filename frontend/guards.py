@@ -1,0 +1,60 @@
+"""Request gates that run before any resource: API keys and the drain gate."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Optional, Sequence
+
+import falcon
+
+from frontend.errors import APIError
+
+# Only the OpenAI API is gated; /health stays open for launchd scripts and proxies.
+PROTECTED_PREFIX = "/v1/"
+
+
+class ApiKeyGate:
+    """Bearer API keys, compared in constant time against every configured key."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    def _valid(self, presented: bytes) -> bool:
+        ok = False
+        for key in self._keys:  # no early exit: timing says nothing about which key
+            ok |= hmac.compare_digest(presented, key)
+        return ok
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.method == "OPTIONS" or not req.path.startswith(PROTECTED_PREFIX):
+            return
+        header = req.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not self._valid(token.strip().encode()):
+            raise APIError(
+                401,
+                "invalid or missing API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+
+class DrainGate:
+    """While the supervisor's drain flag exists, new API requests get 503."""
+
+    def __init__(self, flag_path: Optional[str], retry_after_s: int) -> None:
+        self._flag = flag_path
+        self._retry_after_s = retry_after_s
+
+    def draining(self) -> bool:
+        return bool(self._flag) and os.path.exists(self._flag)
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path.startswith(PROTECTED_PREFIX) and self.draining():
+            raise APIError(
+                503,
+                "the server is shutting down; retry on another instance or later",
+                code="shutting_down",
+                headers={"Retry-After": str(self._retry_after_s)},
+            )
