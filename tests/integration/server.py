@@ -66,7 +66,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlx-server exited {self.proc.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
                     self._tree = self.process_tree()
                     return self
             except httpx.HTTPError:

@@ -1,0 +1,158 @@
+"""Never hang, never lose a request: engine death, restarts, drain, health, API keys."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.integration.server import ServerProcess
+from tests.openai_schema import validate
+
+POLL_S = 0.1
+ROUNDS = 300  # every wait below is bounded: 30 s at most
+# In-flight requests must end this soon after the engine dies.
+ENGINE_DEATH_DEADLINE_S = 2.0
+
+
+def engine_process(server: ServerProcess) -> psutil.Process:
+    for p in server.process_tree():
+        if "engine" in p.cmdline() and "-m" in p.cmdline():
+            return p
+    raise AssertionError("no engine process")
+
+
+def gunicorn_master(server: ServerProcess) -> psutil.Process:
+    return next(p for p in psutil.Process(server.proc.pid).children() if "gunicorn" in " ".join(p.cmdline()))
+
+
+def wait_until(predicate, what: str) -> None:
+    for _ in range(ROUNDS):
+        if predicate():
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def long_stream(base: str, out: dict, no_eos: dict) -> None:
+    """Stream a long answer; record the events and when the stream ended."""
+    payload = {
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 3500,
+        "stream": True,
+        "logit_bias": no_eos,
+    }
+    events = []
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                out.setdefault("first_at", time.monotonic())
+    out["events"] = events
+    out["ended_at"] = time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def no_eos(tiny_model_dir):
+    eos = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
+    return {str(t): -100 for t in eos}
+
+
+def test_engine_kill_fails_in_flight_then_service_returns(tiny_model_dir, server_logs, no_eos):
+    with ServerProcess(tiny_model_dir, server_logs) as server:
+        base = server.base_url
+        web_pid = gunicorn_master(server).pid
+        result: dict = {}
+        t = threading.Thread(target=long_stream, args=(base, result, no_eos))
+        t.start()
+        wait_until(lambda: "first_at" in result, "the stream to start")
+        engine_process(server).kill()
+        killed_at = time.monotonic()
+        t.join(30)
+        assert not t.is_alive()
+        assert result["ended_at"] - killed_at < ENGINE_DEATH_DEADLINE_S
+        last = json.loads(result["events"][-1])
+        assert "error" in last and last["error"]["type"] == "server_error"
+
+        down = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        if down.status_code == 503:  # the engine may already be back: both are right
+            assert down.headers["Retry-After"]
+            validate(down.json(), "ErrorResponse")
+        wait_until(lambda: ready(base), "the restarted engine")
+        again = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3},
+            timeout=30,
+        )
+        assert again.status_code == 200
+        assert gunicorn_master(server).pid == web_pid  # gunicorn was not restarted
+        assert "restart 1 of 5" in server.log_text()
+
+
+def test_crash_loop_gives_up_with_the_cause(tiny_model_dir, server_logs):
+    server = ServerProcess(tiny_model_dir, server_logs, "--max-engine-restarts", "1").wait_ready()
+    engine_process(server).kill()
+    wait_until(lambda: ready(server.base_url), "the first restart")
+    engine_process(server).kill()
+    code = server.proc.wait(30)
+    server.stop()
+    assert code == 1
+    assert "gave up after 1 restarts" in server.log_text()
+
+
+def test_graceful_stop_finishes_running_requests_and_refuses_new_ones(tiny_model_dir, server_logs, no_eos):
+    server = ServerProcess(tiny_model_dir, server_logs).wait_ready()
+    base = server.base_url
+    result: dict = {}
+
+    def finite_stream() -> None:
+        payload = {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 400,
+            "stream": True,
+            "logit_bias": no_eos,
+        }
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
+            result["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+    t = threading.Thread(target=finite_stream)
+    t.start()
+    wait_until(lambda: httpx.get(f"{base}/v1/mlx/status").json()["engine"]["tokens_generated"] > 0, "tokens")
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: not ready(base), "drain to start")
+    refused = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    t.join(60)
+    assert server.stop() == 0
+    assert result["events"][-1] == "[DONE]"
+    assert json.loads(result["events"][-2])["choices"][0]["finish_reason"] == "length"
+
+
+def test_health_and_api_keys(tiny_model_dir, server_logs, tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("file-key\n")
+    with ServerProcess(tiny_model_dir, server_logs, "--api-key", "flag-key", "--api-key-file", str(key_file)) as server:
+        base = server.base_url
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.get(f"{base}/health/ready").status_code == 200
+        r = httpx.get(f"{base}/v1/models")
+        assert r.status_code == 401
+        validate(r.json(), "ErrorResponse")
+        for key in ("flag-key", "file-key"):
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            assert [m.id for m in client.models.list()] == [tiny_model_dir.name]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
