@@ -15,6 +15,10 @@ class EngineUnavailable(Exception):
     """The engine is down, restarting or did not answer in time (HTTP 503)."""
 
 
+class RequestTimedOut(EngineUnavailable):
+    """The request ran past the per-request timeout and was aborted (HTTP 504)."""
+
+
 class RequestStream(Protocol):
     """The engine's answer to one Generate, delta by delta.
 

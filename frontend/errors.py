@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import falcon
 import msgspec
 
-from frontend.engine_client import EngineUnavailable
+from frontend.engine_client import EngineUnavailable, RequestTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
         log.warning("%s %s: engine unavailable: %s", req.method, req.path, ex)
         _write(resp, 503, engine_unavailable_body(ex), {"Retry-After": str(retry_after_s)})
 
+    def on_timeout(req: falcon.Request, resp: falcon.Response, ex: RequestTimedOut, params: dict) -> None:
+        log.warning("%s %s: %s", req.method, req.path, ex)
+        _write(resp, 504, error_body(str(ex), SERVER_ERROR, None, "timeout"))
+
     def on_falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
         status = ex.status_code
         type_ = INVALID_REQUEST if status < 500 else SERVER_ERROR
@@ -133,4 +137,5 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
     app.add_error_handler(Exception, on_unexpected)
     app.add_error_handler(falcon.HTTPError, on_falcon_error)
     app.add_error_handler(EngineUnavailable, on_engine_unavailable)
+    app.add_error_handler(RequestTimedOut, on_timeout)
     app.add_error_handler(APIError, on_api_error)

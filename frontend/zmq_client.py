@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional, Union
 import msgspec
 import zmq
 
-from frontend.engine_client import EngineUnavailable
+from frontend.engine_client import EngineUnavailable, RequestTimedOut
 from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
@@ -66,17 +66,23 @@ class _Stream:
         self._timeout_s = timeout_s
         self._queue: "queue.SimpleQueue[_Item]" = queue.SimpleQueue()
         self._done = False
+        self._started = time.monotonic()
 
     def put(self, item: _Item) -> None:
         self._queue.put(item)
 
     def __iter__(self) -> Iterator[TokenDelta]:
+        deadline = self._started + self._timeout_s
         while not self._done:
             try:
-                item = self._queue.get(timeout=self._timeout_s)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise queue.Empty
+                item = self._queue.get(timeout=remaining)
             except queue.Empty:
-                raise EngineUnavailable(
-                    f"no output from the engine for {self._timeout_s:.0f} s"
+                self.close()  # aborts it in the engine
+                raise RequestTimedOut(
+                    f"the request ran past the {self._timeout_s:.0f} s request timeout"
                 ) from None
             if isinstance(item, EngineUnavailable):
                 self._done = True

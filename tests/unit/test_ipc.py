@@ -215,3 +215,19 @@ def test_client_waits_for_a_late_engine_and_reconnects_after_a_restart(model):
     for p in runtime.iterdir():
         p.unlink()
     runtime.rmdir()
+
+
+def test_request_timeout_aborts_and_raises(engine):
+    from frontend.engine_client import RequestTimedOut
+
+    address, _, scheduler = engine
+    client = connect(address, request_timeout_s=0.5)
+    stream = client.submit(gen("slowpoke", 400))
+    with pytest.raises(RequestTimedOut):
+        for _ in stream:
+            threading.Event().wait(0.05)  # a slow reader: the deadline passes mid-stream
+    for _ in range(100):
+        if not scheduler.has_request("slowpoke"):
+            break
+        threading.Event().wait(0.05)
+    assert not scheduler.has_request("slowpoke")
