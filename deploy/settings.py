@@ -21,6 +21,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from deploy.logging_setup import LOG_FORMATS, LogFormat
+
 VERSION = "0.2.0"  # keep in step with pyproject.toml (a test checks)
 PROG = "mlx-server"
 ENV_PREFIX = "MLX_SERVER_"
@@ -127,6 +129,7 @@ class Settings(BaseSettings):
     # the concurrent streams: workers x threads in all.
     threads: int = Field(32, ge=1, description="threads per worker, one per concurrent request")
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
+    log_format: LogFormat = Field("text", description="text lines, or json (one object per line)")
     default_max_tokens: int = Field(
         4096, ge=1, description="max_tokens of a request that does not set it"
     )
@@ -214,6 +217,14 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _known_log_format(cls, value: object) -> object:
+        log_format = str(value).lower()
+        if log_format not in LOG_FORMATS:
+            raise ValueError(f"unknown log format {value!r}: use one of {', '.join(LOG_FORMATS)}")
+        return log_format
 
     @field_validator("api_key_file")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Optional
 
 import zmq
 
+from deploy.logging_setup import ENV_LOG_FORMAT, configure as configure_logging
 from deploy.settings import Settings
 from frontend.environment import ENV_API_KEYS, ENV_CORS_ORIGINS, ENV_DRAIN_FLAG, IPC_ADDRESS
 from ipc import codec
@@ -60,6 +61,7 @@ def engine_command(settings: Settings, address: str) -> list[str]:
         "--model-path", str(settings.model_path),
         "--ipc-address", address,
         "--log-level", settings.log_level,
+        "--log-format", settings.log_format,
         "--max-batch-size", str(settings.max_batch_size),
         "--prefill-batch-size", str(settings.prefill_batch_size),
         "--prefill-step-size", str(settings.prefill_step_size),
@@ -96,6 +98,7 @@ def web_environment(settings: Settings, address: str) -> dict[str, str]:
             "MLX_SERVER_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
             ENV_API_KEYS: "\n".join(settings.api_keys()),
             ENV_CORS_ORIGINS: ",".join(settings.cors_origin_list()),
+            ENV_LOG_FORMAT: settings.log_format,
             # The frontend uses transformers for tokenizers only; its "PyTorch
             # was not found" advisory is noise for every worker.
             "TRANSFORMERS_VERBOSITY": "error",
@@ -254,10 +257,7 @@ def engine_busy(address: str, timeout_s: float = 2.0) -> Optional[int]:
 
 
 def run(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s mlx-server %(levelname)s: %(message)s",
-    )
+    configure_logging("mlx-server", settings.log_level, settings.log_format)
     stop = _StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)

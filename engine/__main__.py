@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from deploy.logging_setup import LOG_FORMATS, configure as configure_logging
+from engine.constraints import GrammarCompiler
 from engine.core import Scheduler, SchedulerConfig
 from engine.loading import load_model
 from engine.proc import EngineLoop
@@ -24,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter-path")
     p.add_argument("--ipc-address", required=True)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--prefill-batch-size", type=int, default=8)
     p.add_argument("--prefill-step-size", type=int, default=512)
@@ -33,10 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s engine %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("engine", args.log_level, args.log_format)
     try:
         loaded = load_model(args.model_path, args.adapter_path)
     except Exception as exc:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_step_size=args.prefill_step_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
         ),
+        grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
     )
     loop = EngineLoop(scheduler, info, args.ipc_address)
     loop.install_signal_handlers()

@@ -18,8 +18,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.sampling import build_logits_processors, build_sampler
-from ipc.messages import Generate, TokenDelta
+from ipc.messages import LOGPROB_FLOOR, Generate, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ Outputs = dict[WorkerId, list[TokenDelta]]
 PREFIX_CACHE_MODEL_KEY = "model"
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
+# Most top logprobs a request may ask for per token (OpenAI's chat limit).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class _Active:
     uid: int
     cached_prompt_tokens: int
     first_sent: bool = False
+    # None: no logprobs wanted; k: sampled logprob plus the top k.
+    logprobs: Optional[int] = None
+    grammar: Optional[GrammarProcessor] = None
 
 
 @dataclass
@@ -72,9 +78,11 @@ class Scheduler:
         model: Any,
         config: SchedulerConfig,
         make_generator: Optional[Callable[..., BatchGenerator]] = None,
+        grammars: Optional[GrammarCompiler] = None,
     ) -> None:
         self._model = model
         self._config = config
+        self._grammars = grammars  # None: constrained requests are refused
         self._make_generator = make_generator or BatchGenerator
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
         self._prefix_cache = LRUPromptCache(
@@ -128,7 +136,7 @@ class Scheduler:
         """Insert a request into the running batch, or end it with an error."""
         try:
             self._insert(worker, request)
-        except RequestRejected as exc:
+        except (RequestRejected, ConstraintError) as exc:
             self._finish_now(worker, request.request_id, "error", str(exc))
         except Exception as exc:  # a bad request must not take the engine down
             log.exception("could not start request %s", request.request_id)
@@ -145,14 +153,27 @@ class Scheduler:
             raise RequestRejected("max_tokens must be at least 1")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise RequestRejected(f"prompt token ids must be in [0, {cfg.vocab_size})")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestRejected(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if len(prompt) + request.max_tokens > cfg.context_length:
             raise RequestRejected(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) "
                 f"exceeds the context length {cfg.context_length}"
             )
 
+    def _processors(self, request: Generate) -> tuple[Optional[list[Any]], Optional[GrammarProcessor]]:
+        """Sampling processors, then the grammar mask last (nothing may lift it)."""
+        processors = build_logits_processors(request.sampling)
+        if request.constraint is None:
+            return processors, None
+        if self._grammars is None:
+            raise RequestRejected("constrained decoding is not available in this engine")
+        grammar = self._grammars.processor(request.constraint)
+        return [*(processors or []), grammar], grammar
+
     def _insert(self, worker: WorkerId, request: Generate) -> None:
         self._validate(request)
+        processors, grammar = self._processors(request)
         prompt = request.prompt_token_ids
         cache, rest = self._fetch_prefix(prompt)
         cached = len(prompt) - len(rest)
@@ -167,10 +188,10 @@ class Scheduler:
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[build_sampler(request.sampling)],
-            logits_processors=[build_logits_processors(request.sampling)],
+            logits_processors=[processors],
             stop_sequences=[stops],
         )
-        active = _Active(request.request_id, worker, uid, cached)
+        active = _Active(request.request_id, worker, uid, cached, logprobs=request.logprobs, grammar=grammar)
         self._by_uid[uid] = active
         self._by_id[request.request_id] = active
         self.stats.prompt_tokens_processed += len(rest)
@@ -204,11 +225,12 @@ class Scheduler:
             self._forget(active)
             self._pending[active.worker].append(TokenDelta(active.request_id, [], "abort"))
 
-    def drop_worker(self, worker: WorkerId) -> None:
+    def drop_worker(self, worker: WorkerId) -> int:
         """A frontend worker went away: abort everything it owned, silently."""
         ids = [a.request_id for a in self._by_id.values() if a.worker == worker]
         self.abort(ids)
         self._pending.pop(worker, None)
+        return len(ids)
 
     def fail_all(self, reason: str) -> None:
         """End every request with an error and start a fresh batch (after a step failed)."""
@@ -236,18 +258,31 @@ class Scheduler:
             return outputs
         _, responses = self._generator.next()
         self.stats.tokens_generated += len(responses)
-        for r in responses:
-            active = self._by_uid.get(r.uid)
-            if active is None:  # removed while its token was in flight
-                continue
+        live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
+        logprobs = _logprobs(
+            [(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"]
+        )
+        for r, active in live:
             finished = r.finish_reason is not None
-            # A "stop" finish means the token is the EOS/stop token: never text.
-            tokens = [] if r.finish_reason == "stop" else [r.token]
             cached = 0 if active.first_sent else active.cached_prompt_tokens
             active.first_sent = True
-            outputs[active.worker].append(
-                TokenDelta(active.request_id, tokens, r.finish_reason, cached)
-            )
+            if active.grammar is not None and active.grammar.error is not None:
+                # Cannot happen with a sound grammar library; never send unconstrained text.
+                if not finished:
+                    self._generator.remove([r.uid])
+                self._forget(active)
+                outputs[active.worker].append(TokenDelta(active.request_id, [], "error", cached, active.grammar.error))
+                continue
+            if r.finish_reason == "stop":
+                # The token is the EOS/stop token: never text, never logprobs.
+                delta = TokenDelta(active.request_id, [], r.finish_reason, cached)
+            elif r.uid in logprobs:
+                chosen, top = logprobs[r.uid]
+                tops = [top] if active.logprobs else None
+                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached, None, [chosen], tops)
+            else:
+                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached)
+            outputs[active.worker].append(delta)
             if finished:
                 self._forget(active)
                 self._remember_prefix(r.all_tokens, r.prompt_cache)
@@ -257,9 +292,41 @@ class Scheduler:
         budget = self._config.prompt_cache_bytes
         if budget <= 0 or not tokens or cache is None:
             return
+        # The extracted cache is a lazy slice of the whole batch's KV buffer:
+        # evaluate it now, or the entry would keep that entire buffer alive.
+        mx.eval([c.state for c in cache])
         self._prefix_cache.insert_cache(PREFIX_CACHE_MODEL_KEY, list(tokens), cache)
         # Live batch caches count against the same budget (as in mlx_lm.server).
         self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
 
     def memory(self) -> tuple[int, int]:
         return mx.get_active_memory(), mx.get_peak_memory()
+
+
+def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+    """uid -> (sampled token's logprob, [(id, logprob)] of the top k, best first).
+
+    One gather and one argpartition over the rows that asked, one transfer
+    to Python; rows that did not ask cost nothing. Each response's
+    ``logprobs`` is its row of the (processed) log-softmax, already evaluated.
+    """
+    if not wanted:
+        return {}
+    rows = mx.stack([r.logprobs for r, _ in wanted])
+    tokens = mx.array([r.token for r, _ in wanted])[:, None]
+    chosen = mx.maximum(mx.take_along_axis(rows, tokens, axis=-1)[:, 0], LOGPROB_FLOOR)
+    k = max(top for _, top in wanted)
+    if k == 0:
+        values = chosen.tolist()
+        return {r.uid: (v, []) for (r, _), v in zip(wanted, values)}
+    k = min(k, rows.shape[-1])
+    ids = mx.argpartition(-rows, kth=k - 1, axis=-1)[:, :k]
+    top_values = mx.take_along_axis(rows, ids, axis=-1)
+    order = mx.argsort(-top_values, axis=-1)
+    ids = mx.take_along_axis(ids, order, axis=-1)
+    top_values = mx.maximum(mx.take_along_axis(top_values, order, axis=-1), LOGPROB_FLOOR)
+    mx.eval(chosen, ids, top_values)
+    out = {}
+    for (r, want), value, row_ids, row_values in zip(wanted, chosen.tolist(), ids.tolist(), top_values.tolist()):
+        out[r.uid] = (value, list(zip(row_ids[:want], row_values[:want])))
+    return out

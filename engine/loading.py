@@ -81,6 +81,13 @@ def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
     return int(size) if size else len(tokenizer)
 
 
+def _tool_parser_name(tokenizer: Any) -> Optional[str]:
+    """mlx-lm's inferred tool-call parser (a module of mlx_lm.tool_parsers), by name."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    module = getattr(parser, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
+
+
 def load_model(model_path: str, adapter_path: Optional[str] = None) -> LoadedModel:
     path = Path(model_path).resolve()
     log.info("loading model %s%s", path, f" with adapter {adapter_path}" if adapter_path else "")
@@ -97,6 +104,9 @@ def load_model(model_path: str, adapter_path: Optional[str] = None) -> LoadedMod
         eos_token_ids=sorted(int(t) for t in tokenizer.eos_token_ids),
         vocab_size=_vocab_size(config, tokenizer),
         created=int(time.time()),
+        tool_parser=_tool_parser_name(tokenizer),
+        tool_call_start=getattr(tokenizer, "tool_call_start", None),
+        tool_call_end=getattr(tokenizer, "tool_call_end", None),
     )
     log.info(
         "model %s loaded in %.1f s (context %d, eos %s, %.2f GB active memory)",

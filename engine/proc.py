@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 # How long an idle engine waits on its socket before re-checking stop flags.
 IDLE_POLL_MS = 200
+# Frontend workers ping every 0.5 s; one silent this long is gone (killed,
+# crashed): its requests are aborted so their batch slots are freed.
+WORKER_SILENCE_LIMIT_S = 5.0
+WORKER_CHECK_INTERVAL_S = 1.0
 
 
 class EngineLoop:
@@ -48,6 +52,8 @@ class EngineLoop:
         self._sock = bind_router(self._ctx, address)
         self._stop = False
         self._parent_pid = os.getppid()
+        self._last_seen: dict[bytes, float] = {}
+        self._next_worker_check = 0.0
         self._handlers: dict[type, Callable[[bytes, object], None]] = {
             Hello: self._on_hello,
             Generate: self._on_generate,
@@ -82,6 +88,7 @@ class EngineLoop:
                 self._drain(block=not self._scheduler.has_work())
                 if self._scheduler.has_work():
                     self._step()
+                self._forget_silent_workers()
         finally:
             self._sock.close()
             self._ctx.term()
@@ -96,6 +103,7 @@ class EngineLoop:
                 log.warning("dropping malformed frame set (%d parts)", len(frames))
                 continue
             worker, payload = frames[0].bytes, frames[1].buffer
+            self._last_seen[worker] = time.monotonic()
             try:
                 message = codec.decode_frontend_message(payload)
             except msgspec.DecodeError as exc:
@@ -105,6 +113,17 @@ class EngineLoop:
                 self._handlers[type(message)](worker, message)
             except Exception:  # one bad message must not take the engine down
                 log.exception("handling %s from %r failed", type(message).__name__, worker)
+
+    def _forget_silent_workers(self) -> None:
+        now = time.monotonic()
+        if now < self._next_worker_check:
+            return
+        self._next_worker_check = now + WORKER_CHECK_INTERVAL_S
+        for worker, seen in list(self._last_seen.items()):
+            if now - seen > WORKER_SILENCE_LIMIT_S:
+                del self._last_seen[worker]
+                if self._scheduler.drop_worker(worker):
+                    log.warning("worker %r went silent: aborted its requests", worker)
 
     def _step(self) -> None:
         try:

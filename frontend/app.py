@@ -18,9 +18,12 @@ from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
 from frontend.resources.chat import ChatCompletionsResource
 from frontend.guards import ApiKeyGate
+from frontend.metrics import MetricsResource
+from frontend.middleware import RequestObserver
 from frontend.resources.completions import CompletionsResource
 from frontend.resources.health import LivenessResource, ReadinessResource
 from frontend.resources.models import ModelsResource
+from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
 from frontend.resources.status import StatusResource
 from frontend.tokenization import Tokenization
@@ -36,8 +39,10 @@ ROUTES: dict[str, Callable[[AppContext], object]] = {
     "/v1/completions": CompletionsResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
+    "/openapi.json": OpenAPIResource,
     "/health": LivenessResource,
     "/health/ready": ReadinessResource,
+    "/metrics": MetricsResource,
     # Removed in 0.2: 410 Gone with what to do instead.
     "/v1/models/{model_id:path}": lambda ctx: RetrieveModelResource(),
     "/v1/mlx/models/{rest:path}": lambda ctx: ModelManagementResource(),
@@ -75,6 +80,7 @@ def create_app(
         middleware.insert(0, ApiKeyGate(settings.api_keys))
     if settings.cors_origins:
         middleware.insert(0, falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+    middleware.insert(0, RequestObserver())  # first: it times and counts every answer, gates' too
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app, retry_after_s=settings.retry_after_s)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, TypeVar
 
 import falcon
 import msgspec
@@ -28,7 +29,10 @@ from frontend.errors import (
     generation_failed,
     invalid_request,
 )
+from frontend.metrics import observe_stream
+from frontend.middleware import bind_request_id
 from frontend.tokenization import IncrementalDetokenizer
+from frontend.tools import ToolCall, ToolCallSplitter
 from ipc.messages import Generate, ModelInfo, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,7 @@ def _param(loc: Sequence[Any], data: Any) -> Optional[str]:
 
 
 def new_response_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return bind_request_id(f"{prefix}-{uuid.uuid4().hex}")
 
 
 def now() -> int:
@@ -143,7 +147,7 @@ def submit_all(engine: EngineClient, requests: Sequence[Generate]) -> list[Reque
     streams: list[RequestStream] = []
     try:
         for request in requests:
-            streams.append(engine.submit(request))
+            streams.append(observe_stream(engine.submit(request), request))
     except BaseException:
         sse.close_all(streams)
         raise
@@ -223,8 +227,40 @@ def _failed(delta: TokenDelta) -> Exception:
 _FAILURES = {"abort": _unexpected_abort, "error": _failed}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's logprob (engine floats, ids still to be named)."""
+
+    token_id: int
+    logprob: float
+    top: Sequence[tuple[int, float]]  # (id, logprob), most likely first
+    offset: int  # where the token's text starts in the choice's text
+
+
+class Piece(NamedTuple):
+    text: str
+    # Tokens whose text this piece completes; None when logprobs were not asked for.
+    logprobs: Optional[list[TokenLogprob]] = None
+    # Tool calls completed in this piece (chat with tools).
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+@dataclass(frozen=True)
+class FinishedChoice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: Optional[list[TokenLogprob]] = None
+    tool_calls: Optional[list[ToolCall]] = None
+
+
 class ChoiceRun:
-    """One engine request turned into text pieces for one choice."""
+    """One engine request turned into text pieces for one choice.
+
+    With ``logprobs``, tokens are detokenized one at a time so each knows
+    where its text starts; a token's logprob is released with the piece that
+    completes its text, and tokens after a stop string are dropped with it.
+    """
 
     def __init__(
         self,
@@ -233,19 +269,61 @@ class ChoiceRun:
         detokenizer: IncrementalDetokenizer,
         stops: Sequence[str],
         prompt_group: int = 0,
+        *,
+        logprobs: bool = False,
+        tools: Optional[ToolCallSplitter] = None,
     ) -> None:
         self.index = index
         self.prompt_group = prompt_group  # completions: which prompt this choice answers
         self.stream = stream
         self._detokenizer = detokenizer
         self._stops = StopMatcher(stops)
+        self._want_logprobs = logprobs
+        self._tools = tools  # cuts tool calls out of the text
+        self._held: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
+        self._ends: list[int] = []  # end offset of each held token's text
+        self._produced = 0  # characters detokenized so far
+        self._emitted = 0  # characters released to the client so far
         self.finish_reason: Optional[str] = None
         self.completion_tokens = 0
         self.cached_tokens = 0
         self._seen_first = False
 
-    def pieces(self) -> Iterator[str]:
-        """Yield output text as it becomes final; set finish_reason at the end."""
+    def _detokenize(self, delta: TokenDelta) -> str:
+        if not self._want_logprobs:
+            return self._detokenizer.add(delta.token_ids)
+        if delta.token_ids and delta.logprobs is None:
+            raise EngineUnavailable(f"request {self.stream.request_id}: the engine sent no logprobs")
+        tops = delta.top_logprobs or [()] * len(delta.token_ids)
+        texts = []
+        for token_id, logprob, top in zip(delta.token_ids, delta.logprobs or (), tops):
+            text = self._detokenizer.add([token_id])
+            self._held.append(TokenLogprob(token_id, logprob, top, self._produced))
+            self._produced += len(text)
+            self._ends.append(self._produced)
+            texts.append(text)
+        return "".join(texts)
+
+    def _release(self, *, upto_start: Optional[int] = None, all_: bool = False) -> Optional[list[TokenLogprob]]:
+        """Logprobs of held tokens whose text is out (or, after a stop string,
+        that contributed text before it); None when logprobs are off."""
+        if not self._want_logprobs:
+            return None
+        if all_:
+            out, self._held, self._ends = self._held, [], []
+            return out
+        if upto_start is not None:
+            out = [t for t in self._held if t.offset < upto_start]
+            self._held, self._ends = [], []
+            return out
+        n = 0
+        while n < len(self._held) and self._ends[n] <= self._emitted:
+            n += 1
+        out, self._held, self._ends = self._held[:n], self._held[n:], self._ends[n:]
+        return out
+
+    def parts(self) -> Iterator[Piece]:
+        """Yield output pieces as they become final; set finish_reason at the end."""
         for delta in self.stream:
             if not self._seen_first:
                 self._seen_first = True
@@ -254,37 +332,69 @@ class ChoiceRun:
             if failure is not None:
                 raise failure(delta)
             self.completion_tokens += len(delta.token_ids)
-            text = self._detokenizer.add(delta.token_ids)
+            text = self._detokenize(delta)
             if delta.finish_reason is not None:
-                text += self._detokenizer.finalize()
+                tail = self._detokenizer.finalize()
+                text += tail
+                self._produced += len(tail)
             out, matched = self._stops.feed(text)
-            if out:
-                yield out
+            self._emitted += len(out)
             if matched:
-                self.finish_reason = "stop"
+                yield from self._pieces(out, self._release(upto_start=self._emitted), final=True)
+                self._finish("stop")
                 self.stream.close()  # aborts the rest of the generation in the engine
                 return
             if delta.finish_reason is not None:
-                tail = self._stops.flush()
-                if tail:
-                    yield tail
-                self.finish_reason = delta.finish_reason
+                out += self._stops.flush()
+                yield from self._pieces(out, self._release(all_=True), final=True)
+                self._finish(delta.finish_reason)
                 return
+            if out:
+                yield from self._pieces(out, self._release(), final=False)
+                if self._tools is not None and self._tools.done:
+                    self._finish("stop")  # the one call allowed is complete
+                    self.stream.close()
+                    return
         raise EngineUnavailable(f"request {self.stream.request_id} ended without a final message")
+
+    def _pieces(self, text: str, released: Optional[list[TokenLogprob]], *, final: bool) -> Iterator[Piece]:
+        calls: list[ToolCall] = []
+        if self._tools is not None:
+            text, calls = self._tools.feed(text)
+            if final:
+                text += self._tools.flush()
+        if text or released or calls:
+            yield Piece(text, released, calls or None)
+
+    def _finish(self, reason: str) -> None:
+        # OpenAI: a response that ends after tool calls finishes with "tool_calls".
+        made_calls = self._tools is not None and self._tools.calls > 0
+        self.finish_reason = "tool_calls" if reason == "stop" and made_calls else reason
+
+    def pieces(self) -> Iterator[str]:
+        """The text of ``parts()``."""
+        return (part.text for part in self.parts())
+
+    def finish(self, prefix: str = "") -> FinishedChoice:
+        """Run to the end (non-streaming)."""
+        texts: list[str] = [prefix]
+        logprobs: Optional[list[TokenLogprob]] = [] if self._want_logprobs else None
+        calls: list[ToolCall] = []
+        for part in self.parts():
+            texts.append(part.text)
+            if logprobs is not None and part.logprobs:
+                logprobs.extend(part.logprobs)
+            calls += part.tool_calls or []
+        assert self.finish_reason is not None
+        return FinishedChoice(self.index, "".join(texts), self.finish_reason, logprobs, calls or None)
 
     def text(self) -> str:
         return "".join(self.pieces())
 
 
-def collect(runs: Sequence[ChoiceRun], prefixes: Sequence[str] = ()) -> list[tuple[int, str, str]]:
+def collect(runs: Sequence[ChoiceRun], prefixes: Sequence[str] = ()) -> list[FinishedChoice]:
     """Run every choice to its end (non-streaming); ``prefixes``: echoed prompts."""
-    out = []
-    for run in runs:
-        prefix = prefixes[run.index] if run.index < len(prefixes) else ""
-        text = prefix + run.text()
-        assert run.finish_reason is not None
-        out.append((run.index, text, run.finish_reason))
-    return out
+    return [run.finish(prefixes[run.index] if run.index < len(prefixes) else "") for run in runs]
 
 
 def usage_counts(prompt_lengths: Sequence[int], runs: Sequence[ChoiceRun]) -> tuple[int, int, int]:
@@ -302,7 +412,7 @@ def usage_counts(prompt_lengths: Sequence[int], runs: Sequence[ChoiceRun]) -> tu
 class ChunkShaper(Protocol):
     def start(self, index: int) -> list[dict[str, Any]]: ...
 
-    def piece(self, index: int, text: str) -> dict[str, Any]: ...
+    def piece(self, index: int, piece: Piece) -> dict[str, Any]: ...
 
     def finish(self, index: int, finish_reason: str) -> dict[str, Any]: ...
 
@@ -324,8 +434,8 @@ def stream_events(
         for run in runs:
             for chunk in shaper.start(run.index):
                 yield sse.event(chunk)
-            for text in run.pieces():
-                yield sse.event(shaper.piece(run.index, text))
+            for piece in run.parts():
+                yield sse.event(shaper.piece(run.index, piece))
             assert run.finish_reason is not None
             yield sse.event(shaper.finish(run.index, run.finish_reason))
         if usage_of is not None:
@@ -352,7 +462,7 @@ def respond(
     shaper: ChunkShaper,
     usage_of: Callable[[], dict[str, Any]],
     include_usage: bool,
-    body_of: Callable[[list[tuple[int, str, str]]], dict[str, Any]],
+    body_of: Callable[[list[FinishedChoice]], dict[str, Any]],
     prefixes: Sequence[str] = (),
 ) -> None:
     """Answer with SSE (the body then owns the streams) or with one JSON body.

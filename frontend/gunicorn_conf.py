@@ -2,14 +2,29 @@
 
 Workers are threaded (gthread): each streaming response holds one thread, and
 the threads spend their time waiting on the engine, not on the GIL.
+
+Logs: every gunicorn and app line goes through deploy.logging_setup, as text or
+JSON (MLX_SERVER_LOG_FORMAT). Metrics: the master creates a private
+PROMETHEUS_MULTIPROC_DIR before it forks any worker (so all workers count in
+one /metrics), marks dead workers' files and removes the directory on exit.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from typing import Optional
+
+from deploy.logging_setup import ENV_LOG_FORMAT, dict_config
+
+ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+LOG_ROLE = "web"
 
 worker_class = "gthread"
 # Workers import the app after the fork: ZeroMQ contexts must never be
@@ -21,7 +36,11 @@ keepalive = 5
 # One log line per request only at debug level (access logs can leak prompts' URLs, not bodies).
 accesslog = None
 
+logconfig_dict = dict_config(LOG_ROLE, os.environ.get(ENV_LOG_FORMAT) or "text")
+
 PARENT_CHECK_INTERVAL_S = 1.0
+# The metrics directory this master created (None: the user's own, left in place).
+_own_metrics_dir: Optional[str] = None
 
 
 def _exit_when_supervisor_dies(server) -> None:
@@ -38,5 +57,41 @@ def _exit_when_supervisor_dies(server) -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
+def _prepare_metrics_dir() -> None:
+    """Before any worker forks: workers inherit the variable and prometheus-client
+    picks multiprocess mode when they import it."""
+    global _own_metrics_dir
+    path = os.environ.get(ENV_MULTIPROC_DIR)
+    if path:
+        # A directory the operator chose: counters of a previous run must not leak in.
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+        return
+    _own_metrics_dir = tempfile.mkdtemp(prefix="mlx-server-metrics-")  # 0700: private to this user
+    os.environ[ENV_MULTIPROC_DIR] = _own_metrics_dir
+
+
+def on_starting(server) -> None:
+    # gunicorn sets only its own loggers' level from --log-level; the app's follow it.
+    logging.getLogger().setLevel(server.log.loglevel)
+    _prepare_metrics_dir()
+
+
 def when_ready(server) -> None:
     _exit_when_supervisor_dies(server)
+
+
+def child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess  # after on_starting set the directory
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    global _own_metrics_dir
+    if _own_metrics_dir is not None:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
+        if os.environ.get(ENV_MULTIPROC_DIR) == _own_metrics_dir:
+            del os.environ[ENV_MULTIPROC_DIR]
+        _own_metrics_dir = None

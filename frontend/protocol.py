@@ -13,8 +13,18 @@ from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
+from frontend.constraints import response_format_constraint
 from frontend.errors import APIError, invalid_request, unsupported
-from ipc.messages import SamplingParams
+from frontend.generation import FinishedChoice, Piece
+from frontend.logprobs import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
+    TokenEntry,
+    chat_logprobs,
+    completion_logprobs,
+)
+from frontend.tools import ToolPlan, plan_tools
+from ipc.messages import Constraint, ModelInfo, SamplingParams
 
 # OpenAI's own limits.
 MAX_STOP_SEQUENCES = 4
@@ -63,6 +73,9 @@ class _GenerationRequest(_Strict):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    # text, json_object or json_schema (enforced by the engine's grammar mask).
+    # Completions take it too (as vLLM does).
+    response_format: Optional[dict[str, Any]] = None
 
     @property
     def choices_per_prompt(self) -> int:
@@ -83,6 +96,10 @@ class _GenerationRequest(_Strict):
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise invalid_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def response_constraint(self) -> Optional[Constraint]:
+        """The grammar response_format asks for (400 if it cannot be enforced)."""
+        return response_format_constraint(self.response_format)
 
     def sampling(self, vocab_size: int) -> SamplingParams:
         """Wire sampling parameters; omitted fields keep the wire defaults."""
@@ -128,24 +145,24 @@ def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[d
 _Check = tuple[Callable[[Any], bool], str]
 
 _CHAT_UNSUPPORTED: dict[str, _Check] = {
-    "logprobs": (lambda v: v is True, "logprobs are not supported yet"),
-    "top_logprobs": (lambda v: v not in (None, 0), "top_logprobs is not supported yet (logprobs are not)"),
-    "response_format": (
-        lambda v: v is not None and v.get("type") != "text",
-        'only response_format {"type": "text"} is supported; json_object and json_schema are not yet',
-    ),
-    "tools": (lambda v: bool(v), "tools (function calling) are not supported yet"),
-    "tool_choice": (lambda v: v not in (None, "none", "auto"), "tool_choice is not supported yet (tools are not)"),
-    "functions": (lambda v: bool(v), "functions (function calling) are not supported"),
-    "function_call": (lambda v: v not in (None, "none", "auto"), "function_call is not supported"),
+    "functions": (lambda v: bool(v), "functions (deprecated) are not supported: use tools"),
+    "function_call": (lambda v: v not in (None, "none", "auto"), "function_call (deprecated) is not supported: use tool_choice"),
     "audio": (lambda v: v is not None, "audio output is not supported"),
     "modalities": (lambda v: v not in (None, ["text"]), 'only modalities ["text"] is supported'),
     "prediction": (lambda v: v is not None, "predicted outputs (prediction) are not supported"),
     "web_search_options": (lambda v: v is not None, "web search is not supported"),
+    "moderation": (lambda v: v is not None, "moderation is not supported"),
 }
+# OpenAI fields accepted and without effect here (hints, bookkeeping):
+# metadata, store (nothing is stored), service_tier, prompt_cache_key,
+# prompt_cache_options, prompt_cache_retention (the prefix cache is automatic),
+# safety_identifier, user.
+
+# Fields a chat template may take as variables (gpt-oss's reasoning_effort, ...):
+# honoured when the model's template uses them, refused otherwise.
+TEMPLATE_VARIABLE_FIELDS = ("reasoning_effort", "verbosity")
 
 _COMPLETION_UNSUPPORTED: dict[str, _Check] = {
-    "logprobs": (lambda v: v is not None, "logprobs are not supported yet"),
     "suffix": (lambda v: bool(v), "suffix (insertion) is not supported"),
 }
 
@@ -171,29 +188,49 @@ class ChatCompletionRequest(_GenerationRequest):
     # Checked against _CHAT_UNSUPPORTED; typed loosely so the check, not a
     # type error, tells the client what is wrong.
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    # Checked by frontend.tools.plan_tools (each tool, each choice, with a param path).
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     function_call: Any = None
     audio: Any = None
     modalities: Optional[list[str]] = None
     prediction: Any = None
     web_search_options: Any = None
+    moderation: Any = None
+    reasoning_effort: Optional[str] = None
+    verbosity: Optional[str] = None
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         # max_completion_tokens is the current name; max_tokens the deprecated one.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def engine_logprobs(self) -> Optional[int]:
+        """Generate.logprobs: None, or how many top logprobs per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_supported(self) -> None:
         self.check_common()
         problem = _first_unsupported(dict(self), _CHAT_UNSUPPORTED)
         if problem is not None:
             raise problem
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         for i, message in enumerate(self.messages):
             _check_content(i, message.content)
+
+    def tool_plan(self, model: ModelInfo, special_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
+        return plan_tools(
+            self.tools, self.tool_choice, self.parallel_tool_calls, model, special_token_id, self.response_constraint()
+        )
+
+    def constraint(self, plan: ToolPlan) -> Optional[Constraint]:
+        """The grammar for this request: tool calls (forced, or calls-or-answer), else response_format."""
+        return plan.constraint or self.response_constraint()
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as chat templates expect them (mlx_lm.server.process_message_content)."""
@@ -265,10 +302,10 @@ def _prompt_shape(value: Any) -> PromptInput:
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Annotated[Any, PlainValidator(_prompt_shape)]
+    prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=PromptInput)]
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: Optional[str] = None
 
     def check_supported(self) -> None:
@@ -281,6 +318,9 @@ class CompletionRequest(_GenerationRequest):
             raise unsupported("best_of", "best_of other than n is not supported")
         if self.stream and self.best_of not in (None, 1):
             raise invalid_request("best_of cannot be used with stream", param="best_of")
+        if self.echo and self.logprobs is not None:
+            # The prompt's logprobs would need the prefill's logits, which the engine does not keep.
+            raise unsupported("logprobs", "logprobs together with echo (prompt logprobs) are not supported")
 
     def prompt_items(self) -> list[Union[str, list[int]]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -307,7 +347,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def chat_completion(
-    response_id: str, created: int, model: str, choices: Sequence[tuple[int, str, str]], usage_: dict[str, Any]
+    response_id: str,
+    created: int,
+    model: str,
+    choices: Sequence[FinishedChoice],
+    usage_: dict[str, Any],
+    token_entry: TokenEntry,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -316,28 +361,50 @@ def chat_completion(
         "model": model,
         "choices": [
             {
-                "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
+                "index": c.index,
+                "message": _message(c),
+                "logprobs": chat_logprobs(c.logprobs, token_entry),
+                "finish_reason": c.finish_reason,
             }
-            for index, text, finish_reason in choices
+            for c in choices
         ],
         "usage": usage_,
     }
 
 
+def _message(choice: FinishedChoice) -> dict[str, Any]:
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text, "refusal": None}
+    return {
+        "role": "assistant",
+        "content": choice.text or None,  # OpenAI: null when the answer is only calls
+        "refusal": None,
+        "tool_calls": [call.as_dict() for call in choice.tool_calls],
+    }
+
+
 def text_completion(
-    response_id: str, created: int, model: str, choices: Sequence[tuple[int, str, str]], usage_: dict[str, Any]
+    response_id: str,
+    created: int,
+    model: str,
+    choices: Sequence[FinishedChoice],
+    usage_: dict[str, Any],
+    token_entry: TokenEntry,
 ) -> dict[str, Any]:
+    # Echo and logprobs never come together, so offsets start at 0.
     return {
         "id": response_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            for index, text, finish_reason in choices
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs, token_entry),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
         ],
         "usage": usage_,
     }
@@ -348,9 +415,10 @@ class _Chunks:
 
     object_name = ""
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry) -> None:
         self._head = {"id": response_id, "object": self.object_name, "created": created, "model": model}
         self._include_usage = include_usage
+        self._token_entry = token_entry
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk = {**self._head, "choices": choices}
@@ -365,14 +433,31 @@ class _Chunks:
 class ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
-    def _choice(self, index: int, delta: dict[str, Any], finish_reason: Optional[str] = None) -> dict[str, Any]:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry) -> None:
+        super().__init__(response_id, created, model, include_usage, token_entry)
+        self._calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
+
+    def _choice(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: Optional[str] = None,
+        logprobs: Optional[dict[str, Any]] = None,
+    ) -> dict[str, Any]:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def start(self, index: int) -> list[dict[str, Any]]:
         return [self._choice(index, {"role": "assistant", "content": ""})]
 
-    def piece(self, index: int, text: str) -> dict[str, Any]:
-        return self._choice(index, {"content": text})
+    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": piece.text} if piece.text or not piece.tool_calls else {}
+        if piece.tool_calls:
+            # Each call whole in one delta (name and all arguments): clients
+            # that concatenate argument fragments get the same result.
+            first = self._calls_sent.get(index, 0)
+            delta["tool_calls"] = [{"index": first + k, **call.as_dict()} for k, call in enumerate(piece.tool_calls)]
+            self._calls_sent[index] = first + len(piece.tool_calls)
+        return self._choice(index, delta, None, chat_logprobs(piece.logprobs, self._token_entry))
 
     def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
         return self._choice(index, {}, finish_reason)
@@ -382,20 +467,28 @@ class CompletionChunks(_Chunks):
     object_name = "text_completion"
 
     def __init__(
-        self, response_id: str, created: int, model: str, include_usage: bool, echoes: Sequence[str] = ()
+        self,
+        response_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        token_entry: TokenEntry,
+        echoes: Sequence[str] = (),
     ) -> None:
-        super().__init__(response_id, created, model, include_usage)
+        super().__init__(response_id, created, model, include_usage, token_entry)
         self._echoes = list(echoes)  # per choice index: the prompt text to echo, or ""
 
-    def _choice(self, index: int, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
-        return self._chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+    def _choice(
+        self, index: int, text: str, finish_reason: Optional[str] = None, logprobs: Optional[dict[str, Any]] = None
+    ) -> dict[str, Any]:
+        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def start(self, index: int) -> list[dict[str, Any]]:
         echo = self._echoes[index] if index < len(self._echoes) else ""
         return [self._choice(index, echo)] if echo else []
 
-    def piece(self, index: int, text: str) -> dict[str, Any]:
-        return self._choice(index, text)
+    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
+        return self._choice(index, piece.text, None, completion_logprobs(piece.logprobs, self._token_entry))
 
     def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
         return self._choice(index, "", finish_reason)

@@ -22,6 +22,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -320,6 +321,37 @@ def convert_chat(messages: list[dict[str, Any]]) -> str:
     return (prompt + mapping["assistant"]).rstrip()
 
 
+# ---------------------------------------------------------------- token bytes
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the character a byte-level BPE
+    vocabulary uses for each byte -> that byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_display(raw: bytes) -> str:
+    """The ``token`` string of a logprob entry: its text, or for bytes that
+    are not whole UTF-8 characters, ``bytes:\\xNN...`` (as OpenAI writes them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 # ---------------------------------------------------------------- the facade
 
 
@@ -347,6 +379,8 @@ class Tokenization:
         self._use_decode_stream = self._backend is not None and (
             self.decoder_kind != "other" or _decode_is_plain(tokenizer)
         )
+        self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.added_tokens_decoder)
+        self._token_bytes: dict[int, bytes] = {}
         # transformers may reconfigure the Rust tokenizer (padding, truncation
         # from tokenizer.json) inside encode, which needs exclusive access
         # ("Already borrowed" otherwise). One encode now settles that state
@@ -404,6 +438,46 @@ class Tokenization:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=self.skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a character for byte tokens)."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = self._compute_token_bytes(token_id)
+        return raw
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if token_id in self._special_ids or not isinstance(piece, str):
+            return self.decode([token_id]).encode("utf-8")
+        if self.decoder_kind == "bpe":
+            table = _byte_level_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        elif self.decoder_kind in ("spm", "spm_no_trim"):
+            match = _SPM_BYTE.match(piece)
+            if match:
+                return bytes([int(match.group(1), 16)])
+            return piece.replace("▁", " ").encode("utf-8")
+        return self.decode([token_id]).encode("utf-8")
+
+    def template_mentions(self, name: str) -> bool:
+        """Whether the chat template refers to ``name`` (a template variable)."""
+        template = self.hf.chat_template
+        texts = template.values() if isinstance(template, dict) else [template or ""]
+        return any(re.search(rf"\b{re.escape(name)}\b", text) for text in texts)
+
+    def special_token_id(self, text: str) -> Optional[int]:
+        """The id of the special token spelled ``text`` (one token), else None."""
+        for token_id, added in self.hf.added_tokens_decoder.items():
+            if added.content == text and added.special:
+                return token_id
+        return None
+
+    def token_entry(self, token_id: int) -> tuple[str, bytes]:
+        """(token string, its bytes) for logprob entries."""
+        raw = self.token_bytes(token_id)
+        return token_display(raw), raw
 
     # -- output
 

@@ -14,7 +14,13 @@ from typing import Literal, Optional, Union
 import msgspec
 
 # Bump on any incompatible change to a struct below; the handshake checks it.
-PROTOCOL_VERSION = 1
+# 2: Generate.logprobs and .constraint, TokenDelta.logprobs/top_logprobs,
+#    ModelInfo.tool_parser/tool_call_start/tool_call_end.
+PROTOCOL_VERSION = 2
+
+# OpenAI's floor for a log probability ("very unlikely"); masked tokens
+# (-inf) are reported as this, since JSON has no infinity.
+LOGPROB_FLOOR = -9999.0
 
 # Final outcomes a request can have. "stop"/"length" are OpenAI's finish
 # reasons; "abort" and "error" never reach a client as a finish_reason.
@@ -36,6 +42,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     seed: Optional[int] = None
 
 
+class Constraint(msgspec.Struct, frozen=True, kw_only=True):
+    """Constrained decoding: the output must match this grammar, and may end
+    (EOS) only where the grammar is complete.
+
+    ``kind`` "json_schema": ``text`` is a JSON schema (its "x-guidance" key
+    sets the JSON layout options); "lark": ``text`` is a Lark grammar in
+    llguidance's dialect (``%json{...}`` embeds a schema). The engine compiles
+    it with its tokenizer and caches the result by (kind, text).
+    """
+
+    kind: Literal["json_schema", "lark"]
+    text: str
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Facts about the one loaded model, announced in the handshake."""
 
@@ -46,6 +66,12 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     eos_token_ids: list[int]
     vocab_size: int
     created: int  # unix seconds when the engine loaded the model
+    # How the model writes tool calls, as mlx-lm infers it from the chat
+    # template (its tool_parsers module name, e.g. "json_tools") and the text
+    # that opens and closes one call; None when the model has no tool calling.
+    tool_parser: Optional[str] = None
+    tool_call_start: Optional[str] = None
+    tool_call_end: Optional[str] = None
 
 
 # ---------------------------------------------------------------- frontend -> engine
@@ -63,6 +89,10 @@ class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     sampling: SamplingParams = SamplingParams()
     # None: stop on the model's EOS ids. An empty list: never stop on EOS.
     stop_token_ids: Optional[list[int]] = None
+    # None: no logprobs. k >= 0: the sampled token's logprob plus the k most
+    # likely tokens at each position (TokenDelta.logprobs / top_logprobs).
+    logprobs: Optional[int] = None
+    constraint: Optional[Constraint] = None
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
@@ -93,11 +123,13 @@ class Rejected(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
-class TokenDelta(msgspec.Struct, array_like=True, frozen=True):
+class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
     """New tokens of one request produced by one engine step.
 
     ``finish_reason`` set means this is the request's last message.
     ``token_ids`` never holds the EOS/stop token that ended the request.
+    Trailing fields left at their defaults are not encoded (omit_defaults),
+    so a delta without logprobs costs what it did before they existed.
     """
 
     request_id: str
@@ -106,6 +138,11 @@ class TokenDelta(msgspec.Struct, array_like=True, frozen=True):
     # Prompt tokens that the engine found in its prefix cache (first delta only).
     cached_prompt_tokens: int = 0
     error: Optional[str] = None
+    # Only for requests that asked (Generate.logprobs): one entry per token_ids
+    # entry. logprobs[i]: log-probability of token_ids[i]; top_logprobs[i]:
+    # (token id, logprob) of the k most likely tokens there, most likely first.
+    logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):

@@ -27,6 +27,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ~34M-parameter "bench" size: tens of tokens/s on CPU, so a request
+    reliably outlives the fault a test injects while it runs."""
+    return build_tiny_model(tmp_path_factory.mktemp("slow-model"), size="bench")
+
+
+@pytest.fixture(scope="session")
 def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-adapter"))
 

@@ -18,6 +18,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -143,7 +144,7 @@ def _tokenizer_json() -> str:
     return tok.to_str(pretty=True)
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(chat_template: str = CHATML_TEMPLATE) -> dict:
     return {
         # PreTrainedTokenizerFast = "use tokenizer.json as is" in transformers 4 and 5
         # (a GPT2Tokenizer class would rebuild the pipeline in transformers 5).
@@ -156,7 +157,7 @@ def _tokenizer_config() -> dict:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": MAX_POSITION_EMBEDDINGS,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 
@@ -229,11 +230,14 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_model(out_dir: Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: Path, size: str = "tiny", seed: int = 0, chat_template: Optional[str] = None
+) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
 
     `size` is "tiny" (hidden 64, 2 layers; builds in well under a second) or
     "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
+    `chat_template`: another template than ChatML (e.g. one that renders tools).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
@@ -246,7 +250,7 @@ def build_tiny_model(out_dir: Path, size: str = "tiny", seed: int = 0) -> Path:
     eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]
 
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(chat_template or CHATML_TEMPLATE))
     _write_json(out_dir / "config.json", _model_config(SIZES[size], vocab, eos_ids))
     weights = _random_weights(_weight_shapes(SIZES[size], vocab), seed)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "mlx"})

@@ -8,7 +8,7 @@ import falcon
 
 from frontend import protocol
 from frontend.context import AppContext
-from frontend.errors import invalid_request
+from frontend.errors import invalid_request, unsupported
 from frontend.generation import (
     ChoiceRun,
     check_prompt_ids,
@@ -41,6 +41,8 @@ class ChatCompletionsResource:
             raise invalid_request(f"n must be at most {settings.max_n}", param="n")
         stops = request.stop_strings()
         sampling = request.sampling(model.vocab_size)
+        tools = request.tool_plan(model, tok.special_token_id)
+        constraint = request.constraint(tools)
         template_kwargs = request.chat_template_kwargs or {}
         reserved = sorted(set(template_kwargs) & reserved_template_kwargs())
         if reserved:
@@ -48,8 +50,17 @@ class ChatCompletionsResource:
                 f"chat_template_kwargs may only set template variables, not {', '.join(reserved)}",
                 param="chat_template_kwargs",
             )
+        for name in protocol.TEMPLATE_VARIABLE_FIELDS:
+            value = getattr(request, name)
+            if value is None:
+                continue
+            if not tok.template_mentions(name):
+                raise unsupported(name, f"{name} is not supported: this model's chat template does not use it")
+            template_kwargs = {name: value, **template_kwargs}
         try:
-            prompt = tok.render_chat(request.template_messages(), template_kwargs=template_kwargs)
+            prompt = tok.render_chat(
+                request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs
+            )
         except ChatTemplateError as exc:
             raise invalid_request(str(exc), param="messages") from None
         check_prompt_ids(prompt, model.vocab_size, "messages")
@@ -64,10 +75,19 @@ class ChatCompletionsResource:
                 prompt_token_ids=prompt,
                 max_tokens=max_tokens,
                 sampling=choice_sampling(sampling, i),
+                constraint=constraint,
+                logprobs=request.engine_logprobs,
             )
             for i in range(n)
         ]
-        runs = start_runs(ctx.engine, generates, lambda i, stream: ChoiceRun(i, stream, tok.detokenizer(), stops))
+        want_logprobs = request.engine_logprobs is not None
+        runs = start_runs(
+            ctx.engine,
+            generates,
+            lambda i, stream: ChoiceRun(
+                i, stream, tok.detokenizer(), stops, logprobs=want_logprobs, tools=tools.splitter()
+            ),
+        )
         log.debug("%s: %d prompt tokens, max_tokens %d, n %d", response_id, len(prompt), max_tokens, n)
 
         def usage() -> dict:
@@ -77,8 +97,10 @@ class ChatCompletionsResource:
             resp,
             runs,
             stream=bool(request.stream),
-            shaper=protocol.ChatChunks(response_id, created, model.model_id, request.include_usage),
+            shaper=protocol.ChatChunks(response_id, created, model.model_id, request.include_usage, tok.token_entry),
             usage_of=usage,
             include_usage=request.include_usage,
-            body_of=lambda choices: protocol.chat_completion(response_id, created, model.model_id, choices, usage()),
+            body_of=lambda choices: protocol.chat_completion(
+                response_id, created, model.model_id, choices, usage(), tok.token_entry
+            ),
         )

@@ -56,6 +56,7 @@ class CompletionsResource:
             )
         stops = request.stop_strings()
         sampling = request.sampling(model.vocab_size)
+        constraint = request.response_constraint()
         prompts = [_prompt_ids(item, tok) for item in items]
         max_tokens = []
         for ids in prompts:
@@ -72,6 +73,8 @@ class CompletionsResource:
                 prompt_token_ids=ids,
                 max_tokens=max_tokens[p],
                 sampling=choice_sampling(sampling, j),
+                constraint=constraint,
+                logprobs=request.logprobs,
             )
             for p, ids in enumerate(prompts)
             for j in range(n)
@@ -80,7 +83,9 @@ class CompletionsResource:
         runs = start_runs(
             ctx.engine,
             generates,
-            lambda index, stream: ChoiceRun(index, stream, tok.detokenizer(), stops, prompt_group=index // n),
+            lambda index, stream: ChoiceRun(
+                index, stream, tok.detokenizer(), stops, prompt_group=index // n, logprobs=request.logprobs is not None
+            ),
         )
         log.debug("%s: %d prompts, n %d", response_id, len(prompts), n)
 
@@ -91,9 +96,13 @@ class CompletionsResource:
             resp,
             runs,
             stream=bool(request.stream),
-            shaper=protocol.CompletionChunks(response_id, created, model.model_id, request.include_usage, echoes),
+            shaper=protocol.CompletionChunks(
+                response_id, created, model.model_id, request.include_usage, tok.token_entry, echoes
+            ),
             usage_of=usage,
             include_usage=request.include_usage,
-            body_of=lambda choices: protocol.text_completion(response_id, created, model.model_id, choices, usage()),
+            body_of=lambda choices: protocol.text_completion(
+                response_id, created, model.model_id, choices, usage(), tok.token_entry
+            ),
             prefixes=echoes,
         )

@@ -156,3 +156,30 @@ def test_health_and_api_keys(tiny_model_dir, server_logs, tmp_path):
             assert [m.id for m in client.models.list()] == [tiny_model_dir.name]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_killed_worker_is_respawned_and_its_requests_aborted(slow_model_dir, server_logs, no_eos):
+    with ServerProcess(slow_model_dir, server_logs, workers=1) as server:
+        base = server.base_url
+        result: dict = {}
+
+        def doomed() -> None:
+            try:
+                long_stream(base, result, no_eos)
+            except httpx.HTTPError:
+                result["cut"] = True
+
+        t = threading.Thread(target=doomed)
+        t.start()
+        wait_until(lambda: "first_at" in result, "the stream to start")
+        (worker,) = gunicorn_master(server).children()
+        worker.kill()
+        t.join(30)
+        wait_until(lambda: ready(base), "a respawned worker")
+
+        def idle() -> bool:
+            engine = httpx.get(f"{base}/v1/mlx/status", timeout=5).json()["engine"]
+            return engine["running_requests"] + engine["queued_requests"] == 0
+
+        wait_until(idle, "the engine to abort the dead worker's request")
+        assert "went silent: aborted its requests" in server.log_text()

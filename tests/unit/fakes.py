@@ -90,6 +90,16 @@ class FakeStream:
         self.close()
 
 
+def fake_logprob(position: int) -> float:
+    """The logprob the fake engine reports for the token at ``position``."""
+    return -0.25 * (position + 1)
+
+
+def fake_top_logprobs(token_id: int, position: int, k: int) -> list[tuple[int, float]]:
+    """The fake's top k at ``position``: the sampled token first, then the ids after it."""
+    return [(token_id + j, fake_logprob(position) - j) for j in range(k)]
+
+
 def _deltas(request: Generate, script: Script) -> list[TokenDelta]:
     rid = request.request_id
     if script.finish_reason == "error":
@@ -97,11 +107,18 @@ def _deltas(request: Generate, script: Script) -> list[TokenDelta]:
     tokens = list(script.token_ids)[: request.max_tokens]
     # Like the engine: max_tokens reached before the script's end (its EOS) is "length".
     reason = "length" if len(script.token_ids) >= request.max_tokens else script.finish_reason
-    chunks = [tokens[i : i + script.chunk] for i in range(0, len(tokens), script.chunk)] or [[]]
-    deltas = [TokenDelta(rid, c, None, 0) for c in chunks]
-    deltas[0] = TokenDelta(rid, deltas[0].token_ids, None, script.cached_prompt_tokens)
-    last = deltas[-1]
-    deltas[-1] = TokenDelta(rid, last.token_ids, reason, last.cached_prompt_tokens)
+    starts = list(range(0, len(tokens), script.chunk)) or [0]
+    deltas = []
+    for n, start in enumerate(starts):
+        chunk = tokens[start : start + script.chunk]
+        logprobs = top = None
+        if request.logprobs is not None:  # like the engine: only when asked, one entry per token
+            logprobs = [fake_logprob(start + i) for i in range(len(chunk))]
+            if request.logprobs:
+                top = [fake_top_logprobs(t, start + i, request.logprobs) for i, t in enumerate(chunk)]
+        cached = script.cached_prompt_tokens if n == 0 else 0
+        final = reason if n == len(starts) - 1 else None
+        deltas.append(TokenDelta(rid, chunk, final, cached, None, logprobs, top))
     return deltas
 
 

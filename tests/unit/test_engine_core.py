@@ -232,3 +232,17 @@ def test_unexpected_insert_failure_ends_that_request_only(model):
     assert results["bad"]["finals"][0].finish_reason == "error"
     assert "sampler construction failed" in results["bad"]["finals"][0].error
     assert results["good"]["finals"][0].finish_reason == "length"
+
+
+def test_prefix_cache_entries_do_not_pin_the_batch_buffers(model):
+    """Engine memory at idle = the weights + what the prefix cache says it holds."""
+    s = make_scheduler(model)
+    run_to_end(s)
+    baseline = mx.get_active_memory()
+    for round_ in range(3):
+        for i in range(16):
+            s.add(b"w", gen(f"{round_}-{i}", list(range(5, 30 + i)), 20 + i))
+        run_to_end(s)
+    held = mx.get_active_memory() - baseline
+    assert s.prefix_cache_bytes > 0
+    assert held <= 2 * s.prefix_cache_bytes + (1 << 20), (held, s.prefix_cache_bytes)

@@ -333,11 +333,7 @@ def _error(result: falcon.testing.Result, status: int, param: str | None) -> dic
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("logprobs", True),
-        ("top_logprobs", 3),
-        ("response_format", {"type": "json_object"}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"),
         ("functions", [{"name": "f"}]),
         ("function_call", {"name": "f"}),
         ("audio", {"voice": "alloy", "format": "wav"}),

@@ -122,7 +122,7 @@ def test_length_finish(client, engine, tok):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 2, "echo": True}, "logprobs"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
     ],

@@ -1,0 +1,159 @@
+"""N concurrent streaming chat clients on one asyncio loop.
+
+asyncio + httpx keeps the load generator to one thread: on a 2-core machine it
+shares the CPU with the server it measures, and threads would add GIL handoffs
+and context switches to every chunk. Chunks are timed when they arrive, before
+any parsing, so parsing cost does not show up as server latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import httpx
+
+from bench.prompts import Prompt
+from bench.sse import LineSplitter, parse_line
+from bench.stats import RequestResult
+
+CHAT_PATH = "/v1/chat/completions"
+CONNECT_TIMEOUT_S = 10.0
+ERROR_BODY_CHARS = 200
+# A server whose listen backlog overflows (mlx_lm.server's socketserver keeps 5)
+# resets new connections during a burst. Clients retry those, as the openai SDK
+# does (2 retries); the wait counts in TTFT and the retries are reported.
+CONNECT_RETRIES = 2
+RETRY_BACKOFF_S = 0.1  # doubled on each retry
+
+
+class _NoResponse(Exception):
+    """The connection failed before any response byte: safe to send again."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    model: str  # the "model" field of each request
+    max_tokens: int
+    logit_bias: dict[int, float]  # eos ids -> -100, so every stream runs to max_tokens
+    request_timeout_s: float
+    # Client i starts i/N of this later: 0 is a burst of N connections at once.
+    ramp_s: float = 0.0
+
+    def body(self, prompt: Prompt) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": prompt.messages(),
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            # JSON object keys are strings; both servers convert them back to ints.
+            "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
+        }
+
+
+async def _stream_once(
+    client: httpx.AsyncClient, body: dict[str, Any], result: RequestResult, start: float
+) -> None:
+    """Fill `result` in place, so a timeout or cancellation keeps what was measured."""
+    last: Optional[float] = None
+    splitter = LineSplitter()
+    try:
+        resp = await client.send(client.build_request("POST", CHAT_PATH, json=body), stream=True)
+    except httpx.TransportError as exc:
+        raise _NoResponse(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        if resp.status_code != 200:
+            text = (await resp.aread())[:ERROR_BODY_CHARS]
+            result.error = f"HTTP {resp.status_code}: {text!r}"
+            return
+        async for data in resp.aiter_bytes():
+            now = time.perf_counter()
+            for line in splitter.feed(data):
+                event = parse_line(line)
+                if event is None:
+                    continue
+                if event.error is not None:
+                    result.error = event.error
+                    return
+                if event.done:
+                    return
+                if event.usage_tokens is not None:
+                    result.usage_tokens = event.usage_tokens
+                if event.content:
+                    result.chunks += 1
+                    if last is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+        result.error = "stream ended without [DONE]"
+    finally:
+        await resp.aclose()
+
+
+async def _request(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, result: RequestResult) -> None:
+    start = time.perf_counter()  # TTFT is the user's wait: retries included
+    body = spec.body(prompt)
+    while True:
+        try:
+            await _stream_once(client, body, result, start)
+            return
+        except _NoResponse as exc:
+            if result.retries >= CONNECT_RETRIES:
+                result.error = str(exc)
+                return
+            await asyncio.sleep(RETRY_BACKOFF_S * 2**result.retries)
+            result.retries += 1
+
+
+async def _client(
+    client: httpx.AsyncClient, spec: LoadSpec, prompts: Sequence[Prompt], out: list[RequestResult], delay_s: float
+) -> None:
+    """One client: its prompts one after the other, each bounded by the request timeout."""
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
+    for prompt in prompts:
+        result = RequestResult()
+        out.append(result)
+        try:
+            await asyncio.wait_for(_request(client, spec, prompt, result), spec.request_timeout_s)
+        except asyncio.TimeoutError:
+            result.error = f"timeout after {spec.request_timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+
+
+async def _run(
+    base_url: str, spec: LoadSpec, per_client: Sequence[Sequence[Prompt]], deadline_s: float
+) -> tuple[list[RequestResult], float]:
+    n = len(per_client)
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    timeout = httpx.Timeout(spec.request_timeout_s, connect=CONNECT_TIMEOUT_S)
+    results: list[list[RequestResult]] = [[] for _ in range(n)]
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+        start = time.perf_counter()
+        tasks = [
+            asyncio.create_task(_client(client, spec, p, r, spec.ramp_s * i / n))
+            for i, (p, r) in enumerate(zip(per_client, results))
+        ]
+        _, pending = await asyncio.wait(tasks, timeout=max(deadline_s, 0.0))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    flat = [r for rs in results for r in rs]
+    for r in flat:
+        if pending and r.ok and (r.tokens < spec.max_tokens):
+            r.error = "cut by the overall deadline"
+    return flat, wall
+
+
+def run_load(
+    base_url: str, spec: LoadSpec, per_client: Sequence[Sequence[Prompt]], deadline_s: float
+) -> tuple[list[RequestResult], float]:
+    """Run every client to completion (or the deadline); return results and wall seconds."""
+    return asyncio.run(_run(base_url, spec, per_client, deadline_s))

@@ -1,0 +1,82 @@
+"""``python -m deploy.procfile engine|web``: one process of the Procfile, set up as mlx-server would.
+
+A Procfile runner (honcho, foreman) starts the engine and gunicorn side by side,
+without the supervisor. Both read the same settings as ``mlx-server`` does,
+from the environment (``MLX_SERVER_*``, which the runner loads from ``.env``)
+and the config file (``MLX_SERVER_CONFIG``), then this module becomes the real
+process (exec): the runner signals and watches the engine or gunicorn itself.
+
+Differences from ``mlx-server``: the engine socket must be named
+(``MLX_SERVER_IPC_ADDRESS``), since the two processes share no private
+directory; gunicorn binds ``$PORT`` (the runner's convention) unless
+``MLX_SERVER_PORT`` is set; the web workers boot without waiting for the engine
+and answer 503 until it is ready, then reconnect by themselves if it restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Mapping, Optional
+
+from deploy.logging_setup import configure as configure_logging
+from deploy.settings import PROG, Settings, SettingsError, env_var, load_settings
+from deploy.supervisor import ENV_SUPERVISOR_PID, engine_command, web_command, web_environment
+from frontend.environment import MODEL_PATH
+
+log = logging.getLogger("mlx-server")
+
+EXIT_USAGE = 2
+RUNNER_PORT = "PORT"  # honcho and foreman give each process type its own $PORT
+ROLES = ("engine", "web")
+
+
+def resolve(role: str, environ: Mapping[str, str]) -> Settings:
+    env = dict(environ)
+    if role == "web" and env.get(RUNNER_PORT) and not env.get(env_var("port")):
+        env[env_var("port")] = env[RUNNER_PORT]
+    settings = load_settings([], env)
+    if not settings.ipc_address:
+        raise SettingsError(
+            f"set {env_var('ipc_address')} (e.g. ipc:///path/to/private/dir/engine.sock or "
+            "tcp://127.0.0.1:5557): the engine and the web processes of a Procfile meet there"
+        )
+    return settings
+
+
+def command(role: str, settings: Settings, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that ``role`` is exec'ed with."""
+    address = settings.ipc_address
+    assert address is not None
+    if role == "engine":
+        return engine_command(settings, address), dict(environ)
+    env = web_environment(settings, address)
+    # No supervisor here: gunicorn must not watch for one (the runner watches gunicorn).
+    env.pop(ENV_SUPERVISOR_PID, None)
+    # The workers load the tokenizer from the path and boot before the engine is up.
+    env[MODEL_PATH] = str(settings.model_path)
+    return web_command(settings), env
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.procfile", description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=ROLES)
+    role = parser.parse_args(argv).role
+    try:
+        settings = resolve(role, os.environ)
+    except SettingsError as exc:
+        print(f"{PROG} {role}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging("mlx-server", settings.log_level, settings.log_format)
+    argv_, env = command(role, settings, os.environ)
+    log.info("starting %s: %s", role, " ".join(argv_))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv_[0], argv_, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

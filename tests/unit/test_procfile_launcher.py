@@ -1,0 +1,80 @@
+"""`python -m deploy.procfile engine|web`: settings from the environment, then the real command."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import procfile
+from deploy.settings import SettingsError
+from deploy.supervisor import ENV_SUPERVISOR_PID
+
+REPO = Path(__file__).resolve().parents[2]
+ADDRESS = "ipc:///tmp/mlx-server-test/engine.sock"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def env_for(model: Path, **extra: str) -> dict[str, str]:
+    return {"MLX_SERVER_MODEL_PATH": str(model), "MLX_SERVER_IPC_ADDRESS": ADDRESS, **extra}
+
+
+def test_engine_command(model: Path):
+    env = env_for(model, MLX_SERVER_MAX_BATCH_SIZE="7", MLX_SERVER_LOG_FORMAT="json", PORT="5100")
+    argv, child_env = procfile.command("engine", procfile.resolve("engine", env), env)
+    assert argv[:3] == [sys.executable, "-m", "engine"]
+    assert argv[argv.index("--ipc-address") + 1] == ADDRESS
+    assert argv[argv.index("--model-path") + 1] == str(model)
+    assert argv[argv.index("--max-batch-size") + 1] == "7"
+    assert argv[argv.index("--log-format") + 1] == "json"
+    assert child_env == env
+
+
+def test_web_binds_the_runners_port(model: Path):
+    env = env_for(model, PORT="5000", MLX_SERVER_WORKERS="3")
+    argv, child_env = procfile.command("web", procfile.resolve("web", env), env)
+    assert argv[:3] == [sys.executable, "-m", "gunicorn"]
+    assert argv[argv.index("--bind") + 1] == "127.0.0.1:5000"
+    assert argv[argv.index("--workers") + 1] == "3"
+    assert child_env["MLX_SERVER_IPC_ADDRESS"] == ADDRESS
+    # The workers can load the tokenizer before the engine is up.
+    assert child_env["MLX_SERVER_MODEL_PATH"] == str(model)
+    # No supervisor to watch: gunicorn must not shut itself down looking for one.
+    assert ENV_SUPERVISOR_PID not in child_env
+
+
+def test_mlx_server_port_wins_over_port(model: Path):
+    env = env_for(model, PORT="5000", MLX_SERVER_PORT="8123", MLX_SERVER_HOST="0.0.0.0")
+    argv, _ = procfile.command("web", procfile.resolve("web", env), env)
+    assert argv[argv.index("--bind") + 1] == "0.0.0.0:8123"
+
+
+def test_the_engine_socket_must_be_named(model: Path):
+    with pytest.raises(SettingsError, match="set MLX_SERVER_IPC_ADDRESS"):
+        procfile.resolve("engine", {"MLX_SERVER_MODEL_PATH": str(model)})
+
+
+def test_bad_settings_are_one_line_and_exit_2(model: Path, monkeypatch, capsys):
+    monkeypatch.setenv("MLX_SERVER_MODEL_PATH", str(model))
+    monkeypatch.setenv("MLX_SERVER_IPC_ADDRESS", ADDRESS)
+    monkeypatch.setenv("MLX_SERVER_MAX_LOADED_MODELS", "3")  # removed in 0.2
+    assert procfile.main(["web"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlx-server web: error: `MLX_SERVER_MAX_LOADED_MODELS` was removed in 0.2")
+    assert err.count("\n") == 1
+
+
+def test_procfile_runs_both_roles():
+    """honcho's and foreman's grammar: `name: command`, web first so it gets the base $PORT."""
+    lines = [line for line in (REPO / "Procfile").read_text().splitlines() if re.match(r"^[A-Za-z0-9_-]+:", line)]
+    assert lines == ["web: python -m deploy.procfile web", "engine: python -m deploy.procfile engine"]
