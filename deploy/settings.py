@@ -126,8 +126,9 @@ class Settings(BaseSettings):
         description="gunicorn worker processes; unset or null: min(4, max(2, cores // 2))",
     )
     # gthread holds one thread per open request for its whole life, so threads per worker bound
-    # the concurrent streams: workers x threads in all.
-    threads: int = Field(32, ge=1, description="threads per worker, one per concurrent request")
+    # the concurrent streams: workers x threads in all. Waiting threads are cheap; 64 per
+    # worker lets one worker alone carry a full default batch (max_batch_size 64).
+    threads: int = Field(64, ge=1, description="threads per worker, one per concurrent request")
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field("text", description="text lines, or json (one object per line)")
     default_max_tokens: int = Field(

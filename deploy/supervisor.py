@@ -79,6 +79,10 @@ def web_command(settings: Settings) -> list[str]:
         "--bind", f"{settings.host}:{settings.port}",
         "--workers", str(settings.workers),
         "--threads", str(settings.threads),
+        # A gthread worker accepts connections beyond its threads and queues them
+        # behind running streams; capping them at the thread count leaves extra
+        # connections in the listen backlog, where an idle worker picks them up.
+        "--worker-connections", str(settings.threads),
         "--log-level", settings.log_level,
         "--graceful-timeout", str(int(WEB_STOP_TIMEOUT_S)),
         # gunicorn's control socket sits at one fixed path per user: several

@@ -74,7 +74,7 @@ def test_defaults(model: Path) -> None:
     s = load([str(model)])
     assert s.model_path == model
     assert s.adapter_path is None
-    assert (s.host, s.port, s.threads, s.log_level) == ("127.0.0.1", 8000, 32, "info")
+    assert (s.host, s.port, s.threads, s.log_level) == ("127.0.0.1", 8000, 64, "info")
     assert s.workers == default_workers()
     assert s.default_max_tokens == 4096
     assert s.prompt_cache_bytes == 2 * GIB
@@ -168,7 +168,7 @@ def test_settings_ignores_dotenv_and_environment(
     (tmp_path / ".env").write_text("MLX_SERVER_PORT=1234\n")
     monkeypatch.setenv("MLX_SERVER_THREADS", "3")
     s = Settings(model_path=model)
-    assert (s.port, s.threads) == (8000, 32)
+    assert (s.port, s.threads) == (8000, 64)
 
 
 def test_settings_round_trip_through_json(model: Path) -> None:
