@@ -259,9 +259,7 @@ class Scheduler:
         _, responses = self._generator.next()
         self.stats.tokens_generated += len(responses)
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
-        logprobs = _logprobs(
-            [(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"]
-        )
+        logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
         for r, active in live:
             finished = r.finish_reason is not None
             cached = 0 if active.first_sent else active.cached_prompt_tokens

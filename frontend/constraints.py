@@ -86,5 +86,3 @@ def _json_schema(spec: Any) -> Constraint:
     # is held to the schema whether or not "strict" is set.
     schema = spec.get("schema", {})
     return schema_constraint(schema, f"{param}.schema")
-
-

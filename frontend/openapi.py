@@ -249,5 +249,3 @@ def openapi_document() -> dict[str, Any]:
 
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(model)}}
-
-

@@ -146,7 +146,10 @@ _Check = tuple[Callable[[Any], bool], str]
 
 _CHAT_UNSUPPORTED: dict[str, _Check] = {
     "functions": (lambda v: bool(v), "functions (deprecated) are not supported: use tools"),
-    "function_call": (lambda v: v not in (None, "none", "auto"), "function_call (deprecated) is not supported: use tool_choice"),
+    "function_call": (
+        lambda v: v not in (None, "none", "auto"),
+        "function_call (deprecated) is not supported: use tool_choice",
+    ),
     "audio": (lambda v: v is not None, "audio output is not supported"),
     "modalities": (lambda v: v not in (None, ["text"]), 'only modalities ["text"] is supported'),
     "prediction": (lambda v: v is not None, "predicted outputs (prediction) are not supported"),
@@ -415,7 +418,9 @@ class _Chunks:
 
     object_name = ""
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
+    ) -> None:
         self._head = {"id": response_id, "object": self.object_name, "created": created, "model": model}
         self._include_usage = include_usage
         self._token_entry = token_entry
@@ -433,7 +438,9 @@ class _Chunks:
 class ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
+    ) -> None:
         super().__init__(response_id, created, model, include_usage, token_entry)
         self._calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
 

@@ -19,7 +19,7 @@ from tests.openai_schema import validate, validate_completion_chunk
 
 REQUEST_TIMEOUT_S = 30.0  # a hang fails the test instead of blocking it
 FUZZ = settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
@@ -127,7 +127,9 @@ common_fields = {
     "presence_penalty": sometimes(st.floats(min_value=-3, max_value=3, allow_nan=False)),
     "frequency_penalty": sometimes(st.floats(min_value=-3, max_value=3, allow_nan=False)),
     "logit_bias": sometimes(
-        st.dictionaries(st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=4)), st.floats(-150, 150), max_size=3)
+        st.dictionaries(
+            st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=4)), st.floats(-150, 150), max_size=3
+        )
     ),
     "seed": sometimes(st.integers(min_value=-(2**64), max_value=2**64)),
     "n": sometimes(st.integers(min_value=-1, max_value=20)),
@@ -148,11 +150,15 @@ chat_fields = {
     "tool_choice": sometimes(
         st.one_of(
             st.sampled_from(["none", "auto", "required", "sometimes"]),
-            st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.text(max_size=8)})}),
+            st.fixed_dictionaries(
+                {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.text(max_size=8)})}
+            ),
         )
     ),
     "parallel_tool_calls": sometimes(st.booleans()),
-    "chat_template_kwargs": sometimes(st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "x"]), json_values, max_size=2)),
+    "chat_template_kwargs": sometimes(
+        st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "x"]), json_values, max_size=2)
+    ),
     "reasoning_effort": sometimes(st.sampled_from(["low", "high"])),
     "audio": sometimes(st.none()),
     "modalities": sometimes(st.sampled_from([["text"], ["text", "audio"]])),
@@ -185,6 +191,10 @@ def bodies(draw, fields: dict[str, st.SearchStrategy], required: str, good_requi
     for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True)):
         body[key] = draw(json_values if draw(st.integers(0, 4)) == 0 else fields[key])
     body.update(draw(st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=1)))
+    if draw(st.integers(0, 2)) == 0:
+        body["stream"] = True
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = draw(st.integers(1, 8))  # the default (rest of the context) is slow here
     return body
 
 
@@ -229,7 +239,11 @@ def check(response: httpx.Response, events: list, kind: str, seen: Counter) -> N
 
 
 def post(base: str, path: str, *, json_body=None, content=None) -> tuple[httpx.Response, list]:
-    kwargs = {"json": json_body} if content is None else {"content": content, "headers": {"content-type": "application/json"}}
+    kwargs = (
+        {"json": json_body}
+        if content is None
+        else {"content": content, "headers": {"content-type": "application/json"}}
+    )
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
         with client.stream("POST", f"{base}{path}", **kwargs) as response:
             events: list = []
@@ -260,6 +274,7 @@ def test_fuzz_chat_completions(base):
     run()
     # The examples reach generation (plain and streamed), not only validation.
     assert seen[(200, False)] and seen[(200, True)] and seen[(400, False)], seen
+    print("statuses (code, streamed):", dict(seen))
 
 
 def test_fuzz_completions(base):
@@ -273,6 +288,7 @@ def test_fuzz_completions(base):
 
     run()
     assert seen[(200, False)] and seen[(200, True)] and seen[(400, False)], seen
+    print("statuses (code, streamed):", dict(seen))
 
 
 def test_fuzz_raw_bodies(base):

@@ -326,3 +326,37 @@ def test_tools_refused_for_a_model_without_tool_calling(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="x", messages=TOOL_MESSAGES, tools=TOOLS, tool_choice="required")
     assert info.value.body["param"] == "tools" and info.value.body["code"] == "unsupported_parameter"
+
+
+# ---------------------------------------------------------------- a real model
+
+
+@pytest.mark.slow
+def test_real_model_structured_answer_and_logprobs(smollm2_dir, server_logs):
+    """SmolLM2-135M-Instruct: the schema shapes a real, correct answer."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}, "is_capital": {"type": "boolean"}},
+        "required": ["city", "country", "is_capital"],
+        "additionalProperties": False,
+    }
+    messages = [{"role": "user", "content": "Give me the capital of France as JSON with city, country and is_capital."}]
+    with ServerProcess(smollm2_dir, server_logs, workers=1) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(
+            model="x",
+            messages=messages,
+            max_tokens=60,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+        )
+    choice = chat.choices[0]
+    assert choice.finish_reason == "stop"
+    answer = json.loads(choice.message.content)
+    jsonschema.validate(answer, schema)
+    assert answer["city"] == "Paris" and answer["is_capital"] is True
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert all(t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in tokens)

@@ -37,7 +37,10 @@ NESTED = {
     "properties": {
         "point": {
             "type": "object",
-            "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "y": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "properties": {
+                "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                "y": {"type": "integer", "minimum": 0, "maximum": 999},
+            },
             "required": ["x", "y"],
             "additionalProperties": False,
         },
@@ -131,10 +134,15 @@ def test_max_tokens_cuts_with_length(loaded, prompt):
 
 def test_lark_grammar(loaded, prompt):
     s = make_scheduler(loaded)
-    grammar = 'start: "<tool_call>" %json{"type": "object", "properties": {"n": {"enum": [1, 2]}}, ' \
+    grammar = (
+        'start: "<tool_call>" %json{"type": "object", "properties": {"n": {"enum": [1, 2]}}, '
         '"required": ["n"], "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}} "</tool_call>"'
+    )
     request = Generate(
-        request_id="r", prompt_token_ids=prompt, max_tokens=100, sampling=GREEDY,
+        request_id="r",
+        prompt_token_ids=prompt,
+        max_tokens=100,
+        sampling=GREEDY,
         constraint=Constraint(kind="lark", text=grammar),
     )
     s.add(b"w", request)

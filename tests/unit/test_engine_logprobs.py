@@ -9,7 +9,14 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from ipc.messages import SamplingParams
-from tests.unit.test_engine_core import GREEDY, gen, make_scheduler, model, run_to_end  # noqa: F401
+from tests.unit import test_engine_core as core
+from tests.unit.test_engine_core import gen, make_scheduler
+
+
+@pytest.fixture(scope="module")
+def model():
+    return core.model.__wrapped__()  # the same seeded tiny llama as test_engine_core
+
 
 PROMPT = list(range(5, 30))
 

@@ -83,18 +83,41 @@ def test_completions_take_response_format_too(client, engine):
         ("json", "response_format", "dictionary"),
         ({"type": "json_schema"}, "response_format.json_schema", "object"),
         ({"type": "json_schema", "json_schema": {"schema": PERSON}}, "response_format.json_schema.name", "name"),
-        ({"type": "json_schema", "json_schema": {"name": "a b", "schema": PERSON}}, "response_format.json_schema.name", ""),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": "yes"}},
-         "response_format.json_schema.strict", "boolean"),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": [1]}}, "response_format.json_schema.schema", ""),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objekt"}}},
-         "response_format.json_schema.schema", "objekt"),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"not": {"type": "string"}}}},
-         "response_format.json_schema.schema", "not"),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"$ref": "#/$defs/missing"}}},
-         "response_format.json_schema.schema", "missing"),
-        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "[a-"}}},
-         "response_format.json_schema.schema", "regex"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a b", "schema": PERSON}},
+            "response_format.json_schema.name",
+            "",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": "yes"}},
+            "response_format.json_schema.strict",
+            "boolean",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": [1]}},
+            "response_format.json_schema.schema",
+            "",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objekt"}}},
+            "response_format.json_schema.schema",
+            "objekt",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": {"not": {"type": "string"}}}},
+            "response_format.json_schema.schema",
+            "not",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": {"$ref": "#/$defs/missing"}}},
+            "response_format.json_schema.schema",
+            "missing",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "[a-"}}},
+            "response_format.json_schema.schema",
+            "regex",
+        ),
     ],
 )
 def test_bad_response_format_is_400_naming_it(client, engine, fmt, param, words):

@@ -38,7 +38,9 @@ WEATHER = {
 }
 TIME = {"type": "function", "function": {"name": "get_time"}}
 TOOLS = [WEATHER, TIME]
-TOOL_MODEL = make_model_info(context_length=4096, tool_parser="json_tools", tool_call_start="<tool_call>", tool_call_end="</tool_call>")
+TOOL_MODEL = make_model_info(
+    context_length=4096, tool_parser="json_tools", tool_call_start="<tool_call>", tool_call_end="</tool_call>"
+)
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -81,7 +83,7 @@ def test_splitter_keeps_what_is_not_a_call():
     content, calls = run_splitter(splitter(), ["a <tool_c", "all is not here", " <tool_call>{broken}</tool_call> z"])
     assert calls == []
     assert content == "a <tool_call is not here <tool_call>{broken}</tool_call> z"
-    content, calls = run_splitter(splitter(), ["x <tool_call>\n{\"name\": \"get_we"])  # cut by max_tokens
+    content, calls = run_splitter(splitter(), ['x <tool_call>\n{"name": "get_we'])  # cut by max_tokens
     assert calls == [] and content == 'x <tool_call>\n{"name": "get_we'
 
 
@@ -279,7 +281,11 @@ def test_tool_history_messages_render(client, engine, tok):
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
@@ -292,7 +298,9 @@ def test_tool_history_messages_render(client, engine, tok):
 
 def test_openai_client_streams_and_accumulates_calls(engine, tok):
     engine.script(Script(ids(tok, CALL), chunk=3), Script(ids(tok, CALL)))
-    server = make_server("127.0.0.1", 0, create_app(engine, tok), server_class=_ThreadedServer, handler_class=_QuietHandler)
+    server = make_server(
+        "127.0.0.1", 0, create_app(engine, tok), server_class=_ThreadedServer, handler_class=_QuietHandler
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:

@@ -77,7 +77,9 @@ def test_real_responses_match_the_document(client, engine, tok):
     call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
     engine.script(Script(ids(tok, "Hello there")), Script(ids(tok, call)), Script(ids(tok, "Hi"), chunk=2))
     engine.script(Script(ids(tok, "Hello")), Script(ids(tok, "Hello"), chunk=2))
-    chat = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES, "logprobs": True, "top_logprobs": 2})
+    chat = client.simulate_post(
+        "/v1/chat/completions", json={"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}
+    )
     validator("ChatCompletion").validate(chat.json)
     tools = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS})
     assert tools.json["choices"][0]["message"]["tool_calls"]
