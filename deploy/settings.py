@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, description="seconds a request may run before it is aborted"
     )
+    # Backpressure: beyond this many waiting requests, new ones get 429 at once
+    # instead of queueing for minutes.
+    max_queued_requests: int = Field(
+        256, ge=1, description="requests that may wait for a batch slot before new ones get 429"
+    )
     # Security: off by default, like any local tool; set a key before binding beyond 127.0.0.1.
     api_key: str | None = Field(None, description="API key clients must send as `Authorization: Bearer KEY`")
     api_key_file: Path | None = Field(None, description="file with accepted API keys, one per line")

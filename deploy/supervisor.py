@@ -21,7 +21,7 @@ import zmq
 
 from deploy.logging_setup import ENV_LOG_FORMAT, configure as configure_logging
 from deploy.settings import Settings
-from frontend.environment import ENV_API_KEYS, ENV_CORS_ORIGINS, ENV_DRAIN_FLAG, IPC_ADDRESS
+from frontend.environment import ENV_API_KEYS, ENV_CORS_ORIGINS, ENV_DRAIN_FLAG, IPC_ADDRESS, MAX_QUEUED_REQUESTS
 from ipc import codec
 from ipc.messages import PROTOCOL_VERSION, EngineStatus, Hello, ModelInfo, Rejected, StatusQuery, Welcome
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
@@ -66,6 +66,7 @@ def engine_command(settings: Settings, address: str) -> list[str]:
         "--prefill-batch-size", str(settings.prefill_batch_size),
         "--prefill-step-size", str(settings.prefill_step_size),
         "--prompt-cache-bytes", str(settings.prompt_cache_bytes),
+        "--max-queued-requests", str(settings.max_queued_requests),
     ]  # fmt: skip
     if settings.adapter_path:
         cmd += ["--adapter-path", str(settings.adapter_path)]
@@ -80,9 +81,10 @@ def web_command(settings: Settings) -> list[str]:
         "--workers", str(settings.workers),
         "--threads", str(settings.threads),
         # A gthread worker accepts connections beyond its threads and queues them
-        # behind running streams; capping them at the thread count leaves extra
-        # connections in the listen backlog, where an idle worker picks them up.
-        "--worker-connections", str(settings.threads),
+        # behind running streams. Twice the threads: room for as many idle
+        # keep-alive connections as busy ones (gunicorn keeps alive only
+        # connections - threads), without hoarding many more than it can serve.
+        "--worker-connections", str(2 * settings.threads),
         "--log-level", settings.log_level,
         "--graceful-timeout", str(int(WEB_STOP_TIMEOUT_S)),
         # gunicorn's control socket sits at one fixed path per user: several
@@ -100,6 +102,7 @@ def web_environment(settings: Settings, address: str) -> dict[str, str]:
             ENV_SUPERVISOR_PID: str(os.getpid()),
             "MLX_SERVER_DEFAULT_MAX_TOKENS": str(settings.default_max_tokens),
             "MLX_SERVER_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+            MAX_QUEUED_REQUESTS: str(settings.max_queued_requests),
             ENV_API_KEYS: "\n".join(settings.api_keys()),
             ENV_CORS_ORIGINS: ",".join(settings.cors_origin_list()),
             ENV_LOG_FORMAT: settings.log_format,

@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-batch-size", type=int, default=8)
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30)
+    p.add_argument("--max-queued-requests", type=int, default=256)
     return p.parse_args(argv)
 
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_batch_size=args.prefill_batch_size,
             prefill_step_size=args.prefill_step_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
+            max_queued_requests=args.max_queued_requests,
         ),
         grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
     )

@@ -44,6 +44,8 @@ class SchedulerConfig:
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
     prompt_cache_bytes: int = 2 << 30
+    # Requests waiting for a batch slot (or in prefill) beyond this are refused.
+    max_queued_requests: int = 256
 
 
 @dataclass
@@ -72,6 +74,34 @@ class RequestRejected(ValueError):
     """A request the engine cannot run; it ends with an error delta."""
 
 
+class Overloaded(RequestRejected):
+    """The queue is full: the request ends with finish_reason "overloaded" (HTTP 429)."""
+
+
+# Test-only seam (never reachable from settings or the wire): given a request,
+# an extra logits processor to run for it, e.g. one that raises.
+FaultInjector = Callable[[Generate], Optional[Callable[[Any, Any], Any]]]
+
+
+class _Guarded:
+    """Runs one request's logits processors; an exception marks that request
+    failed instead of failing the whole batch's step."""
+
+    def __init__(self, processors: list[Any], failures: dict[int, str]) -> None:
+        self.processors = processors
+        self.failures = failures
+        self.uid = -1  # set once BatchGenerator has assigned it
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        try:
+            for processor in self.processors:
+                logits = processor(tokens, logits)
+        except Exception as exc:
+            log.exception("a logits processor failed for uid %d", self.uid)
+            self.failures[self.uid] = f"{type(exc).__name__}: {exc}"
+        return logits
+
+
 class Scheduler:
     def __init__(
         self,
@@ -79,7 +109,11 @@ class Scheduler:
         config: SchedulerConfig,
         make_generator: Optional[Callable[..., BatchGenerator]] = None,
         grammars: Optional[GrammarCompiler] = None,
+        fault_injector: Optional[FaultInjector] = None,
     ) -> None:
+        self._fault_injector = fault_injector
+        # uid -> error, filled by _Guarded during a step.
+        self._failures: dict[int, str] = {}
         self._model = model
         self._config = config
         self._grammars = grammars  # None: constrained requests are refused
@@ -136,6 +170,8 @@ class Scheduler:
         """Insert a request into the running batch, or end it with an error."""
         try:
             self._insert(worker, request)
+        except Overloaded as exc:
+            self._finish_now(worker, request.request_id, "overloaded", str(exc))
         except (RequestRejected, ConstraintError) as exc:
             self._finish_now(worker, request.request_id, "error", str(exc))
         except Exception as exc:  # a bad request must not take the engine down
@@ -146,6 +182,8 @@ class Scheduler:
         cfg = self._config
         if request.request_id in self._by_id:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        if self.queued >= cfg.max_queued_requests:
+            raise Overloaded(f"{self.queued} requests are already waiting (max_queued_requests)")
         prompt = request.prompt_token_ids
         if not prompt:
             raise RequestRejected("empty prompt")
@@ -171,9 +209,17 @@ class Scheduler:
         grammar = self._grammars.processor(request.constraint)
         return [*(processors or []), grammar], grammar
 
+    def _guarded(self, request: Generate, processors: Optional[list[Any]]) -> Optional[list[Any]]:
+        processors = list(processors or [])
+        injected = self._fault_injector(request) if self._fault_injector else None
+        if injected is not None:
+            processors.insert(0, injected)
+        return [_Guarded(processors, self._failures)] if processors else None
+
     def _insert(self, worker: WorkerId, request: Generate) -> None:
         self._validate(request)
         processors, grammar = self._processors(request)
+        guarded = self._guarded(request, processors)
         prompt = request.prompt_token_ids
         cache, rest = self._fetch_prefix(prompt)
         cached = len(prompt) - len(rest)
@@ -188,9 +234,11 @@ class Scheduler:
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[build_sampler(request.sampling)],
-            logits_processors=[processors],
+            logits_processors=[guarded],
             stop_sequences=[stops],
         )
+        if guarded:
+            guarded[0].uid = uid
         active = _Active(request.request_id, worker, uid, cached, logprobs=request.logprobs, grammar=grammar)
         self._by_uid[uid] = active
         self._by_id[request.request_id] = active
@@ -259,6 +307,7 @@ class Scheduler:
         _, responses = self._generator.next()
         self.stats.tokens_generated += len(responses)
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
+        live = self._drop_failed(live, outputs)
         logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
         for r, active in live:
             finished = r.finish_reason is not None
@@ -285,6 +334,19 @@ class Scheduler:
                 self._forget(active)
                 self._remember_prefix(r.all_tokens, r.prompt_cache)
         return outputs
+
+    def _drop_failed(self, live: list[tuple[Any, _Active]], outputs: Outputs) -> list[tuple[Any, _Active]]:
+        """End the requests whose processors failed this step; the rest go on."""
+        if not self._failures:
+            return live
+        failures, self._failures = self._failures, {}
+        failed = [a for a in self._by_uid.values() if a.uid in failures]
+        self._generator.remove([a.uid for a in failed])
+        for active in failed:
+            self._forget(active)
+            error = f"generation failed for this request: {failures[active.uid]}"
+            outputs[active.worker].append(TokenDelta(active.request_id, [], "error", error=error))
+        return [(r, a) for r, a in live if a.uid not in failures]
 
     def _remember_prefix(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
         budget = self._config.prompt_cache_bytes

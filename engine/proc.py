@@ -161,7 +161,8 @@ class EngineLoop:
         self._scheduler.abort(msg.request_ids)
 
     def _on_ping(self, worker: bytes, msg: Ping) -> None:
-        self._send(worker, Pong(msg.nonce))
+        s = self._scheduler
+        self._send(worker, Pong(msg.nonce, s.running - s.queued, s.queued))
 
     def _on_status(self, worker: bytes, msg: StatusQuery) -> None:
         s = self._scheduler

@@ -6,13 +6,21 @@ client (``frontend.zmq_client``), unit tests pass a fake.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
 
 
 class EngineUnavailable(Exception):
     """The engine is down, restarting or did not answer in time (HTTP 503)."""
+
+
+class EngineOverloaded(EngineUnavailable):
+    """The engine's queue is full: try again shortly (HTTP 429)."""
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; its request was aborted in the engine."""
 
 
 class RequestTimedOut(EngineUnavailable):
@@ -34,6 +42,10 @@ class RequestStream(Protocol):
     def __iter__(self) -> Iterator[TokenDelta]: ...
 
     def close(self) -> None: ...
+
+    def watch(self, cancelled: "Callable[[], bool]") -> None:
+        """While iterating, poll ``cancelled``; when true, close (abort) and raise ClientDisconnected."""
+        ...
 
     def __enter__(self) -> "RequestStream": ...
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import falcon
 import msgspec
 
-from frontend.engine_client import EngineUnavailable, RequestTimedOut
+from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,16 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
         log.warning("%s %s: engine unavailable: %s", req.method, req.path, ex)
         _write(resp, 503, engine_unavailable_body(ex), {"Retry-After": str(retry_after_s)})
 
+    def on_overloaded(req: falcon.Request, resp: falcon.Response, ex: EngineOverloaded, params: dict) -> None:
+        log.warning("%s %s: %s", req.method, req.path, ex)
+        body = error_body(f"the server is busy: {ex}", "rate_limit_error", None, "rate_limit_exceeded")
+        _write(resp, 429, body, {"Retry-After": str(retry_after_s)})
+
+    def on_client_gone(req: falcon.Request, resp: falcon.Response, ex: ClientDisconnected, params: dict) -> None:
+        log.info("%s %s: %s", req.method, req.path, ex)
+        # Nobody reads this answer; nginx's 499 has no standard code, 400 it is.
+        _write(resp, 400, error_body(str(ex), INVALID_REQUEST, None, "client_disconnected"))
+
     def on_timeout(req: falcon.Request, resp: falcon.Response, ex: RequestTimedOut, params: dict) -> None:
         log.warning("%s %s: %s", req.method, req.path, ex)
         _write(resp, 504, error_body(str(ex), SERVER_ERROR, None, "timeout"))
@@ -138,4 +148,6 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
     app.add_error_handler(falcon.HTTPError, on_falcon_error)
     app.add_error_handler(EngineUnavailable, on_engine_unavailable)
     app.add_error_handler(RequestTimedOut, on_timeout)
+    app.add_error_handler(EngineOverloaded, on_overloaded)
+    app.add_error_handler(ClientDisconnected, on_client_gone)
     app.add_error_handler(APIError, on_api_error)

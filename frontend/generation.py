@@ -20,7 +20,7 @@ import msgspec
 from pydantic import BaseModel, ValidationError
 
 from frontend import sse
-from frontend.engine_client import EngineClient, EngineUnavailable, RequestStream
+from frontend.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, RequestStream
 from frontend.errors import (
     SERVER_ERROR,
     APIError,
@@ -223,8 +223,12 @@ def _failed(delta: TokenDelta) -> Exception:
     return generation_failed(delta.error)
 
 
+def _overloaded(delta: TokenDelta) -> Exception:
+    return EngineOverloaded(delta.error or "the engine's queue is full")
+
+
 # Engine finish reasons that end a choice in error, and how.
-_FAILURES = {"abort": _unexpected_abort, "error": _failed}
+_FAILURES = {"abort": _unexpected_abort, "error": _failed, "overloaded": _overloaded}
 
 
 @dataclass(frozen=True)
@@ -464,6 +468,7 @@ def respond(
     include_usage: bool,
     body_of: Callable[[list[FinishedChoice]], dict[str, Any]],
     prefixes: Sequence[str] = (),
+    client_gone: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Answer with SSE (the body then owns the streams) or with one JSON body.
 
@@ -479,6 +484,9 @@ def respond(
             resp.stream = sse.SSEBody(stream_events(runs, shaper, usage_of if include_usage else None), streams)
             handed_off = True
             return
+        if client_gone is not None:
+            for s in streams:
+                s.watch(client_gone)  # a client that hangs up aborts its request
         choices = collect(runs, prefixes)
     finally:
         if not handed_off:

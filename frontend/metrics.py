@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -109,6 +109,9 @@ class ObservedStream:
                 ITL.observe(gap)
         self._last = now
         self._generated += count
+
+    def watch(self, cancelled: Callable[[], bool]) -> None:
+        self._stream.watch(cancelled)
 
     def close(self) -> None:
         try:

@@ -41,7 +41,11 @@ def build_app() -> falcon.App:
     address = os.environ.get(env.IPC_ADDRESS)
     if not address:
         raise RuntimeError(f"{env.IPC_ADDRESS} is not set: start the frontend with mlx-server")
-    client = ZmqEngineClient(address, request_timeout_s=float(os.environ.get(env.REQUEST_TIMEOUT_S, "600")))
+    client = ZmqEngineClient(
+        address,
+        request_timeout_s=float(os.environ.get(env.REQUEST_TIMEOUT_S, "600")),
+        max_queued_requests=int(os.environ.get(env.MAX_QUEUED_REQUESTS, "256")),
+    )
     settings = settings_from_environment()
     model_path = os.environ.get(env.MODEL_PATH)
     if client.wait_ready(ENGINE_WAIT_S if model_path else ENGINE_WAIT_NO_PATH_S):

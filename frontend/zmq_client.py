@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional, Union
 import msgspec
 import zmq
 
-from frontend.engine_client import EngineUnavailable, RequestTimedOut
+from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
 from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
@@ -53,6 +53,8 @@ HEARTBEAT_INTERVAL_S = 0.5
 # must fit well inside it, so it is generous.
 ENGINE_SILENCE_LIMIT_S = 10.0
 IO_POLL_MS = 100
+# A watched request checks for a vanished client this often while it waits.
+CANCEL_POLL_S = 0.2
 
 _Item = Union[TokenDelta, EngineUnavailable]
 
@@ -67,6 +69,11 @@ class _Stream:
         self._queue: "queue.SimpleQueue[_Item]" = queue.SimpleQueue()
         self._done = False
         self._started = time.monotonic()
+        self._cancelled: Optional[Callable[[], bool]] = None
+        self._next_cancel_check = 0.0
+
+    def watch(self, cancelled: Callable[[], bool]) -> None:
+        self._cancelled = cancelled
 
     def put(self, item: _Item) -> None:
         self._queue.put(item)
@@ -78,7 +85,7 @@ class _Stream:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise queue.Empty
-                item = self._queue.get(timeout=remaining)
+                item = self._next(remaining)
             except queue.Empty:
                 self.close()  # aborts it in the engine
                 raise RequestTimedOut(
@@ -91,6 +98,24 @@ class _Stream:
                 self._done = True
                 self._client._forget(self.request_id)
             yield item
+
+    def _next(self, remaining: float) -> _Item:
+        if self._cancelled is None:
+            return self._queue.get(timeout=remaining)
+        deadline = time.monotonic() + remaining
+        while True:
+            # Checked every CANCEL_POLL_S, whether tokens flow or the request waits.
+            now = time.monotonic()
+            if now >= self._next_cancel_check:
+                self._next_cancel_check = now + CANCEL_POLL_S
+                if self._cancelled():
+                    self.close()
+                    raise ClientDisconnected(f"client went away; request {self.request_id} aborted")
+            try:
+                return self._queue.get(timeout=max(0.0, min(deadline, self._next_cancel_check) - now))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise
 
     def close(self) -> None:
         if not self._done:
@@ -111,7 +136,10 @@ class ZmqEngineClient:
         *,
         request_timeout_s: float = 600.0,
         silence_limit_s: float = ENGINE_SILENCE_LIMIT_S,
+        max_queued_requests: int = 256,
     ) -> None:
+        self._max_queued = max_queued_requests
+        self._engine_queued = 0  # as of the last pong (<= 0.5 s old)
         self._address = address
         self._silence_limit_s = silence_limit_s
         self._request_timeout_s = request_timeout_s
@@ -161,6 +189,8 @@ class ZmqEngineClient:
     def submit(self, request: Generate) -> _Stream:
         if not self._alive:
             raise EngineUnavailable("the engine is not available")
+        if self._engine_queued >= self._max_queued:
+            raise EngineOverloaded(f"{self._engine_queued} requests are already waiting; retry shortly")
         stream = _Stream(self, request.request_id, self._request_timeout_s)
         with self._lock:
             self._streams[request.request_id] = stream
@@ -274,7 +304,7 @@ class ZmqEngineClient:
             waiter.put(message)
 
     def _on_pong(self, message: Pong) -> None:
-        pass  # _dispatch already recorded that the engine is alive
+        self._engine_queued = message.queued_requests
 
     def _engine_lost(self, why: str) -> None:
         log.error("%s: failing in-flight requests until it is back", why)

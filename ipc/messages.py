@@ -16,7 +16,7 @@ import msgspec
 # Bump on any incompatible change to a struct below; the handshake checks it.
 # 2: Generate.logprobs and .constraint, TokenDelta.logprobs/top_logprobs,
 #    ModelInfo.tool_parser/tool_call_start/tool_call_end.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.
@@ -24,8 +24,9 @@ LOGPROB_FLOOR = -9999.0
 
 # Final outcomes a request can have. "stop"/"length" are OpenAI's finish
 # reasons; "abort" and "error" never reach a client as a finish_reason.
-FinishReason = Literal["stop", "length", "abort", "error"]
-FINAL_REASONS: frozenset[str] = frozenset({"stop", "length", "abort", "error"})
+# "overloaded": refused because the engine's queue is full (HTTP 429).
+FinishReason = Literal["stop", "length", "abort", "error", "overloaded"]
+FINAL_REASONS: frozenset[str] = frozenset({"stop", "length", "abort", "error", "overloaded"})
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -169,7 +170,11 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True):
+    """Also the engine's load, so workers can refuse work (429) before it queues."""
+
     nonce: int
+    running_requests: int = 0
+    queued_requests: int = 0
 
 
 FrontendMessage = Union[Hello, Generate, Abort, StatusQuery, Ping]

@@ -8,6 +8,7 @@ import falcon
 
 from frontend import protocol
 from frontend.context import AppContext
+from frontend.disconnect import client_gone_check
 from frontend.errors import invalid_request, unsupported
 from frontend.generation import (
     ChoiceRun,
@@ -103,4 +104,5 @@ class ChatCompletionsResource:
             body_of=lambda choices: protocol.chat_completion(
                 response_id, created, model.model_id, choices, usage(), tok.token_entry
             ),
+            client_gone=client_gone_check(req),
         )

@@ -9,6 +9,7 @@ import falcon
 
 from frontend import protocol
 from frontend.context import AppContext
+from frontend.disconnect import client_gone_check
 from frontend.errors import invalid_request
 from frontend.generation import (
     ChoiceRun,
@@ -105,4 +106,5 @@ class CompletionsResource:
                 response_id, created, model.model_id, choices, usage(), tok.token_entry
             ),
             prefixes=echoes,
+            client_gone=client_gone_check(req),
         )

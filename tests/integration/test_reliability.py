@@ -183,3 +183,49 @@ def test_killed_worker_is_respawned_and_its_requests_aborted(slow_model_dir, ser
 
         wait_until(idle, "the engine to abort the dead worker's request")
         assert "went silent: aborted its requests" in server.log_text()
+
+
+@pytest.fixture(scope="module")
+def tight_server(slow_model_dir, server_logs):
+    """One decode slot and one queue place: backpressure shows at the third request."""
+    args = ("--max-batch-size", "1", "--prefill-batch-size", "1", "--max-queued-requests", "1")
+    with ServerProcess(slow_model_dir, server_logs, *args, workers=1) as server:
+        yield server
+
+
+def engine_idle(base: str) -> bool:
+    engine = httpx.get(f"{base}/v1/mlx/status", timeout=5).json()["engine"]
+    return engine["running_requests"] + engine["queued_requests"] == 0
+
+
+def test_non_streaming_client_that_gives_up_is_aborted(tight_server, no_eos):
+    base = tight_server.base_url
+    wait_until(lambda: engine_idle(base), "an idle engine")
+    payload = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3000, "logit_bias": no_eos}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=2)
+    wait_until(lambda: engine_idle(base), "the abandoned request to be aborted")
+    assert "client went away" in tight_server.log_text()
+
+
+def test_full_queue_answers_429_with_retry_after(tight_server, no_eos):
+    base = tight_server.base_url
+    wait_until(lambda: engine_idle(base), "an idle engine")
+    payload = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 40, "logit_bias": no_eos}
+    results: list[httpx.Response] = []
+
+    def one() -> None:
+        results.append(httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=120))
+
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # in order: the first runs, the second waits, the rest find the queue full
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.status_code for r in results)
+    assert 200 in codes and 429 in codes, codes
+    for r in results:
+        if r.status_code == 429:
+            assert r.headers["Retry-After"]
+            validate(r.json(), "ErrorResponse")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from frontend.engine_client import EngineUnavailable
+from frontend.engine_client import ClientDisconnected, EngineUnavailable
 from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
 
 # ---------------------------------------------------------------- engine client
@@ -56,12 +56,19 @@ class FakeStream:
         self._fail_after = script.fail_after
         self.finished = False
         self.closed = False
+        self._cancelled = None
+
+    def watch(self, cancelled) -> None:
+        self._cancelled = cancelled
 
     def __iter__(self) -> Iterator[TokenDelta]:
         sent = 0
         for delta in self._deltas:
             if self.closed:
                 return
+            if self._cancelled is not None and self._cancelled():
+                self.close()
+                raise ClientDisconnected(f"client went away; request {self.request_id} aborted")
             if self._fail_after is not None and sent >= self._fail_after:
                 self.finished = True
                 raise EngineUnavailable("fake engine died")

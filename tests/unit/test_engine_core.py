@@ -246,3 +246,40 @@ def test_prefix_cache_entries_do_not_pin_the_batch_buffers(model):
     held = mx.get_active_memory() - baseline
     assert s.prefix_cache_bytes > 0
     assert held <= 2 * s.prefix_cache_bytes + (1 << 20), (held, s.prefix_cache_bytes)
+
+
+def test_a_failing_logits_processor_ends_only_its_request(model):
+    """Fault injection through the constructor-only seam: the batch goes on."""
+
+    def inject(request):
+        if request.request_id != "victim":
+            return None
+        calls = {"n": 0}
+
+        def explode(tokens, logits):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise MemoryError("injected allocation failure")
+            return logits
+
+        return explode
+
+    s = Scheduler(model, SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512), fault_injector=inject)
+    prompts = {"victim": [5, 6, 7], "a": list(range(5, 25)), "b": list(range(30, 50))}
+    for rid, p in prompts.items():
+        s.add(b"w", gen(rid, p, 10))
+    results = run_to_end(s)
+    victim = results["victim"]["finals"]
+    assert [f.finish_reason for f in victim] == ["error"] and "injected allocation failure" in victim[0].error
+    for rid in ("a", "b"):
+        assert results[rid]["tokens"] == reference_greedy(model, prompts[rid], 10)
+    assert s.running == 0
+
+
+def test_full_queue_refuses_with_overloaded(model):
+    s = make_scheduler(model, max_queued_requests=2)
+    for i in range(3):
+        s.add(b"w", gen(f"q{i}", [5, 6, 7], 4))
+    results = run_to_end(s)
+    assert results["q2"]["finals"][0].finish_reason == "overloaded"
+    assert [results[f"q{i}"]["finals"][0].finish_reason for i in range(2)] == ["length", "length"]

@@ -1,0 +1,60 @@
+"""429 when the engine's queue is full; a vanished client aborts a non-streaming request."""
+
+from __future__ import annotations
+
+import socket
+
+import falcon.testing
+import pytest
+
+from frontend.app import create_app
+from frontend.disconnect import peer_closed
+from frontend.tokenization import Tokenization
+from tests.openai_schema import validate
+from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
+    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+
+
+def test_engine_overloaded_finish_is_429_with_retry_after(tok):
+    engine = FakeEngineClient()
+    engine.script(Script([], finish_reason="overloaded", error="300 requests are already waiting"))
+    client = falcon.testing.TestClient(create_app(engine, tok))
+    r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 429 and r.headers["Retry-After"]
+    validate(r.json, "ErrorResponse")
+    assert r.json["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_peer_closed_sees_eof_but_not_pipelined_bytes():
+    a, b = socket.socketpair()
+    try:
+        assert not peer_closed(a)
+        b.sendall(b"GET / HTTP/1.1\r\n")
+        assert not peer_closed(a)  # bytes waiting: the client is still there
+        a.recv(100)
+        b.close()
+        assert peer_closed(a)
+    finally:
+        a.close()
+
+
+def test_non_streaming_request_of_a_vanished_client_is_aborted(tok):
+    engine = FakeEngineClient()
+    engine.script(Script(list(range(5, 40)), finish_reason="length"))
+    client = falcon.testing.TestClient(create_app(engine, tok))
+    a, b = socket.socketpair()
+    b.close()  # the client hung up before the answer was ready
+    try:
+        r = client.simulate_post(
+            "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 30}, extras={"gunicorn.socket": a}
+        )
+    finally:
+        a.close()
+    assert r.status_code == 400 and r.json["error"]["code"] == "client_disconnected"
+    assert engine.aborted == [engine.submitted[0].request_id]
