@@ -55,7 +55,7 @@ class _StopFlag:
         return self.signum is not None
 
 
-def engine_command(settings: Settings, address: str) -> list[str]:
+def engine_command(settings: Settings, address: str, restarts: int = 0) -> list[str]:
     cmd = [
         sys.executable, "-m", "engine",
         "--model-path", str(settings.model_path),
@@ -67,6 +67,7 @@ def engine_command(settings: Settings, address: str) -> list[str]:
         "--prefill-step-size", str(settings.prefill_step_size),
         "--prompt-cache-bytes", str(settings.prompt_cache_bytes),
         "--max-queued-requests", str(settings.max_queued_requests),
+        "--restarts", str(restarts),
     ]  # fmt: skip
     if settings.adapter_path:
         cmd += ["--adapter-path", str(settings.adapter_path)]
@@ -166,10 +167,12 @@ class Supervisor:
         self.engine: Optional[subprocess.Popen] = None
         self.web: Optional[subprocess.Popen] = None
         self._engine_started_at = 0.0
-        self._restarts = 0
+        self._restarts = 0  # in a row: reset once an engine stays up
+        self._total_restarts = 0
 
     def start_engine(self) -> ModelInfo:
-        self.engine = subprocess.Popen(engine_command(self.settings, self.address), start_new_session=True)
+        command = engine_command(self.settings, self.address, self._total_restarts)
+        self.engine = subprocess.Popen(command, start_new_session=True)
         self._engine_started_at = time.monotonic()
         return wait_for_engine(self.address, self.engine, self.settings.engine_startup_timeout_s, self.stop)
 
@@ -206,6 +209,7 @@ class Supervisor:
             return 1
         delay = RESTART_BACKOFF_S[min(self._restarts, len(RESTART_BACKOFF_S) - 1)]
         self._restarts += 1
+        self._total_restarts += 1
         log.error(
             "the engine exited with code %s; restart %d of %d in %.0f s",
             code, self._restarts, self.settings.max_engine_restarts, delay,

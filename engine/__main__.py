@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30)
     p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument("--restarts", type=int, default=0, help="engines the supervisor started before this one")
     return p.parse_args(argv)
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
     )
-    loop = EngineLoop(scheduler, info, args.ipc_address)
+    loop = EngineLoop(scheduler, info, args.ipc_address, restarts=args.restarts)
     loop.install_signal_handlers()
     loop.run()
     return 0

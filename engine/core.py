@@ -31,6 +31,12 @@ Outputs = dict[WorkerId, list[TokenDelta]]
 PREFIX_CACHE_MODEL_KEY = "model"
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
+# While streams decode, a prefill chunk is this fraction of prefill_step_size
+# (never under BUSY_PREFILL_MIN_TOKENS): each engine step runs one decode and
+# one chunk, so a small chunk keeps the running streams' token gaps short while
+# a long prompt arrives; with nothing decoding, big chunks give the fastest TTFT.
+BUSY_PREFILL_DIVISOR = 8
+BUSY_PREFILL_MIN_TOKENS = 32
 # Most top logprobs a request may ask for per token (OpenAI's chat limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -304,6 +310,7 @@ class Scheduler:
         outputs, self._pending = self._pending, defaultdict(list)
         if not self._by_id:
             return outputs
+        self._set_prefill_chunk()
         _, responses = self._generator.next()
         self.stats.tokens_generated += len(responses)
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
@@ -334,6 +341,11 @@ class Scheduler:
                 self._forget(active)
                 self._remember_prefix(r.all_tokens, r.prompt_cache)
         return outputs
+
+    def _set_prefill_chunk(self) -> None:
+        gen, full = self._generator, self._config.prefill_step_size
+        decoding = len(gen._generation_batch) > 0
+        gen.prefill_step_size = max(min(full, BUSY_PREFILL_MIN_TOKENS), full // BUSY_PREFILL_DIVISOR) if decoding else full
 
     def _drop_failed(self, live: list[tuple[Any, _Active]], outputs: Outputs) -> list[tuple[Any, _Active]]:
         """End the requests whose processors failed this step; the rest go on."""

@@ -45,7 +45,8 @@ WORKER_CHECK_INTERVAL_S = 1.0
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, model: ModelInfo, address: str) -> None:
+    def __init__(self, scheduler: Scheduler, model: ModelInfo, address: str, restarts: int = 0) -> None:
+        self._restarts = restarts
         self._scheduler = scheduler
         self._model = model
         self._ctx = zmq.Context()
@@ -184,5 +185,6 @@ class EngineLoop:
                 prompt_cache_hit_tokens=s.stats.prompt_cache_hit_tokens,
                 active_memory_bytes=active,
                 peak_memory_bytes=peak,
+                restarts=self._restarts,
             ),
         )

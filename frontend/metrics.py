@@ -164,6 +164,7 @@ def _engine_counters(status: EngineStatus) -> dict[str, tuple[str, float]]:
         "requests_finished": ("Requests the engine finished", status.requests_finished),
         "generation_tokens": ("Tokens the engine generated", status.tokens_generated),
         "prompt_tokens": ("Prompt tokens the engine prefilled", status.prompt_tokens_processed),
+        "restarts": ("Times mlx-server restarted a dead engine", status.restarts),
     }
 
 

@@ -167,6 +167,8 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     prompt_cache_hit_tokens: int
     active_memory_bytes: int
     peak_memory_bytes: int
+    # How often the supervisor restarted the engine before this one (0: first start).
+    restarts: int = 0
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True):

@@ -27,6 +27,7 @@ def status_body(ctx: AppContext, status: EngineStatus) -> dict[str, Any]:
         "engine": {
             "state": status.state,
             "uptime_s": round(status.uptime_s, 3),
+            "restarts": status.restarts,
             "running_requests": status.running_requests,
             "queued_requests": status.queued_requests,
             "requests_finished": status.requests_finished,

@@ -100,6 +100,8 @@ def test_engine_kill_fails_in_flight_then_service_returns(tiny_model_dir, server
         assert again.status_code == 200
         assert gunicorn_master(server).pid == web_pid  # gunicorn was not restarted
         assert "restart 1 of 5" in server.log_text()
+        assert httpx.get(f"{base}/v1/mlx/status").json()["engine"]["restarts"] == 1
+        assert "mlx_server_engine_restarts_total 1.0" in httpx.get(f"{base}/metrics").text
 
 
 def test_crash_loop_gives_up_with_the_cause(tiny_model_dir, server_logs):
@@ -229,3 +231,17 @@ def test_full_queue_answers_429_with_retry_after(tight_server, no_eos):
         if r.status_code == 429:
             assert r.headers["Retry-After"]
             validate(r.json(), "ErrorResponse")
+
+
+def test_supervisor_death_takes_engine_and_gunicorn_with_it(tiny_model_dir, server_logs):
+    """mlx-server SIGKILLed (no cleanup possible): its children must not hold the model."""
+    server = ServerProcess(tiny_model_dir, server_logs).wait_ready()
+    children = server.process_tree()[1:]
+    assert children
+    server.proc.kill()
+    server.proc.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+    server.stop()
+    assert not alive, f"left running after the supervisor died: {alive}"

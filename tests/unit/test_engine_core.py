@@ -283,3 +283,20 @@ def test_full_queue_refuses_with_overloaded(model):
     results = run_to_end(s)
     assert results["q2"]["finals"][0].finish_reason == "overloaded"
     assert [results[f"q{i}"]["finals"][0].finish_reason for i in range(2)] == ["length", "length"]
+
+
+def test_prefill_chunks_shrink_while_streams_decode(model):
+    long_prompt = list(range(5, 250)) * 2  # 490 tokens
+    s = make_scheduler(model, prefill_step_size=128)
+    s.add(b"w", gen("long", long_prompt, 2))
+    s.step()
+    assert s._generator.prefill_step_size == 128  # nothing decoding: full chunks
+    assert run_to_end(s)["long"]["tokens"] == reference_greedy(model, long_prompt, 2)
+    s.add(b"w", gen("streaming", [5, 6, 7], 200))
+    for _ in range(5):
+        s.step()
+    s.add(b"w", gen("arrives", long_prompt, 2))
+    s.step()
+    assert s._generator.prefill_step_size == 32  # smaller chunks while a stream decodes
+    results = run_to_end(s)
+    assert results["arrives"]["tokens"] == reference_greedy(model, long_prompt, 2)
