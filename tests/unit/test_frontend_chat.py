@@ -10,25 +10,10 @@ import pytest
 from frontend.app import FrontendSettings, create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, Script, created_recently, make_model_info, write_tokenizer_dir
+from tests.unit.fakes import Script, created_recently, make_model_info, write_tokenizer_dir
 
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello world!"}]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 def ids(tok: Tokenization, text: str) -> list[int]:

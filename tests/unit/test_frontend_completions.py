@@ -10,24 +10,9 @@ import pytest
 from frontend.app import FrontendSettings, create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate, validate_completion_chunk
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+from tests.unit.fakes import Script
 
 URL = "/v1/completions"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 def ids(tok: Tokenization, text: str) -> list[int]:

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import falcon.testing
 import pytest
 
-from frontend.app import create_app
 from frontend.generation import ChoiceRun
 from frontend.tokenization import Tokenization, token_display
 from ipc.messages import Generate
 from tests.openai_schema import validate, validate_completion_chunk
-from tests.unit.fakes import FakeEngineClient, Script, fake_logprob, write_tokenizer_dir
+from tests.unit.fakes import FakeEngineClient, Script, fake_logprob
 from tests.unit.test_frontend_chat import sse_payloads
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Hello world!"}]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 def ids(tok: Tokenization, text: str) -> list[int]:

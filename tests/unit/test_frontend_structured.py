@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 
-import falcon.testing
 import pytest
 
-from frontend.app import create_app
 from frontend.constraints import JSON_OBJECT
-from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, write_tokenizer_dir
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Give me JSON"}]
@@ -21,21 +17,6 @@ PERSON = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 def chat(client, response_format, **body):

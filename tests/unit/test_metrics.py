@@ -14,31 +14,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from frontend import metrics
-from frontend.app import create_app
 from frontend.middleware import REQUEST_ID_HEADER
 from frontend.tokenization import Tokenization
 from ipc.messages import Generate, TokenDelta
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+from tests.unit.fakes import Script
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello world!"}]
 
 Samples = dict[tuple[str, frozenset], float]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 def scrape(client: falcon.testing.TestClient) -> Samples:
