@@ -44,7 +44,7 @@ from ipc.messages import (
 )
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc.sockets import connect_dealer
+from ipc.sockets import make_dealer
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,9 @@ class ZmqEngineClient:
             self._streams.pop(request_id, None)
 
     def _io_loop(self) -> None:
-        dealer = connect_dealer(self._ctx, self._address, self._identity)
+        dealer = make_dealer(self._ctx, self._identity)
         monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        dealer.connect(self._address)
         poller = zmq.Poller()
         for sock in (dealer, self._pull, monitor):
             poller.register(sock, zmq.POLLIN)

@@ -36,11 +36,18 @@ def bind_router(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
+def make_dealer(ctx: zmq.Context, identity: bytes) -> zmq.Socket:
+    """A configured, not yet connected DEALER (attach a monitor before connecting
+    it, or the first connection event can be missed)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
+def connect_dealer(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
+    sock = make_dealer(ctx, identity)
     sock.connect(address)
     return sock
