@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.servers import busy_cpu_seconds
+from bench.servers import GpuBusy, busy_cpu_seconds
 from bench.stats import CpuUse, RequestResult, RunResult
 
 
@@ -34,6 +34,7 @@ class RawEngine:
         logit_bias: bool,
         deadline_s: float,
         name: str = "raw",
+        prefill_batch_size: int | None = None,
     ) -> RunResult:
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.sample_utils import make_logits_processors
@@ -44,13 +45,14 @@ class RawEngine:
         gen = BatchGenerator(
             self.model,
             completion_batch_size=n,
-            prefill_batch_size=n,  # as mlx_lm.server's --prompt-concurrency here
+            prefill_batch_size=prefill_batch_size or n,  # as mlx_lm.server's --prompt-concurrency here
             # No stop tokens without the bias: eos must not end a stream early.
             stop_tokens=[[int(e)] for e in eos_ids] if logit_bias else None,
         )
         results: dict[int, RequestResult] = {}
         last: dict[int, float] = {}
-        cpu0, busy0 = time.process_time(), busy_cpu_seconds()
+        cpu0, thread0, busy0 = time.process_time(), time.thread_time(), busy_cpu_seconds()
+        gpu = GpuBusy().__enter__()
         start = time.perf_counter()
         try:
             uids = gen.insert([list(p) for p in prompts], max_tokens=[max_tokens] * n, logits_processors=processors)
@@ -78,6 +80,12 @@ class RawEngine:
             wall = time.perf_counter() - start
         finally:
             gen.close()
+            gpu.__exit__()
         engine_s = time.process_time() - cpu0
-        cpu = CpuUse(server_s={"engine": engine_s}, other_s=max(busy_cpu_seconds() - busy0 - engine_s, 0.0))
+        cpu = CpuUse(
+            server_s={"engine": engine_s},
+            other_s=max(busy_cpu_seconds() - busy0 - engine_s, 0.0),
+            busiest_thread_s={"engine": time.thread_time() - thread0},  # this loop's thread
+            gpu_busy_pct=gpu.pct,
+        )
         return RunResult(name, n, max_tokens, wall, list(results.values()), cpu)

@@ -12,6 +12,8 @@ import math
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +144,15 @@ def write_section(path: Path, name: str, section: str) -> None:
     path.write_text(replace_section(old, name, section), encoding="utf-8")
 
 
-def write_chart(path: Path, summaries: Sequence[Summary], title: str) -> None:
-    """tokens/s vs concurrency, one line per target (matplotlib: a bench-only dependency)."""
-    import matplotlib
+def write_chart(path: Path, summaries: Sequence[Summary], title: str) -> bool:
+    """tokens/s vs concurrency, one line per target (matplotlib: a bench-only dependency).
+
+    False, and no file, where matplotlib is missing (the GPU host): the --json
+    dump can be charted elsewhere with --replot."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
@@ -170,6 +178,7 @@ def write_chart(path: Path, summaries: Sequence[Summary], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def _cpu_model() -> str:
@@ -200,11 +209,30 @@ def _versions() -> str:
     return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
 
 
+def _gpu() -> Optional[str]:
+    """'NVIDIA H100 80GB HBM3, 81559 MiB, driver 580.159.04' per GPU; None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        gpus.append(f"{parts[0]}, {parts[1]}, driver {parts[2]}" if len(parts) == 3 else line.strip())
+    return "; ".join(gpus) or None
+
+
 def machine_info() -> dict[str, str]:
     import psutil
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
+    info = {
         "CPU": _cpu_model(),
         "cores": f"{usable} usable ({os.cpu_count()} online)",
         "RAM": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
@@ -212,3 +240,7 @@ def machine_info() -> dict[str, str]:
         "Python": sys.version.split()[0],
         "packages": _versions(),
     }
+    gpu = _gpu()
+    if gpu:
+        info["GPU"] = gpu
+    return info

@@ -8,6 +8,7 @@ drains), SIGKILL of the group only if it does not exit in time.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ class ServerSpec:
     # process -> label for the CPU breakdown (engine vs HTTP workers, ...)
     label: Callable[[psutil.Process], str] = lambda p: "server"
     settings: dict[str, str] = field(default_factory=dict)  # shown in the report
+    profile_label: str = "server"  # the process that --profile records (the one holding the model)
 
 
 def mlx_lm_spec(model_dir: Path, max_concurrency: int, extra: list[str]) -> ServerSpec:
@@ -87,6 +89,7 @@ def ours_spec(model_dir: Path, extra: list[str]) -> ServerSpec:
         name="ours",
         argv=lambda port: [sys.executable, "-m", "deploy.cli", str(model_dir), "--port", str(port), *extra],
         label=_ours_label,
+        profile_label="engine",
         settings={"flags": " ".join(extra) or "defaults"},
     )
 
@@ -94,7 +97,8 @@ def ours_spec(model_dir: Path, extra: list[str]) -> ServerSpec:
 def _child_env() -> dict[str, str]:
     # Our own settings come from the command line only, never a stray MLX_SERVER_*.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SERVER_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    # The repo first; an existing PYTHONPATH (a --target install, as on the GPU host) kept after it.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -163,6 +167,22 @@ class ServerProcess:
                 continue
         return out
 
+    def pids(self, label: str) -> list[int]:
+        """Live processes of the server with this label (e.g. our "engine")."""
+        return [p.pid for p in self._remember_tree() if p.is_running() and self.spec.label(p) == label]
+
+    def thread_seconds(self) -> dict[int, tuple[str, float]]:
+        """thread id -> (process label, user+system CPU seconds so far) for every thread of the server."""
+        out: dict[int, tuple[str, float]] = {}
+        for p in self._remember_tree():
+            try:
+                label = self.spec.label(p)
+                for t in p.threads():
+                    out[t.id] = (label, t.user_time + t.system_time)
+            except psutil.Error:
+                continue
+        return out
+
     def stop(self) -> None:
         """SIGTERM and wait; then SIGKILL whatever of the server's own tree is left."""
         self._remember_tree()
@@ -219,3 +239,93 @@ def cpu_delta(
         prev = before.get(pid, (label, 0.0))[1]
         out[label] = out.get(label, 0.0) + max(secs - prev, 0.0)
     return out
+
+
+def busiest_thread(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """Per label, the CPU seconds of its busiest single thread between two readings."""
+    out: dict[str, float] = {}
+    for tid, (label, secs) in after.items():
+        used = max(secs - before.get(tid, (label, 0.0))[1], 0.0)
+        out[label] = max(out.get(label, 0.0), used)
+    return out
+
+
+class GpuBusy:
+    """Mean GPU utilization over a `with` block, sampled by `nvidia-smi -lms` in the background.
+
+    `pct` is None without nvidia-smi (CPU machines) or without samples. A sample is
+    the share of the last period in which a kernel ran: it tells a GPU-bound
+    step (near 100) from one that waits on the host (well under)."""
+
+    PERIOD_MS = 200
+
+    def __init__(self) -> None:
+        self.pct: Optional[float] = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "GpuBusy":
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            try:
+                self._proc = subprocess.Popen(
+                    [exe, "--id=0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.PERIOD_MS}"],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                )  # fmt: skip
+            except OSError:
+                self._proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            out, _ = self._proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, _ = self._proc.communicate()
+        values = []
+        for line in out.splitlines():
+            try:
+                values.append(float(line.strip()))
+            except ValueError:
+                continue
+        # The first sample covers the time before the block.
+        values = values[1:] if len(values) > 1 else values
+        self.pct = sum(values) / len(values) if values else None
+
+
+class Profiler:
+    """`py-spy record` of one process over a `with` block, as collapsed stacks (flame graph input).
+
+    Sampling is --nonblocking (the process is never stopped), so the measured run
+    pays only for the cores py-spy itself takes. Does nothing without py-spy."""
+
+    RATE_HZ = 250
+
+    def __init__(self, pid: Optional[int], path: Path) -> None:
+        self._pid, self._path = pid, path
+        self._proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "Profiler":
+        exe = os.environ.get("PY_SPY") or shutil.which("py-spy")
+        if exe and self._pid:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._proc = subprocess.Popen(
+                [exe, "record", "--nonblocking", "--rate", str(self.RATE_HZ), "--format", "raw",
+                 "--output", str(self._path), "--pid", str(self._pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()

@@ -18,23 +18,27 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import nullcontext
+from typing import Any, Optional, Sequence
 
 from bench import report
 from bench.loadgen import LoadSpec, run_load
 from bench.prompts import Prompt, make_prompts
 from bench.servers import (
+    GpuBusy,
+    Profiler,
     ServerProcess,
     ServerSpec,
+    busiest_thread,
     busy_cpu_seconds,
     cpu_delta,
     mlx_lm_spec,
     ours_spec,
     wait_for_quiet,
 )
-from bench.stats import CpuUse, RunResult, median_run, summarize, summarize_repeats
+from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize, summarize_repeats
 
 log = logging.getLogger("bench.serving")
 
@@ -44,6 +48,10 @@ ALL_TARGETS = HTTP_TARGETS + RAW_TARGETS
 GENERATED_SIZES = ("tiny", "bench")
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine
+WARMUP_RETRY_WAIT_S = 5.0  # after a failed warm-up, before the next try
+PREWARM_PREFILL_BATCH = 8  # ours' default prefill_batch_size
+PREWARM_TOKENS = 4
+DEADLINE_ERROR = "cut by the overall deadline"  # as bench.loadgen and bench.raw mark such requests
 
 
 class Deadline:
@@ -69,6 +77,7 @@ class Load:
     request_timeout_s: float
     ramp_s: float
     quiet_wait_s: float
+    warmup_tries: int = 1
 
 
 def _settle(load: Load, deadline: Deadline) -> None:
@@ -109,6 +118,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="requests per client, one after the other")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; the table shows the median")
     p.add_argument("--warmup-tokens", type=int, default=32, help="max_tokens of the warm-up requests")
+    p.add_argument("--warmup-tries", type=int, default=1,
+                   help="warm up again (after a pause) while some warm-up requests fail, up to this many times")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="py-spy (if installed) records the engine process of each timed run here: "
+                   "ours' engine, mlx_lm's server, raw's own process")
+    p.add_argument("--prewarm-sweep", action="store_true",
+                   help="before all targets, run every batch size 1..max concurrency once in-process "
+                   "(fills mlx's kernel cache on a GPU)")
     p.add_argument("--ramp-s", type=float, default=0.0, help="spread client starts over this long (0: burst)")
     p.add_argument("--quiet-wait-s", type=float, default=30.0,
                    help="before each timed run, wait up to this long for the machine to be idle (0: don't)")
@@ -121,6 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--section", default=None, help="section name in --out (default: from the model)")
     p.add_argument("--chart", default="bench/throughput.png", help="PNG to write ('' for none)")
     p.add_argument("--json", default="", help="also dump every request's measurements here")
+    p.add_argument("--replot", default="", metavar="JSON",
+                   help="run nothing: write --out's section and --chart again from a --json dump")
     p.add_argument("--cache-dir", default=os.environ.get("MLX_SERVER_BENCH_CACHE", "~/.cache/mlx-server-bench"))
     p.add_argument("--log-dir", default="", help="server logs (default: CACHE_DIR/logs)")
     args = p.parse_args(argv)
@@ -174,9 +193,10 @@ def _split(prompts: list[Prompt], clients: int) -> list[list[Prompt]]:
 
 def run_http_target(
     spec: ServerSpec, load: Load, tokenizer: Any, bias: dict[int, float], log_dir: Path, deadline: Deadline,
-    start_timeout_s: float, runs: list[RunResult],
+    start_timeout_s: float, runs: list[RunResult], events: list[str], profile_dir: Optional[Path] = None,
 ) -> None:  # fmt: skip
-    """Append each timed run to `runs` as it ends, so a later failure keeps the earlier ones."""
+    """Append each timed run to `runs` as it ends, so a later failure keeps the earlier ones;
+    anything worth a note in the report (failed warm-ups) to `events`."""
     with ServerProcess(spec, log_dir) as server:
         log.info("%s: starting on port %d (log %s)", spec.name, server.port, server.log_path)
         model_field = server.wait_ready(min(start_timeout_s, deadline.remaining()))
@@ -184,28 +204,49 @@ def run_http_target(
             deadline.check()
             warm = LoadSpec(model_field, min(load.warmup_tokens, load.max_tokens), bias, load.request_timeout_s,
                             load.ramp_s)  # fmt: skip
-            results, _ = run_load(
-                server.base_url, warm, _split(make_prompts(tokenizer, n, load.prompt_tokens, f"warm-{n}"), n),
-                deadline.remaining(),
-            )  # fmt: skip
-            if not any(r.ok for r in results):
-                raise RuntimeError(f"every warm-up request failed, e.g. {results[0].error}\n{server.log_tail()}")
+            for attempt in range(1, load.warmup_tries + 1):
+                results, _ = run_load(
+                    server.base_url, warm, _split(make_prompts(tokenizer, n, load.prompt_tokens, f"warm-{n}"), n),
+                    deadline.remaining(),
+                )  # fmt: skip
+                failed = [r for r in results if not r.ok]
+                if not failed:
+                    break
+                # A first batch of a new size can stall the server for a while (kernel compiles on a
+                # GPU); the warm-up is there to absorb that, so say so and warm up again.
+                events.append(f"{spec.name} warm-up at {n} stream(s), try {attempt}: {len(failed)} of "
+                              f"{len(results)} requests failed, e.g. `{failed[0].error}`")  # fmt: skip
+                log.warning("%s", events[-1])
+                if attempt == load.warmup_tries:
+                    raise RuntimeError(f"warm-up failed {attempt} times, e.g. {failed[0].error}\n{server.log_tail()}")
+                time.sleep(WARMUP_RETRY_WAIT_S)
             timed = LoadSpec(model_field, load.max_tokens, bias, load.request_timeout_s, load.ramp_s)
             for k in range(load.repeats):
                 # New prompts per repeat: a prefix cache must not serve one repeat from another.
                 prompts = make_prompts(tokenizer, n * load.rounds, load.prompt_tokens, f"run-{n}-{k}")
                 _settle(load, deadline)
+                threads0 = server.thread_seconds()
                 before, cpu0, busy0 = server.cpu_seconds(), time.process_time(), busy_cpu_seconds()
-                results, wall = run_load(server.base_url, timed, _split(prompts, n), deadline.remaining())
+                pid = next(iter(server.pids(spec.profile_label)), None) if profile_dir else None
+                prof = Profiler(pid, profile_dir / f"{spec.name}-c{n}-r{k}.txt") if profile_dir else nullcontext()
+                with GpuBusy() as gpu, prof:
+                    results, wall = run_load(server.base_url, timed, _split(prompts, n), deadline.remaining())
                 cpu = CpuUse(client_s=time.process_time() - cpu0, server_s=cpu_delta(before, server.cpu_seconds()))
                 cpu.other_s = max(busy_cpu_seconds() - busy0 - cpu.client_s - sum(cpu.server_s.values()), 0.0)
-                runs.append(RunResult(spec.name, n, load.max_tokens, wall, results, cpu))
+                cpu.busiest_thread_s = busiest_thread(threads0, server.thread_seconds())
+                cpu.gpu_busy_pct = gpu.pct
+                run = RunResult(spec.name, n, load.max_tokens, wall, results, cpu)
+                if cut_by_deadline(run):
+                    events.append(f"{spec.name} at {n} stream(s): a run cut short by --deadline-s, left out")
+                    log.warning("%s", events[-1])
+                    return
+                runs.append(run)
                 _log_run(runs[-1])
 
 
 def run_raw_target(
     name: str, model_dir: Path, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline,
-    runs: list[RunResult],
+    runs: list[RunResult], profile_dir: Optional[Path] = None,
 ) -> None:  # fmt: skip
     from bench.raw import RawEngine
 
@@ -219,21 +260,63 @@ def run_raw_target(
         for k in range(load.repeats):
             prompts = make_prompts(tokenizer, n * load.rounds, load.prompt_tokens, f"run-{n}-{k}")
             _settle(load, deadline)
-            parts = [engine.run([p.ids for p in prompts[r::load.rounds]], load.max_tokens, eos, bias,
-                                deadline.remaining(), name) for r in range(load.rounds)]  # fmt: skip
+            prof = Profiler(os.getpid(), profile_dir / f"{name}-c{n}-r{k}.txt") if profile_dir else nullcontext()
+            with prof:
+                parts = [engine.run([p.ids for p in prompts[r::load.rounds]], load.max_tokens, eos, bias,
+                                    deadline.remaining(), name) for r in range(load.rounds)]  # fmt: skip
             merged = RunResult(
                 name, n, load.max_tokens, sum(p.wall_s for p in parts), [r for p in parts for r in p.requests],
                 CpuUse(server_s={"engine": sum(p.cpu.server_s["engine"] for p in parts)},
-                       other_s=sum(p.cpu.other_s for p in parts)),
+                       other_s=sum(p.cpu.other_s for p in parts),
+                       busiest_thread_s={"engine": sum(p.cpu.busiest_thread_s.get("engine", 0.0) for p in parts)},
+                       gpu_busy_pct=_weighted_gpu(parts)),
             )  # fmt: skip
+            if cut_by_deadline(merged):
+                log.warning("%s at %d stream(s): a run cut short by --deadline-s, left out", name, n)
+                return
             runs.append(merged)
             _log_run(merged)
+
+
+def prewarm_sweep(model_dir: Path, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline) -> float:
+    """Every batch size from 1 to the largest concurrency once, in this process, before any target.
+
+    On a GPU, mlx compiles kernels for each new shape on first use and keeps them
+    in a cache on disk that later processes reuse. A server sees batch sizes that
+    grow one arrival at a time and prefill batches of 1..8 prompts (ours'
+    default); a step that compiles many new kernels can take seconds, long enough
+    for a server's own liveness checks to give up. The sweep pays those compiles
+    up front for every target alike, so the timed runs measure serving."""
+    from bench.raw import RawEngine
+
+    start = time.perf_counter()
+    engine = RawEngine(model_dir)
+    prompts = [p.ids for p in make_prompts(tokenizer, max(load.concurrency), load.prompt_tokens, "sweep")]
+    for b in range(1, max(load.concurrency) + 1):
+        deadline.check()
+        engine.run(prompts[:b], PREWARM_TOKENS, eos, True, deadline.remaining(), "sweep",
+                   min(b, PREWARM_PREFILL_BATCH))  # fmt: skip
+    del engine
+    return time.perf_counter() - start
+
+
+def cut_by_deadline(run: RunResult) -> bool:
+    """A run the overall deadline stopped measures the deadline, not the target."""
+    return any(r.error == DEADLINE_ERROR for r in run.requests)
+
+
+def _weighted_gpu(parts: Sequence[RunResult]) -> float | None:
+    timed = [(p.cpu.gpu_busy_pct, p.wall_s) for p in parts if p.cpu.gpu_busy_pct is not None]
+    wall = sum(w for _, w in timed)
+    return sum(pct * w for pct, w in timed) / wall if timed and wall > 0 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     deadline = Deadline(args.deadline_s)
     cache_dir = Path(args.cache_dir).expanduser()
     log_dir = Path(args.log_dir).expanduser() if args.log_dir else cache_dir / "logs"
@@ -245,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     eos = eos_ids(model_dir, tokenizer)
     bias = {e: EOS_BIAS for e in eos}
     load = Load(args.concurrency, args.max_tokens, args.prompt_tokens, args.rounds, args.repeats,
-                args.warmup_tokens, args.request_timeout_s, args.ramp_s, args.quiet_wait_s)  # fmt: skip
+                args.warmup_tokens, args.request_timeout_s, args.ramp_s, args.quiet_wait_s,
+                args.warmup_tries)  # fmt: skip
+    profile_dir = Path(args.profile) if args.profile else None
+    events: list[str] = []
     ours_extra, mlx_extra = shlex.split(args.ours_args), shlex.split(args.mlx_lm_args)
     specs = {
         "ours": ours_spec(model_dir, ours_extra),
@@ -254,6 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs: list[RunResult] = []
     failures: dict[str, str] = {}
+    if args.prewarm_sweep:
+        log.info("pre-warm sweep over batch sizes 1..%d", max(args.concurrency))
+        secs = prewarm_sweep(model_dir, load, tokenizer, eos, deadline)
+        events.append(f"pre-warm sweep (every batch size 1..{max(args.concurrency)} once, in the benchmark "
+                      f"process, before all targets): {secs:.0f} s")  # fmt: skip
+        log.info("%s", events[-1])
     for target in args.targets:
         if deadline.remaining() <= 0:
             failures[target] = "skipped: overall deadline reached"
@@ -261,34 +353,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("target %s", target)
         try:
             if target in RAW_TARGETS:
-                run_raw_target(target, model_dir, load, tokenizer, eos, deadline, runs)
+                run_raw_target(target, model_dir, load, tokenizer, eos, deadline, runs, profile_dir)
             else:
-                run_http_target(specs[target], load, tokenizer, bias, log_dir, deadline, args.start_timeout_s, runs)
+                run_http_target(specs[target], load, tokenizer, bias, log_dir, deadline, args.start_timeout_s, runs,
+                                events, profile_dir)  # fmt: skip
         except Exception as exc:  # one target failing must not lose the others' numbers
             log.exception("target %s failed", target)
             failures[target] = f"{type(exc).__name__}: {exc}"
 
     summaries = [summarize_repeats(group) for group in group_runs(runs)]
     print(report.terminal_report(summaries, failures))
-    _write_outputs(args, summaries, failures, runs, model_label, eos, specs)
+    _write_outputs(args, summaries, failures, runs, model_label, eos, specs, events)
     return 1 if failures or not runs else 0
 
 
-def _write_outputs(
-    args: argparse.Namespace, summaries: list, failures: dict[str, str], runs: list[RunResult], model_label: str,
-    eos: list[int], specs: dict[str, ServerSpec],
-) -> None:  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in runs]), encoding="utf-8")
-    title = f"{model_label}, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens per stream"
-    chart_rel = None
-    if args.chart and summaries:
-        chart = Path(args.chart)
-        report.write_chart(chart, summaries, title)
-        if args.out:
-            chart_rel = os.path.relpath(chart.resolve(), Path(args.out).resolve().parent)
-    if not args.out:
-        return
+def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
+    """Per (target, concurrency), the median run's CPU by process, its busiest thread, GPU busy."""
+    notes = []
+    for r in (median_run(group) for group in group_runs(runs)):
+        if r.wall_s <= 0:
+            continue
+        busiest = r.cpu.busiest_thread_s
+        if len(r.cpu.server_s) <= 1 and not busiest and r.cpu.gpu_busy_pct is None:
+            continue
+        cells = []
+        for label, secs in sorted(r.cpu.server_s.items()):
+            cell = f"{label} {secs / r.wall_s:.2f} cores"
+            if label in busiest:
+                cell += f" (busiest thread {busiest[label] / r.wall_s:.2f})"
+            cells.append(cell)
+        gpu = "" if r.cpu.gpu_busy_pct is None else f"; GPU busy {r.cpu.gpu_busy_pct:.0f}%"
+        notes.append(f"{r.target} at {r.concurrency} stream(s), server CPU by process: {', '.join(cells)}{gpu}")
+    return tuple(notes)
+
+
+def section_info(
+    args: argparse.Namespace, runs: list[RunResult], model_label: str, eos: list[int], specs: dict[str, ServerSpec],
+) -> report.SectionInfo:  # fmt: skip
     settings = {
         "load": f"{', '.join(map(str, args.concurrency))} concurrent streaming clients x {args.rounds} request(s); "
         f"temperature 0; eos ids {eos} banned with logit_bias {EOS_BIAS:g}; warm-up of the same size first "
@@ -302,25 +403,66 @@ def _write_outputs(
         "short = finished with fewer tokens than asked; retries = connections reset before any response, "
         "sent again (at most 2, as the openai SDK); "
         "cores = CPU seconds / wall seconds (client = this load generator; server = all its processes; "
-        "other = everything else on the machine, which should be near 0)",
+        "other = everything else on the machine, which should be near 0); "
+        "busiest thread = CPU seconds of a process's busiest thread / wall seconds (near 1: that thread is the "
+        "bottleneck); GPU busy = mean nvidia-smi utilization.gpu during the run",
     }
-    notes = tuple(
-        f"{r.target} at {r.concurrency} stream(s), server CPU by process: "
-        + ", ".join(f"{label} {secs / r.wall_s:.2f} cores" for label, secs in sorted(r.cpu.server_s.items()))
-        for r in (median_run(group) for group in group_runs(runs))
-        if len(r.cpu.server_s) > 1 and r.wall_s > 0
-    )
-    info = report.SectionInfo(
+    return report.SectionInfo(
         name=args.section or f"{args.model if args.model in GENERATED_SIZES else model_label}-{os.uname().machine}",
-        title=title,
+        title=f"{model_label}, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens per stream",
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         machine=report.machine_info(),
         settings=settings,
-        chart=chart_rel,
-        notes=notes,
+        notes=run_notes(runs),
     )
-    report.write_section(Path(args.out), info.name, report.markdown_section(info, summaries, failures))
+
+
+def render(
+    info: report.SectionInfo, summaries: list, failures: dict[str, str], out: str, chart: str,
+) -> None:  # fmt: skip
+    """The chart (where matplotlib is there) and the section of `out`."""
+    chart_rel = None
+    if chart and summaries:
+        if report.write_chart(Path(chart), summaries, info.title):
+            if out:
+                chart_rel = os.path.relpath(Path(chart).resolve(), Path(out).resolve().parent)
+        else:
+            log.warning("matplotlib is missing: no chart; draw it elsewhere with --replot and the --json dump")
+    if out:
+        section = report.markdown_section(replace(info, chart=chart_rel), summaries, failures)
+        report.write_section(Path(out), info.name, section)
+
+
+def _write_outputs(
+    args: argparse.Namespace, summaries: list, failures: dict[str, str], runs: list[RunResult], model_label: str,
+    eos: list[int], specs: dict[str, ServerSpec], events: Sequence[str] = (),
+) -> None:  # fmt: skip
+    info = section_info(args, runs, model_label, eos, specs)
+    info = replace(info, notes=(*info.notes, *events))
+    if args.json:
+        dump = {"section": asdict(info), "failures": failures, "runs": [asdict(r) for r in runs],
+                "events": list(events)}  # fmt: skip
+        Path(args.json).write_text(json.dumps(dump), encoding="utf-8")
+    render(info, summaries, failures, args.out, args.chart)
+
+
+def replot(args: argparse.Namespace) -> int:
+    """Section and chart again from a --json dump, measured elsewhere (no server runs)."""
+    data = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+    runs = [run_from_dict(d) for d in data["runs"]]
+    events = list(data.get("events", []))
+    for run in (r for r in runs if cut_by_deadline(r)):
+        events.append(f"{run.target} at {run.concurrency} stream(s): a run cut short by --deadline-s, left out")
+    runs = [r for r in runs if not cut_by_deadline(r)]
+    section = data["section"]
+    info = report.SectionInfo(**{**section, "notes": (*run_notes(runs), *events)})
+    if args.section:
+        info = replace(info, name=args.section)
+    summaries = [summarize_repeats(group) for group in group_runs(runs)]
+    print(report.terminal_report(summaries, data.get("failures", {})))
+    render(info, summaries, data.get("failures", {}), args.out, args.chart)
+    return 0
 
 
 if __name__ == "__main__":

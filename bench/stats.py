@@ -41,6 +41,12 @@ class CpuUse:
     # Everything else on the machine: other people's jobs share these cores, and
     # a run they slowed down should be visible as such.
     other_s: float = 0.0
+    # process label -> CPU seconds of its busiest single thread: a Python loop
+    # near 1 core per wall second is the bottleneck, whatever its process total.
+    busiest_thread_s: dict[str, float] = field(default_factory=dict)
+    # Mean GPU utilization over the run (nvidia-smi's utilization.gpu, 0..100:
+    # share of time a kernel was running); None where there is no NVIDIA GPU.
+    gpu_busy_pct: Optional[float] = None
 
 
 @dataclass
@@ -51,6 +57,12 @@ class RunResult:
     wall_s: float
     requests: list[RequestResult]
     cpu: CpuUse = field(default_factory=CpuUse)
+
+
+def run_from_dict(d: dict) -> RunResult:
+    """The inverse of dataclasses.asdict for a RunResult (the --json dump)."""
+    requests = [RequestResult(**r) for r in d["requests"]]
+    return RunResult(d["target"], d["concurrency"], d["max_tokens"], d["wall_s"], requests, CpuUse(**d["cpu"]))
 
 
 @dataclass(frozen=True)

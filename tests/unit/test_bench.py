@@ -5,6 +5,7 @@ No servers, no timing assertions: the benchmark itself is run by hand (bench/).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from bench import report
 from bench.loadgen import LoadSpec
 from bench.prompts import make_prompt, make_prompts, templated_ids
-from bench.servers import cpu_delta
-from bench.serving import eos_ids, parse_args
+from bench.servers import busiest_thread, cpu_delta
+from bench.serving import eos_ids, parse_args, replot, run_notes
 from bench.sse import Event, LineSplitter, parse_line
 from bench.stats import (
     CpuUse,
@@ -24,6 +25,7 @@ from bench.stats import (
     Summary,
     median_run,
     percentile,
+    run_from_dict,
     summarize,
     summarize_repeats,
 )
@@ -309,3 +311,93 @@ def test_write_chart_writes_a_png(tmp_path: Path) -> None:
 def test_machine_info_names_the_basics() -> None:
     info = report.machine_info()
     assert {"CPU", "cores", "RAM", "OS", "Python", "packages"} <= info.keys()
+
+
+def test_write_chart_without_matplotlib_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "chart.png"
+    assert report.write_chart(out, SUMMARIES, "test") is False
+    assert not out.exists()
+
+
+# --- CPU and GPU readings, the --json dump and --replot ---------------------------
+
+
+def test_busiest_thread_is_the_largest_delta_per_label() -> None:
+    before = {1: ("engine", 10.0), 2: ("engine", 5.0), 3: ("http", 1.0)}
+    after = {1: ("engine", 10.5), 2: ("engine", 6.0), 3: ("http", 1.25), 4: ("http", 0.5)}
+    assert busiest_thread(before, after) == {"engine": 1.0, "http": 0.5}
+
+
+def test_run_from_dict_inverts_asdict() -> None:
+    run = _run()
+    run.cpu.busiest_thread_s = {"engine": 0.9}
+    run.cpu.gpu_busy_pct = 42.0
+    assert run_from_dict(json.loads(json.dumps(dataclasses.asdict(run)))) == run
+
+
+def test_run_notes_name_cores_busiest_thread_and_gpu() -> None:
+    run = _run()
+    run.cpu.busiest_thread_s = {"engine": 1.8}
+    run.cpu.gpu_busy_pct = 35.0
+    (note,) = run_notes([run])
+    assert note == (
+        "ours at 3 stream(s), server CPU by process: engine 0.50 cores (busiest thread 0.90), "
+        "http 0.25 cores; GPU busy 35%"
+    )
+
+
+def test_replot_redraws_the_section_and_leaves_out_runs_cut_by_the_deadline(tmp_path: Path) -> None:
+    good = _run()
+    cut = RunResult("raw", 3, 3, 1.0, [RequestResult(chunks=1, error="cut by the overall deadline")])
+    info = report.SectionInfo(name="gpu-x", title="GPU", date="d", command="c", machine={"GPU": "H100"}, settings={})
+    dump = {"section": dataclasses.asdict(info), "failures": {}, "runs": [dataclasses.asdict(r) for r in (good, cut)],
+            "events": ["an event"]}  # fmt: skip
+    (tmp_path / "runs.json").write_text(json.dumps(dump))
+    out = tmp_path / "B.md"
+    args = parse_args(["--replot", str(tmp_path / "runs.json"), "--out", str(out), "--chart", ""])
+    assert replot(args) == 0
+    text = out.read_text()
+    assert "<!-- bench:gpu-x:begin -->" in text and "| GPU | H100 |" in text
+    assert "| ours | 3 |" in text and "| raw | 3 |" not in text
+    assert "* an event" in text and "raw at 3 stream(s): a run cut short by --deadline-s, left out" in text
+
+
+# --- the GPU benchmark's generated model --------------------------------------------
+
+
+def test_padded_tokenizer_covers_every_id_and_encodes_as_before() -> None:
+    from tokenizers import Tokenizer
+
+    from bench.gpu_model import padded_tokenizer_json
+    from tests.model_factory import _tokenizer_json
+
+    base = Tokenizer.from_str(_tokenizer_json())
+    padded = Tokenizer.from_str(padded_tokenizer_json(_tokenizer_json(), 5000))
+    assert padded.get_vocab_size() == 5000
+    text = "Hello there, the quick brown fox."
+    assert padded.encode(text).ids == base.encode(text).ids
+    assert padded.decode([4000, 4999]) == " w4000 w4999"
+
+
+def test_gpu_model_tiny_shape_loads_in_mlx_lm(tmp_path: Path) -> None:
+    from mlx_lm import load
+
+    from bench.gpu_model import main as gpu_model_main
+
+    assert gpu_model_main([str(tmp_path / "bf16"), "--shape", "tiny", "--q4", str(tmp_path / "q4")]) == 0
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization"]["group_size"] == 64 and config["quantization"]["bits"] == 4
+    assert config["vocab_size"] == 128256 and config["tie_word_embeddings"] is True
+    for variant in ("bf16", "q4"):
+        model, tokenizer = load(str(tmp_path / variant))
+        assert len(tokenizer.get_vocab()) == 128256
