@@ -45,8 +45,16 @@ WORKER_CHECK_INTERVAL_S = 1.0
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, model: ModelInfo, address: str, restarts: int = 0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        model: ModelInfo,
+        address: str,
+        restarts: int = 0,
+        worker_silence_limit_s: float = WORKER_SILENCE_LIMIT_S,
+    ) -> None:
         self._restarts = restarts
+        self._worker_silence_limit_s = worker_silence_limit_s
         self._scheduler = scheduler
         self._model = model
         self._ctx = zmq.Context()
@@ -87,9 +95,11 @@ class EngineLoop:
                     log.warning("parent process exited; engine stopping")
                     break
                 self._drain(block=not self._scheduler.has_work())
+                # Right after draining: pings that queued during a long step are
+                # counted, so only a worker that really stopped looks silent.
+                self._forget_silent_workers()
                 if self._scheduler.has_work():
                     self._step()
-                self._forget_silent_workers()
         finally:
             self._sock.close()
             self._ctx.term()
@@ -121,7 +131,7 @@ class EngineLoop:
             return
         self._next_worker_check = now + WORKER_CHECK_INTERVAL_S
         for worker, seen in list(self._last_seen.items()):
-            if now - seen > WORKER_SILENCE_LIMIT_S:
+            if now - seen > self._worker_silence_limit_s:
                 del self._last_seen[worker]
                 if self._scheduler.drop_worker(worker):
                     log.warning("worker %r went silent: aborted its requests", worker)

@@ -49,9 +49,13 @@ from ipc.sockets import make_dealer
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.5
-# No pong for this long: the engine is dead or wedged. A long prefill chunk
-# must fit well inside it, so it is generous.
-ENGINE_SILENCE_LIMIT_S = 10.0
+# No pong for this long while still connected: the engine is wedged. Its death
+# is seen at once by the socket monitor; this only catches a live process that
+# stopped answering, so it must exceed any single engine step (a first-request
+# kernel compile on a GPU, a long prefill chunk of a big model).
+ENGINE_SILENCE_LIMIT_S = 120.0
+# Connected but not (or no longer) welcomed: say Hello again this often.
+HELLO_RETRY_S = 1.0
 IO_POLL_MS = 100
 # A watched request checks for a vanished client this often while it waits.
 CANCEL_POLL_S = 0.2
@@ -240,7 +244,7 @@ class ZmqEngineClient:
         poller = zmq.Poller()
         for sock in (dealer, self._pull, monitor):
             poller.register(sock, zmq.POLLIN)
-        next_ping = 0.0
+        next_ping = next_hello = 0.0
         while True:
             for sock, _ in poller.poll(IO_POLL_MS):
                 if sock is self._pull:
@@ -255,19 +259,28 @@ class ZmqEngineClient:
             if self._connected and now >= next_ping:
                 dealer.send(codec.encode(Ping(next(self._nonce))))
                 next_ping = now + HEARTBEAT_INTERVAL_S
+            if self._connected and not self._alive and self._rejected is None and now >= next_hello:
+                # A missed handshake, or an engine that answers again after a silence.
+                self._send_hello(dealer)
+                next_hello = now + HELLO_RETRY_S
             if self._alive and now - self._last_heard > self._silence_limit_s:
-                self._engine_lost(f"the engine sent nothing for {self._silence_limit_s:.0f} s")
+                failed = self._engine_lost(f"the engine sent nothing for {self._silence_limit_s:.0f} s")
+                if failed:  # still connected: don't leave it generating for nobody
+                    dealer.send(codec.encode(Abort(failed)))
 
     def _on_connection_event(self, event: int, dealer: zmq.Socket) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._connected = True
             self._last_heard = time.monotonic()
             # A (re)connected engine must learn who we are and that we speak its protocol.
-            dealer.send(codec.encode(Hello(self._identity.decode(), PROTOCOL_VERSION)))
+            self._send_hello(dealer)
         elif event == zmq.EVENT_DISCONNECTED:
             self._connected = False
             if self._alive:
                 self._engine_lost("the engine connection was lost")
+
+    def _send_hello(self, dealer: zmq.Socket) -> None:
+        dealer.send(codec.encode(Hello(self._identity.decode(), PROTOCOL_VERSION)))
 
     def _dispatch(self, payload: memoryview) -> None:
         try:
@@ -307,10 +320,12 @@ class ZmqEngineClient:
     def _on_pong(self, message: Pong) -> None:
         self._engine_queued = message.queued_requests
 
-    def _engine_lost(self, why: str) -> None:
+    def _engine_lost(self, why: str) -> list[str]:
+        """Fail every in-flight request; return their ids."""
         log.error("%s: failing in-flight requests until it is back", why)
         self._alive = False
         with self._lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(EngineUnavailable(why))
+        return list(streams)

@@ -231,3 +231,54 @@ def test_request_timeout_aborts_and_raises(engine):
             break
         threading.Event().wait(0.1)
     assert not scheduler.has_request("slowpoke")
+
+
+class _SlowOnce(Scheduler):
+    """A scheduler whose first step with work takes ``delay_s`` (a GPU kernel compile, say)."""
+
+    delay_s = 1.5
+
+    def step(self):
+        if self.has_work() and self.delay_s:
+            delay, self.delay_s = self.delay_s, 0
+            threading.Event().wait(delay)
+        return super().step()
+
+
+def test_a_long_step_neither_drops_workers_nor_leaves_the_client_dead(model):
+    runtime = make_private_runtime_dir()
+    address = default_ipc_address(runtime)
+    scheduler = _SlowOnce(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+    # The engine forgets workers silent 0.5 s; the step lasts 1.5 s; the worker pings throughout.
+    loop = EngineLoop(scheduler, MODEL, address, worker_silence_limit_s=0.5)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        patient = connect(address, request_timeout_s=30)
+        with patient.submit(gen("survives", 8)) as stream:
+            deltas = list(stream)  # not aborted as a "silent worker" after the long step
+        assert deltas[-1].finish_reason == "length"
+
+        scheduler.delay_s = 1.5
+        impatient = connect(address, request_timeout_s=30, silence_limit_s=0.5)
+        stream = impatient.submit(gen("given-up", 400))
+        with pytest.raises(EngineUnavailable):
+            list(stream)  # the client gave up on a silent engine...
+        for _ in range(200):
+            if impatient.alive:
+                break
+            threading.Event().wait(0.05)
+        assert impatient.alive  # ...and trusts it again once it answers
+        with impatient.submit(gen("after", 4)) as again:
+            assert sum(len(d.token_ids) for d in again) == 4
+        for _ in range(200):
+            if not scheduler.has_request("given-up"):
+                break
+            threading.Event().wait(0.05)
+        assert not scheduler.has_request("given-up")  # aborted, not left generating
+    finally:
+        loop.request_stop()
+        thread.join(10)
+        for p in runtime.iterdir():
+            p.unlink()
+        runtime.rmdir()
