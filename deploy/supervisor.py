@@ -21,7 +21,7 @@ import zmq
 
 from deploy.logging_setup import ENV_LOG_FORMAT, configure as configure_logging
 from deploy.settings import Settings
-from frontend.environment import ENV_API_KEYS, ENV_CORS_ORIGINS, ENV_DRAIN_FLAG, IPC_ADDRESS, MAX_QUEUED_REQUESTS
+from frontend import environment as web_env
 from ipc import codec
 from ipc.messages import PROTOCOL_VERSION, EngineStatus, Hello, ModelInfo, Rejected, StatusQuery, Welcome
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
@@ -99,13 +99,13 @@ def web_environment(settings: Settings, address: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            IPC_ADDRESS: address,
+            web_env.IPC_ADDRESS: address,
             ENV_SUPERVISOR_PID: str(os.getpid()),
-            "MLX_SERVER_DEFAULT_MAX_TOKENS": str(settings.default_max_tokens),
-            "MLX_SERVER_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
-            MAX_QUEUED_REQUESTS: str(settings.max_queued_requests),
-            ENV_API_KEYS: "\n".join(settings.api_keys()),
-            ENV_CORS_ORIGINS: ",".join(settings.cors_origin_list()),
+            web_env.DEFAULT_MAX_TOKENS: str(settings.default_max_tokens),
+            web_env.REQUEST_TIMEOUT_S: str(settings.request_timeout_s),
+            web_env.MAX_QUEUED_REQUESTS: str(settings.max_queued_requests),
+            web_env.API_KEYS: "\n".join(settings.api_keys()),
+            web_env.CORS_ORIGINS: ",".join(settings.cors_origin_list()),
             ENV_LOG_FORMAT: settings.log_format,
             # The frontend uses transformers for tokenizers only; its "PyTorch
             # was not found" advisory is noise for every worker.
@@ -178,7 +178,7 @@ class Supervisor:
 
     def start_web(self) -> None:
         env = web_environment(self.settings, self.address)
-        env[ENV_DRAIN_FLAG] = str(self.drain_flag)
+        env[web_env.DRAIN_FLAG] = str(self.drain_flag)
         self.web = subprocess.Popen(web_command(self.settings), env=env, start_new_session=True)
 
     def supervise(self) -> int:

@@ -31,9 +31,9 @@ def settings_from_environment() -> FrontendSettings:
     get = os.environ.get
     return FrontendSettings(
         default_max_tokens=int(get(env.DEFAULT_MAX_TOKENS, "4096")),
-        api_keys=tuple(k.strip() for k in get(env.ENV_API_KEYS, "").splitlines() if k.strip()),
-        cors_origins=tuple(o.strip() for o in get(env.ENV_CORS_ORIGINS, "").split(",") if o.strip()),
-        drain_flag=get(env.ENV_DRAIN_FLAG) or None,
+        api_keys=tuple(k.strip() for k in get(env.API_KEYS, "").splitlines() if k.strip()),
+        cors_origins=tuple(o.strip() for o in get(env.CORS_ORIGINS, "").split(",") if o.strip()),
+        drain_flag=get(env.DRAIN_FLAG) or None,
     )
 
 
