@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     prefill_batch_size: int = Field(8, ge=1, description="prompts the engine prefills together")
     # Chunked prefill: a long prompt is fed in steps so the running streams keep getting tokens.
     prefill_step_size: int = Field(
-        512, ge=1, description="prompt tokens per prefill step (an eighth of it while streams decode)"
+        512, ge=1, description="prompt tokens per prefill step (while streams decode: fewer, sized to about one decode step)"
     )
     engine_startup_timeout_s: float = Field(
         600.0, gt=0, description="seconds the engine may take to load the model (big ones are slow)"

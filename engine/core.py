@@ -31,12 +31,16 @@ Outputs = dict[WorkerId, list[TokenDelta]]
 PREFIX_CACHE_MODEL_KEY = "model"
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
-# While streams decode, a prefill chunk is this fraction of prefill_step_size
-# (never under BUSY_PREFILL_MIN_TOKENS): each engine step runs one decode and
-# one chunk, so a small chunk keeps the running streams' token gaps short while
-# a long prompt arrives; with nothing decoding, big chunks give the fastest TTFT.
-BUSY_PREFILL_DIVISOR = 8
-BUSY_PREFILL_MIN_TOKENS = 32
+# Decode-first chunked prefill. Each engine step runs one decode step and one
+# prefill chunk, so while streams decode, a chunk is sized to cost about this
+# share of a decode step: their token gaps stay under twice the idle ones while
+# a long prompt arrives. Costs are measured (moving averages of BatchGenerator's
+# own timers), so the size fits any model and machine. With nothing decoding,
+# prefill_step_size chunks give the fastest TTFT.
+BUSY_PREFILL_SHARE = 0.8
+BUSY_PREFILL_MIN_TOKENS = 32  # per-chunk fixed costs make smaller chunks a loss
+# Weight of the newest sample in the cost moving averages.
+COST_SMOOTHING = 0.2
 # Most top logprobs a request may ask for per token (OpenAI's chat limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -118,6 +122,9 @@ class Scheduler:
         fault_injector: Optional[FaultInjector] = None,
     ) -> None:
         self._fault_injector = fault_injector
+        # Measured costs that size prefill chunks while streams decode (seconds).
+        self._decode_step_s = 0.0
+        self._prefill_token_s = 0.0
         # uid -> error, filled by _Guarded during a step.
         self._failures: dict[int, str] = {}
         self._model = model
@@ -311,7 +318,9 @@ class Scheduler:
         if not self._by_id:
             return outputs
         self._set_prefill_chunk()
+        before = self._step_timers()
         _, responses = self._generator.next()
+        self._learn_costs(before, self._step_timers())
         self.stats.tokens_generated += len(responses)
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
         live = self._drop_failed(live, outputs)
@@ -344,8 +353,22 @@ class Scheduler:
 
     def _set_prefill_chunk(self) -> None:
         gen, full = self._generator, self._config.prefill_step_size
-        decoding = len(gen._generation_batch) > 0
-        gen.prefill_step_size = max(min(full, BUSY_PREFILL_MIN_TOKENS), full // BUSY_PREFILL_DIVISOR) if decoding else full
+        chunk = full
+        if len(gen._generation_batch) > 0 and self._decode_step_s and self._prefill_token_s:
+            chunk = int(BUSY_PREFILL_SHARE * self._decode_step_s / self._prefill_token_s)
+            chunk = min(full, max(BUSY_PREFILL_MIN_TOKENS, chunk))
+        gen.prefill_step_size = chunk
+
+    def _step_timers(self) -> tuple[float, float, int, int]:
+        c = self._generator._counters
+        return c.decode_time, c.prompt_time, c.prompt_tokens, c.generation_steps
+
+    def _learn_costs(self, before: tuple[float, float, int, int], after: tuple[float, float, int, int]) -> None:
+        decode_s, prompt_s, prompt_tokens, steps = (a - b for a, b in zip(after, before))
+        if steps:
+            self._decode_step_s = _smooth(self._decode_step_s, decode_s / steps)
+        if prompt_tokens:
+            self._prefill_token_s = _smooth(self._prefill_token_s, prompt_s / prompt_tokens)
 
     def _drop_failed(self, live: list[tuple[Any, _Active]], outputs: Outputs) -> list[tuple[Any, _Active]]:
         """End the requests whose processors failed this step; the rest go on."""
@@ -373,6 +396,10 @@ class Scheduler:
 
     def memory(self) -> tuple[int, int]:
         return mx.get_active_memory(), mx.get_peak_memory()
+
+
+def _smooth(average: float, sample: float) -> float:
+    return sample if average == 0.0 else average + COST_SMOOTHING * (sample - average)
 
 
 def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tuple[int, float]]]]:
