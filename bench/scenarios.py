@@ -25,7 +25,7 @@ from typing import Optional
 import httpx
 import psutil
 
-from bench.report import machine_info, markdown_table, write_section
+from bench.report import SECTION_BEGIN, SECTION_END, machine_info, markdown_table, write_section
 from tests.integration.server import ServerProcess
 from tests.model_factory import build_tiny_model
 
@@ -148,9 +148,11 @@ def render(info: dict, cache: dict, prefill: dict, mem: dict, command: str, args
     ]  # fmt: skip
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     return (
+        SECTION_BEGIN.format(name=SECTION) + "\n"
         f"## Prefix cache, chunked prefill, memory ({args.model} model)\n\n"
         f"{machine}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n\n"
         f"Command: `{command}`\n\n" + markdown_table(["scenario", "measured", "ratio / notes"], rows) + "\n"
+        + SECTION_END.format(name=SECTION) + "\n"
     )
 
 
