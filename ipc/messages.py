@@ -1,6 +1,6 @@
 """The one catalogue of wire messages between frontend workers and the engine.
 
-Every message is a tagged msgspec Struct encoded as msgpack (never pickle).
+Every message is a tagged msgspec Struct encoded as msgpack: plain data, never Python objects.
 A frontend worker opens with ``Hello``; the engine answers ``Welcome`` (same
 ``PROTOCOL_VERSION``) or ``Rejected``. Every ``Generate`` ends with exactly one
 ``TokenDelta`` whose ``finish_reason`` is set: that is the request's final
