@@ -41,7 +41,9 @@ IDLE_POLL_MS = 200
 # Frontend workers ping every 0.5 s; one silent this long is gone (killed,
 # crashed): its requests are aborted so their batch slots are freed.
 WORKER_SILENCE_LIMIT_S = 5.0
-WORKER_CHECK_INTERVAL_S = 1.0
+# Silent workers and a dead parent (os.getppid, a syscall) are looked for
+# this often, not on every step.
+HOUSEKEEPING_INTERVAL_S = 1.0
 
 
 class EngineLoop:
@@ -59,10 +61,12 @@ class EngineLoop:
         self._model = model
         self._ctx = zmq.Context()
         self._sock = bind_router(self._ctx, address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         self._stop = False
         self._parent_pid = os.getppid()
         self._last_seen: dict[bytes, float] = {}
-        self._next_worker_check = 0.0
+        self._next_housekeeping = 0.0
         self._handlers: dict[type, Callable[[bytes, object], None]] = {
             Hello: self._on_hello,
             Generate: self._on_generate,
@@ -91,13 +95,14 @@ class EngineLoop:
         log.info("engine ready (pid %d)", os.getpid())
         try:
             while not self._stop:
-                if self._parent_gone():
-                    log.warning("parent process exited; engine stopping")
-                    break
                 self._drain(block=not self._scheduler.has_work())
                 # Right after draining: pings that queued during a long step are
                 # counted, so only a worker that really stopped looks silent.
-                self._forget_silent_workers()
+                if time.monotonic() >= self._next_housekeeping:
+                    if self._parent_gone():
+                        log.warning("parent process exited; engine stopping")
+                        break
+                    self._forget_silent_workers()
                 if self._scheduler.has_work():
                     self._step()
         finally:
@@ -106,8 +111,9 @@ class EngineLoop:
             log.info("engine stopped")
 
     def _drain(self, block: bool) -> None:
+        # One Poller for the loop's life (Socket.poll builds one per call).
         timeout = IDLE_POLL_MS if block else 0
-        while self._sock.poll(timeout, zmq.POLLIN):
+        while self._poller.poll(timeout):
             timeout = 0
             frames = self._sock.recv_multipart(copy=False)
             if len(frames) != 2:
@@ -127,9 +133,7 @@ class EngineLoop:
 
     def _forget_silent_workers(self) -> None:
         now = time.monotonic()
-        if now < self._next_worker_check:
-            return
-        self._next_worker_check = now + WORKER_CHECK_INTERVAL_S
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         for worker, seen in list(self._last_seen.items()):
             if now - seen > self._worker_silence_limit_s:
                 del self._last_seen[worker]
