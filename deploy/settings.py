@@ -138,7 +138,7 @@ class Settings(BaseSettings):
         2 * GIB, ge=0, description="byte cap of the engine's prefix cache; 0 disables it"
     )
     max_batch_size: int = Field(64, ge=1, description="sequences the engine decodes together")
-    prefill_batch_size: int = Field(8, ge=1, description="prompts the engine prefills together")
+    prefill_batch_size: int = Field(64, ge=1, description="prompts the engine prefills together (one forward for a whole burst)")
     # Chunked prefill: a long prompt is fed in steps so the running streams keep getting tokens.
     prefill_step_size: int = Field(
         512, ge=1, description="prompt tokens per prefill step (while streams decode: fewer, sized to about one decode step)"

@@ -19,6 +19,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
+from engine.prefill import PrefillPolicy
 from engine.sampling import build_logits_processors, build_sampler
 from ipc.messages import LOGPROB_FLOOR, Generate, TokenDelta
 
@@ -31,16 +32,11 @@ Outputs = dict[WorkerId, list[TokenDelta]]
 PREFIX_CACHE_MODEL_KEY = "model"
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
-# Decode-first chunked prefill. Each engine step runs one decode step and one
-# prefill chunk, so while streams decode, a chunk is sized to cost about this
-# share of a decode step: their token gaps stay under twice the idle ones while
-# a long prompt arrives. Costs are measured (moving averages of BatchGenerator's
-# own timers), so the size fits any model and machine. With nothing decoding,
-# prefill_step_size chunks give the fastest TTFT.
-BUSY_PREFILL_SHARE = 0.8
-BUSY_PREFILL_MIN_TOKENS = 32  # per-chunk fixed costs make smaller chunks a loss
-# Weight of the newest sample in the cost moving averages.
-COST_SMOOTHING = 0.2
+# A shorter cached prefix (a chat template's opening, a first word) is not
+# reused: copying it out costs about what prefilling it would, and rows with
+# cached prefixes of unequal lengths make the prefill batch take mlx-lm's
+# padded path (measured on an H100: bursts of such hits prefilled ~20x slower).
+MIN_PREFIX_REUSE_TOKENS = 32
 # Most top logprobs a request may ask for per token (OpenAI's chat limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -51,7 +47,7 @@ class SchedulerConfig:
     vocab_size: int
     context_length: int
     max_batch_size: int = 64
-    prefill_batch_size: int = 8
+    prefill_batch_size: int = 64
     prefill_step_size: int = 512
     prompt_cache_bytes: int = 2 << 30
     # Requests waiting for a batch slot (or in prefill) beyond this are refused.
@@ -122,9 +118,9 @@ class Scheduler:
         fault_injector: Optional[FaultInjector] = None,
     ) -> None:
         self._fault_injector = fault_injector
-        # Measured costs that size prefill chunks while streams decode (seconds).
-        self._decode_step_s = 0.0
-        self._prefill_token_s = 0.0
+        # Admission and chunk sizes of prefill, from measured costs.
+        self._prefill = PrefillPolicy(config.prefill_batch_size, config.prefill_step_size)
+        self._arrivals = 0  # requests inserted since the last step
         # uid -> error, filled by _Guarded during a step.
         self._failures: dict[int, str] = {}
         self._model = model
@@ -255,6 +251,7 @@ class Scheduler:
         active = _Active(request.request_id, worker, uid, cached, logprobs=request.logprobs, grammar=grammar)
         self._by_uid[uid] = active
         self._by_id[request.request_id] = active
+        self._arrivals += 1
         self.stats.prompt_tokens_processed += len(rest)
         if cached:
             self.stats.prompt_cache_hits += 1
@@ -269,7 +266,9 @@ class Scheduler:
         if self._config.prompt_cache_bytes <= 0:
             return None, prompt
         cache, rest = self._prefix_cache.fetch_nearest_cache(PREFIX_CACHE_MODEL_KEY, prompt)
-        if cache is None or rest:
+        if cache is None or len(prompt) - len(rest) < MIN_PREFIX_REUSE_TOKENS:
+            return None, prompt
+        if rest:
             return cache, rest
         if not can_trim_prompt_cache(cache):
             return None, prompt
@@ -317,7 +316,7 @@ class Scheduler:
         outputs, self._pending = self._pending, defaultdict(list)
         if not self._by_id:
             return outputs
-        self._set_prefill_chunk()
+        self._plan_prefill()
         before = self._step_timers()
         _, responses = self._generator.next()
         self._learn_costs(before, self._step_timers())
@@ -351,13 +350,18 @@ class Scheduler:
                 self._remember_prefix(r.all_tokens, r.prompt_cache)
         return outputs
 
-    def _set_prefill_chunk(self) -> None:
-        gen, full = self._generator, self._config.prefill_step_size
-        chunk = full
-        if len(gen._generation_batch) > 0 and self._decode_step_s and self._prefill_token_s:
-            chunk = int(BUSY_PREFILL_SHARE * self._decode_step_s / self._prefill_token_s)
-            chunk = min(full, max(BUSY_PREFILL_MIN_TOKENS, chunk))
-        gen.prefill_step_size = chunk
+    def _plan_prefill(self) -> None:
+        """Set this step's prefill admission and chunk size on the generator
+        (BatchGenerator reads both attributes at every step)."""
+        gen, cfg = self._generator, self._config
+        waiting, prefilling, decoding = len(gen._unprocessed_sequences), len(gen._prompt_batch), len(gen._generation_batch)
+        free_rows = max(min(cfg.prefill_batch_size - prefilling, cfg.max_batch_size - decoding), 0)
+        arrivals, self._arrivals = self._arrivals, 0
+        admit = self._prefill.admit(time.monotonic(), waiting, free_rows, arrivals, busy=bool(prefilling or decoding))
+        # A prefill batch size equal to the rows already prefilling admits nobody new.
+        gen.prefill_batch_size = cfg.prefill_batch_size if admit else prefilling
+        rows = prefilling + (min(waiting, free_rows) if admit else 0)
+        gen.prefill_step_size = self._prefill.chunk(rows, decoding=decoding > 0)
 
     def _step_timers(self) -> tuple[float, float, int, int]:
         c = self._generator._counters
@@ -365,10 +369,7 @@ class Scheduler:
 
     def _learn_costs(self, before: tuple[float, float, int, int], after: tuple[float, float, int, int]) -> None:
         decode_s, prompt_s, prompt_tokens, steps = (a - b for a, b in zip(after, before))
-        if steps:
-            self._decode_step_s = _smooth(self._decode_step_s, decode_s / steps)
-        if prompt_tokens:
-            self._prefill_token_s = _smooth(self._prefill_token_s, prompt_s / prompt_tokens)
+        self._prefill.learn(steps, decode_s, prompt_tokens, prompt_s)
 
     def _drop_failed(self, live: list[tuple[Any, _Active]], outputs: Outputs) -> list[tuple[Any, _Active]]:
         """End the requests whose processors failed this step; the rest go on."""
@@ -396,10 +397,6 @@ class Scheduler:
 
     def memory(self) -> tuple[int, int]:
         return mx.get_active_memory(), mx.get_peak_memory()
-
-
-def _smooth(average: float, sample: float) -> float:
-    return sample if average == 0.0 else average + COST_SMOOTHING * (sample - average)
 
 
 def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tuple[int, float]]]]:

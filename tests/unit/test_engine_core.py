@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
 
-from engine.core import Scheduler, SchedulerConfig
+from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
 from ipc.messages import Generate, SamplingParams
 
 VOCAB = 300
@@ -306,3 +306,49 @@ def test_prefill_chunks_shrink_while_streams_decode(model):
     assert sizes and all(32 <= n <= 256 for n in sizes) and min(sizes) < 256
     results = run_to_end(s)
     assert results["arrives"]["tokens"] == reference_greedy(model, long_prompt, 2)
+
+
+def test_a_burst_arriving_over_steps_is_prefilled_together(model, monkeypatch):
+    monkeypatch.setattr("engine.prefill.ADMISSION_HOLD_MAX_S", 600.0)  # no clock in this test
+    s = make_scheduler(model, prefill_batch_size=8)
+    s.add(b"w", gen("running", [5, 6, 7], 40))
+    early = []
+    for _ in range(3):
+        early += [t for d in s.step()[b"w"] for t in d.token_ids]
+    prompts = {f"b{i}": [9 + i, 10, 11, 12] for i in range(6)}
+    rows_seen = []
+    for i, (rid, prompt) in enumerate(prompts.items()):
+        s.add(b"w", gen(rid, prompt, 6))
+        early += [t for d in s.step()[b"w"] if d.request_id == "running" for t in d.token_ids]
+        # One arrival per step: held while more keep coming.
+        rows_seen.append(len(s._generator._prompt_batch) + len(s._generator._generation_batch))
+    assert rows_seen[:-1] == [1] * (len(prompts) - 1)  # only "running" so far
+    results = run_to_end(s)
+    for rid, prompt in prompts.items():
+        assert results[rid]["tokens"] == reference_greedy(model, prompt, 6)
+    assert early + results["running"]["tokens"] == reference_greedy(model, [5, 6, 7], 40)
+
+
+def test_held_requests_can_be_aborted(model, monkeypatch):
+    monkeypatch.setattr("engine.prefill.ADMISSION_HOLD_MAX_S", 600.0)
+    s = make_scheduler(model)
+    s.add(b"w", gen("running", [5, 6, 7], 30))
+    s.step()
+    s.add(b"w", gen("held", [8, 9], 5))
+    s.step()
+    assert s.queued == 1
+    s.abort(["held"])
+    results = run_to_end(s)
+    assert [f.finish_reason for f in results["held"]["finals"]] == ["abort"]
+    assert s.running == 0 and s.queued == 0
+
+
+def test_short_shared_prefixes_are_not_reused(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("a", list(range(5, 200)), 3))
+    run_to_end(s)
+    short = list(range(5, 5 + MIN_PREFIX_REUSE_TOKENS - 1)) + [290, 291, 292]
+    s.add(b"w", gen("b", short, 3))
+    b = run_to_end(s)["b"]
+    assert s.stats.prompt_cache_hits == 0
+    assert b["tokens"] == reference_greedy(model, short, 3)

@@ -78,7 +78,7 @@ def test_defaults(model: Path) -> None:
     assert s.workers == default_workers()
     assert s.default_max_tokens == 4096
     assert s.prompt_cache_bytes == 2 * GIB
-    assert (s.max_batch_size, s.prefill_batch_size, s.prefill_step_size) == (64, 8, 512)
+    assert (s.max_batch_size, s.prefill_batch_size, s.prefill_step_size) == (64, 64, 512)
     assert (s.engine_startup_timeout_s, s.request_timeout_s) == (600.0, 600.0)
     assert s.ipc_address is None and s.config is None
 

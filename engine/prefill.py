@@ -1,0 +1,122 @@
+"""When to start prefilling waiting prompts, and in chunks of what size.
+
+Both decisions come from one fact measured on every backend: a forward pass
+has a fixed cost (kernel launches, evaluation, cache upkeep) on top of a cost
+per token, and on a GPU the fixed part dominates small batches. mlx-lm's
+BatchGenerator runs prefill and decode as separate forwards, so every extra
+prefill forward stalls all running streams by at least its fixed cost.
+
+* Admission: a burst of clients reaches the engine over a few steps. Prompts
+  admitted as they trickle in would each pay a prefill forward (and give the
+  decode batch a new shape each time); holding them while the burst is still
+  arriving, briefly, prefills them together.
+* Chunk size: while streams decode, a prompt is fed in chunks costing about
+  one decode step, so the running streams' token gaps stay near idle ones.
+  The costs are fitted, not assumed: ``seconds = fixed + per_token * tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# A chunk fed while streams decode should cost about this share of a decode step.
+BUSY_PREFILL_SHARE = 0.8
+BUSY_PREFILL_MIN_TOKENS = 32  # per row; smaller chunks are all fixed cost
+# Weight of the newest sample in the moving averages and in the cost fit.
+COST_SMOOTHING = 0.2
+# The longest a waiting prompt is held back while a burst is still arriving.
+# Short next to a first token's cost on any model, long enough to gather a
+# burst of HTTP clients (they reach the engine over tens of milliseconds).
+ADMISSION_HOLD_MAX_S = 0.05
+# Most prompt tokens in one prefill forward (all rows together): its
+# activations are the engine's peak memory. mlx_lm.server's defaults allow as
+# many (8 prompts x 2,048 tokens); a burst of short prompts still fits whole.
+PREFILL_FORWARD_TOKENS = 16384
+# Below this spread of chunk sizes the fit cannot separate the fixed cost
+# from the per-token one; the cost is then taken as proportional.
+MIN_RELATIVE_SPREAD = 0.05
+
+
+class LinearCost:
+    """Exponentially weighted least-squares fit of ``seconds = fixed + per_token * tokens``."""
+
+    def __init__(self, smoothing: float = COST_SMOOTHING) -> None:
+        self._alpha = smoothing
+        self._n = self._t = self._nn = self._nt = 0.0
+        self.samples = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        a = self._alpha if self.samples else 1.0
+        self._n += a * (tokens - self._n)
+        self._t += a * (seconds - self._t)
+        self._nn += a * (tokens * tokens - self._nn)
+        self._nt += a * (tokens * seconds - self._nt)
+        self.samples += 1
+
+    def fit(self) -> Optional[tuple[float, float]]:
+        """(fixed seconds, seconds per token), or None before any sample."""
+        if not self.samples or self._n <= 0:
+            return None
+        variance = self._nn - self._n * self._n
+        if variance > (MIN_RELATIVE_SPREAD * self._n) ** 2:
+            per_token = (self._nt - self._n * self._t) / variance
+            if per_token > 0:
+                return max(self._t - per_token * self._n, 0.0), per_token
+        return 0.0, self._t / self._n
+
+
+@dataclass
+class PrefillPolicy:
+    max_rows: int  # the configured prefill batch size
+    max_chunk: int  # the configured prefill step size (tokens per row)
+
+    def __post_init__(self) -> None:
+        self.decode_step_s = 0.0
+        self.prefill = LinearCost()
+        self._held_since: Optional[float] = None
+
+    # ---------------------------------------------------------------- costs
+
+    def learn(self, decode_steps: int, decode_s: float, prompt_tokens: int, prompt_s: float) -> None:
+        """One engine step's measurements (BatchGenerator's own timers): a step
+        runs at most one decode forward and one prefill forward."""
+        if decode_steps:
+            sample = decode_s / decode_steps
+            self.decode_step_s = sample if not self.decode_step_s else (
+                self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))
+        if prompt_tokens:
+            self.prefill.add(prompt_tokens, prompt_s)
+
+    # ------------------------------------------------------------ decisions
+
+    def admit(self, now: float, waiting: int, free_rows: int, arrived_since_last_step: int, busy: bool) -> bool:
+        """Whether waiting prompts may join the prefill batch this step."""
+        hold = (
+            waiting > 0
+            and busy  # idle: start at once
+            and waiting < free_rows  # a full prefill batch is already here
+            and arrived_since_last_step > 0  # the burst is still arriving
+        )
+        if hold:
+            self._held_since = self._held_since if self._held_since is not None else now
+            if now - self._held_since < ADMISSION_HOLD_MAX_S:
+                return False
+        self._held_since = None
+        return True
+
+    def chunk(self, rows: int, decoding: bool) -> int:
+        """Prompt tokens per row for this step's prefill forward of ``rows`` prompts."""
+        rows = max(rows, 1)
+        full = min(self.max_chunk, max(BUSY_PREFILL_MIN_TOKENS, PREFILL_FORWARD_TOKENS // rows))
+        fit = self.prefill.fit()
+        if not decoding or fit is None or not self.decode_step_s:
+            return full
+        fixed, per_token = fit
+        budget_s = BUSY_PREFILL_SHARE * self.decode_step_s - fixed
+        # When the fixed cost alone exceeds the share (small batches on a GPU),
+        # no chunk keeps the streams' gaps that short: make each forward count,
+        # spending at least as much on tokens as on the forward itself.
+        budget_s = max(budget_s, fixed)
+        per_row = int(budget_s / per_token / rows)
+        return min(full, max(BUSY_PREFILL_MIN_TOKENS, per_row))

@@ -1,0 +1,104 @@
+"""engine.prefill: the cost fit, admission holding and chunk sizes (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.prefill import (
+    ADMISSION_HOLD_MAX_S,
+    BUSY_PREFILL_MIN_TOKENS,
+    PREFILL_FORWARD_TOKENS,
+    LinearCost,
+    PrefillPolicy,
+)
+
+
+def test_fit_separates_fixed_and_per_token_costs():
+    cost = LinearCost()
+    for tokens in (64, 512, 128, 1024, 256, 32) * 5:
+        cost.add(tokens, 0.010 + 2e-5 * tokens)
+    fixed, per_token = cost.fit()
+    assert fixed == pytest.approx(0.010, rel=1e-6)
+    assert per_token == pytest.approx(2e-5, rel=1e-6)
+
+
+def test_fit_without_spread_is_proportional():
+    cost = LinearCost()
+    assert cost.fit() is None
+    for _ in range(4):
+        cost.add(256, 0.004)
+    assert cost.fit() == (0.0, pytest.approx(0.004 / 256))
+
+
+def test_fit_follows_a_change_of_costs():
+    cost = LinearCost()
+    for tokens in (64, 512) * 10:
+        cost.add(tokens, 0.001 + 1e-5 * tokens)
+    for tokens in (64, 512) * 30:
+        cost.add(tokens, 0.020 + 1e-5 * tokens)
+    fixed, _ = cost.fit()
+    assert fixed == pytest.approx(0.020, rel=0.01)
+
+
+def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512) -> PrefillPolicy:
+    p = PrefillPolicy(max_rows=8, max_chunk=max_chunk)
+    for tokens in (32, 256, 64, 512):
+        p.learn(1, decode_s, tokens, fixed + per_token * tokens)
+    return p
+
+
+def test_chunk_is_full_when_nothing_decodes_or_nothing_is_known():
+    assert PrefillPolicy(8, 512).chunk(rows=1, decoding=True) == 512
+    assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding=False) == 512
+
+
+def test_many_rows_share_the_forward_token_cap():
+    p = PrefillPolicy(max_rows=64, max_chunk=512)
+    assert p.chunk(rows=8, decoding=False) == 512
+    assert p.chunk(rows=64, decoding=False) == PREFILL_FORWARD_TOKENS // 64
+    assert p.chunk(rows=1024, decoding=False) == BUSY_PREFILL_MIN_TOKENS
+
+
+def test_chunk_costs_about_a_share_of_a_decode_step():
+    # 10 ms decode, no fixed cost, 0.1 ms/token: 0.8 * 10 ms buys 80 tokens, split over the rows.
+    p = policy(0.010, 0.0, 1e-4)
+    assert p.chunk(rows=1, decoding=True) == pytest.approx(80, abs=1)
+    assert p.chunk(rows=2, decoding=True) == pytest.approx(40, abs=1)
+    assert p.chunk(rows=8, decoding=True) == BUSY_PREFILL_MIN_TOKENS
+
+
+def test_chunk_grows_when_the_fixed_cost_dominates():
+    # A GPU: 12 ms decode, 30 ms fixed per prefill forward, 5 us/token. No chunk
+    # can cost under a decode step, so each forward carries at least as much
+    # token work as fixed cost (6,000 tokens), capped by the step size.
+    p = policy(0.012, 0.030, 5e-6, max_chunk=4096)
+    assert p.chunk(rows=1, decoding=True) == 4096
+    assert p.chunk(rows=4, decoding=True) == pytest.approx(1500, abs=2)
+
+
+def test_idle_engine_admits_at_once():
+    p = PrefillPolicy(8, 512)
+    assert p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
+
+
+def test_a_burst_is_held_while_it_arrives_then_admitted_together():
+    p = PrefillPolicy(8, 512)
+    assert not p.admit(now=0.000, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
+    assert not p.admit(now=0.010, waiting=5, free_rows=8, arrived_since_last_step=3, busy=True)
+    # Arrivals stopped: go.
+    assert p.admit(now=0.020, waiting=5, free_rows=8, arrived_since_last_step=0, busy=True)
+
+
+def test_a_full_prefill_batch_is_admitted_at_once():
+    p = PrefillPolicy(8, 512)
+    assert p.admit(now=0.0, waiting=8, free_rows=8, arrived_since_last_step=8, busy=True)
+
+
+def test_holding_is_bounded_in_time():
+    p = PrefillPolicy(8, 512)
+    assert not p.admit(now=10.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True)
+    assert not p.admit(now=10.0 + ADMISSION_HOLD_MAX_S / 2, waiting=2, free_rows=8, arrived_since_last_step=1,
+                       busy=True)
+    assert p.admit(now=10.0 + ADMISSION_HOLD_MAX_S, waiting=3, free_rows=8, arrived_since_last_step=1, busy=True)
+    # The clock starts again with the next hold.
+    assert not p.admit(now=20.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True)
