@@ -12,6 +12,9 @@
 set -euo pipefail
 variant=$1 out=$2
 shift 2
+# The mlx settings ours' engine gives itself (engine/__main__.py), for every
+# target: raw and mlx_lm measured with the same backend configuration.
+export MLX_USE_CUDA_GRAPHS=${MLX_USE_CUDA_GRAPHS:-0} MLX_CUDA_USE_CUDNN_SDPA=${MLX_CUDA_USE_CUDNN_SDPA:-0}
 shape=${GPU_SHAPE:-llama-3.2-1b}
 models=${GPU_MODELS:-/tmp/gpu-models}
 mkdir -p "$out"
