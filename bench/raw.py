@@ -24,7 +24,7 @@ class RawEngine:
     def __init__(self, model_dir: Path) -> None:
         from mlx_lm import load
 
-        self.model, _ = load(str(model_dir))
+        self.model, self.tokenizer = load(str(model_dir))
 
     def run(
         self,
@@ -89,3 +89,38 @@ class RawEngine:
             gpu_busy_pct=gpu.pct,
         )
         return RunResult(name, n, max_tokens, wall, list(results.values()), cpu)
+
+    def run_single(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int, eos_ids: Sequence[int], deadline_s: float,
+    ) -> RunResult:
+        """Each prompt through mlx_lm.stream_generate, one after the other."""
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors
+
+        bias = {int(e): -100.0 for e in eos_ids}
+        results = [RequestResult() for _ in prompts]
+        cpu0, busy0 = time.process_time(), busy_cpu_seconds()
+        gpu = GpuBusy().__enter__()
+        start = time.perf_counter()
+        try:
+            for prompt, r in zip(prompts, results):
+                if time.perf_counter() - start > deadline_s:
+                    r.error = "cut by the overall deadline"
+                    continue
+                sent = last = time.perf_counter()
+                for _ in stream_generate(self.model, self.tokenizer, list(prompt), max_tokens=max_tokens,
+                                         logits_processors=make_logits_processors(logit_bias=bias)):
+                    now = time.perf_counter()
+                    if r.chunks == 0:
+                        r.ttft_s = now - sent
+                    else:
+                        r.itl_s.append(now - last)
+                    last = now
+                    r.chunks += 1
+            wall = time.perf_counter() - start
+        finally:
+            gpu.__exit__()
+        engine_s = time.process_time() - cpu0
+        cpu = CpuUse(server_s={"engine": engine_s}, other_s=max(busy_cpu_seconds() - busy0 - engine_s, 0.0),
+                     gpu_busy_pct=gpu.pct)
+        return RunResult("stream_generate", 1, max_tokens, wall, results, cpu)

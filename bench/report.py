@@ -86,11 +86,24 @@ def failure_line(message: str) -> str:
     return f"{lines[0]} ... {errors[-1]}" if errors else lines[0]
 
 
+def single_stream_line(summaries: Sequence[Summary]) -> Optional[str]:
+    """ours' one-stream inter-token latency against mlx-lm's stream_generate, when both ran."""
+    at_one = {s.target: s for s in summaries if s.concurrency == 1}
+    ours, ref = at_one.get("ours"), at_one.get("stream_generate")
+    if ours is None or ref is None or not ref.itl_p50_ms:
+        return None
+    return (f"single-stream ITL p50: ours {ours.itl_p50_ms:.2f} ms, stream_generate {ref.itl_p50_ms:.2f} ms "
+            f"(ours/stream_generate {ours.itl_p50_ms / ref.itl_p50_ms:.3f})")
+
+
 def terminal_report(summaries: Sequence[Summary], failures: dict[str, str]) -> str:
     parts = [text_table(COLUMNS, [summary_row(s) for s in summaries])]
     header, rows = ratio_rows(summaries)
     if rows:
         parts.append("tokens/s ratios\n" + text_table(header, rows))
+    single = single_stream_line(summaries)
+    if single:
+        parts.append(single)
     parts += [f"FAILED {t}: {failure_line(msg)}" for t, msg in failures.items()]
     return "\n\n".join(parts)
 
@@ -116,6 +129,9 @@ def markdown_section(info: SectionInfo, summaries: Sequence[Summary], failures: 
     header, rows = ratio_rows(summaries)
     if rows:
         out += ["Streamed tokens/s ratios:", "", markdown_table(header, rows), ""]
+    single = single_stream_line(summaries)
+    if single:
+        out += [single[0].upper() + single[1:] + ".", ""]
     if info.chart:
         out += [f"![throughput vs concurrency]({info.chart})", ""]
     out += [f"* **{t} failed**: `{failure_line(msg)}`" for t, msg in failures.items()]

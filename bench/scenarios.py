@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
-import psutil
 
 from bench.report import SECTION_BEGIN, SECTION_END, machine_info, markdown_table, write_section
 from tests.integration.server import ServerProcess

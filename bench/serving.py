@@ -43,7 +43,7 @@ from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize,
 log = logging.getLogger("bench.serving")
 
 HTTP_TARGETS = ("ours", "mlx_lm")
-RAW_TARGETS = ("raw", "raw_nobias")
+RAW_TARGETS = ("raw", "raw_nobias", "stream_generate")  # stream_generate: at 1 stream only
 ALL_TARGETS = HTTP_TARGETS + RAW_TARGETS
 GENERATED_SIZES = ("tiny", "bench")
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
@@ -254,6 +254,10 @@ def run_raw_target(
     bias = name == "raw"
     for n in load.concurrency:
         deadline.check()
+        if name == "stream_generate":
+            if n == 1:
+                _run_single(engine, load, tokenizer, eos, deadline, runs)
+            continue
         # Same number of streams as the timed HTTP runs: rounds run one after the other.
         warm = [p.ids for p in make_prompts(tokenizer, n, load.prompt_tokens, f"warm-{n}")]
         engine.run(warm, min(load.warmup_tokens, load.max_tokens), eos, bias, deadline.remaining())
@@ -276,6 +280,22 @@ def run_raw_target(
                 return
             runs.append(merged)
             _log_run(merged)
+
+
+def _run_single(engine: Any, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline,
+                runs: list[RunResult]) -> None:
+    """mlx-lm's single-request path: the ceiling for one stream's inter-token latency."""
+    warm = [p.ids for p in make_prompts(tokenizer, 1, load.prompt_tokens, "warm-1")]
+    engine.run_single(warm, min(load.warmup_tokens, load.max_tokens), eos, deadline.remaining())
+    for k in range(load.repeats):
+        prompts = make_prompts(tokenizer, load.rounds, load.prompt_tokens, f"run-1-{k}")
+        _settle(load, deadline)
+        result = engine.run_single([p.ids for p in prompts], load.max_tokens, eos, deadline.remaining())
+        if cut_by_deadline(result):
+            log.warning("stream_generate: a run cut short by --deadline-s, left out")
+            return
+        runs.append(result)
+        _log_run(result)
 
 
 def prewarm_sweep(model_dir: Path, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline) -> float:

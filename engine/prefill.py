@@ -22,7 +22,7 @@ from typing import Optional
 
 # A chunk fed while streams decode should cost about this share of a decode step.
 BUSY_PREFILL_SHARE = 0.8
-BUSY_PREFILL_MIN_TOKENS = 32  # per row; smaller chunks are all fixed cost
+BUSY_PREFILL_MIN_TOKENS = 16  # per row; smaller chunks are mostly fixed cost
 # Weight of the newest sample in the moving averages and in the cost fit.
 COST_SMOOTHING = 0.2
 # The longest a waiting prompt is held back while a burst is still arriving.

@@ -252,6 +252,15 @@ def test_ratio_rows_cover_measured_pairs_only() -> None:
     assert report.ratio_rows([_summary("raw", 1, 10.0)]) == (["conc"], [])
 
 
+def test_single_stream_line_compares_ours_with_stream_generate() -> None:
+    ours = dataclasses.replace(_summary("ours", 1, 100.0), itl_p50_ms=10.5)
+    ref = dataclasses.replace(_summary("stream_generate", 1, 110.0), itl_p50_ms=10.0)
+    line = report.single_stream_line([ours, ref, _summary("ours", 8, 700.0)])
+    assert line == "single-stream ITL p50: ours 10.50 ms, stream_generate 10.00 ms (ours/stream_generate 1.050)"
+    assert report.single_stream_line([ours]) is None
+    assert "single-stream ITL p50" in report.terminal_report([ours, ref], {})
+
+
 @pytest.mark.parametrize(
     ("message", "line"),
     [("", "failed"), ("TimeoutError: slow", "TimeoutError: slow"), ("E: a\nValueError: b\nok", "E: a ... ValueError: b")],

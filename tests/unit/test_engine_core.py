@@ -8,6 +8,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
 
 from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
+from engine.prefill import BUSY_PREFILL_MIN_TOKENS
 from ipc.messages import Generate, SamplingParams
 
 VOCAB = 300
@@ -303,7 +304,7 @@ def test_prefill_chunks_shrink_while_streams_decode(model):
         s.step()
         sizes.append(s._generator.prefill_step_size)
     # Sized from measured costs while a stream decodes: smaller, never tiny.
-    assert sizes and all(32 <= n <= 256 for n in sizes) and min(sizes) < 256
+    assert sizes and all(BUSY_PREFILL_MIN_TOKENS <= n <= 256 for n in sizes) and min(sizes) < 256
     results = run_to_end(s)
     assert results["arrives"]["tokens"] == reference_greedy(model, long_prompt, 2)
 
