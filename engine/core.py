@@ -119,7 +119,10 @@ class Scheduler:
     ) -> None:
         self._fault_injector = fault_injector
         # Admission and chunk sizes of prefill, from measured costs.
-        self._prefill = PrefillPolicy(config.prefill_batch_size, config.prefill_step_size)
+        # mlx-lm would let a prefill batch larger than the decode batch grow the
+        # decode batch past max_batch_size: prefill rows never exceed it here.
+        self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
+        self._prefill = PrefillPolicy(self._prefill_rows, config.prefill_step_size)
         self._arrivals = 0  # requests inserted since the last step
         # uid -> error, filled by _Guarded during a step.
         self._failures: dict[int, str] = {}
@@ -146,7 +149,7 @@ class Scheduler:
             self._model,
             stop_tokens=[[t] for t in cfg.eos_token_ids],
             completion_batch_size=cfg.max_batch_size,
-            prefill_batch_size=cfg.prefill_batch_size,
+            prefill_batch_size=self._prefill_rows,
             prefill_step_size=cfg.prefill_step_size,
         )
 
@@ -355,11 +358,11 @@ class Scheduler:
         (BatchGenerator reads both attributes at every step)."""
         gen, cfg = self._generator, self._config
         waiting, prefilling, decoding = len(gen._unprocessed_sequences), len(gen._prompt_batch), len(gen._generation_batch)
-        free_rows = max(min(cfg.prefill_batch_size - prefilling, cfg.max_batch_size - decoding), 0)
+        free_rows = max(min(self._prefill_rows - prefilling, cfg.max_batch_size - decoding), 0)
         arrivals, self._arrivals = self._arrivals, 0
         admit = self._prefill.admit(time.monotonic(), waiting, free_rows, arrivals, busy=bool(prefilling or decoding))
         # A prefill batch size equal to the rows already prefilling admits nobody new.
-        gen.prefill_batch_size = cfg.prefill_batch_size if admit else prefilling
+        gen.prefill_batch_size = self._prefill_rows if admit else prefilling
         rows = prefilling + (min(waiting, free_rows) if admit else 0)
         gen.prefill_step_size = self._prefill.chunk(rows, decoding=decoding > 0)
 

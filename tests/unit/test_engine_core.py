@@ -353,3 +353,17 @@ def test_short_shared_prefixes_are_not_reused(model):
     b = run_to_end(s)["b"]
     assert s.stats.prompt_cache_hits == 0
     assert b["tokens"] == reference_greedy(model, short, 3)
+
+
+def test_decode_batch_never_exceeds_max_batch_size(model):
+    s = make_scheduler(model, max_batch_size=2, prefill_batch_size=8)
+    for i in range(5):
+        s.add(b"w", gen(f"r{i}", [5 + i, 6, 7], 6))
+    sizes = []
+    for _ in range(MAX_STEPS):
+        if not s.has_work():
+            break
+        s.step()
+        sizes.append(len(s._generator._generation_batch) + len(s._generator._prompt_batch))
+    assert max(sizes) == 2
+    assert s.stats.requests_finished == 5
