@@ -49,7 +49,7 @@ GENERATED_SIZES = ("tiny", "bench")
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine
 WARMUP_RETRY_WAIT_S = 5.0  # after a failed warm-up, before the next try
-PREWARM_PREFILL_BATCH = 8  # ours' default prefill_batch_size
+PREWARM_PREFILL_BATCH = 64  # ours' default prefill_batch_size
 PREWARM_TOKENS = 4
 DEADLINE_ERROR = "cut by the overall deadline"  # as bench.loadgen and bench.raw mark such requests
 
@@ -303,7 +303,7 @@ def prewarm_sweep(model_dir: Path, load: Load, tokenizer: Any, eos: list[int], d
 
     On a GPU, mlx compiles kernels for each new shape on first use and keeps them
     in a cache on disk that later processes reuse. A server sees batch sizes that
-    grow one arrival at a time and prefill batches of 1..8 prompts (ours'
+    grow one arrival at a time and prefill batches of 1..64 prompts (ours'
     default); a step that compiles many new kernels can take seconds, long enough
     for a server's own liveness checks to give up. The sweep pays those compiles
     up front for every target alike, so the timed runs measure serving."""
