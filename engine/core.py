@@ -357,7 +357,8 @@ class Scheduler:
         """Set this step's prefill admission and chunk size on the generator
         (BatchGenerator reads both attributes at every step)."""
         gen, cfg = self._generator, self._config
-        waiting, prefilling, decoding = len(gen._unprocessed_sequences), len(gen._prompt_batch), len(gen._generation_batch)
+        waiting = len(gen._unprocessed_sequences)
+        prefilling, decoding = len(gen._prompt_batch), len(gen._generation_batch)
         free_rows = max(min(self._prefill_rows - prefilling, cfg.max_batch_size - decoding), 0)
         arrivals, self._arrivals = self._arrivals, 0
         admit = self._prefill.admit(time.monotonic(), waiting, free_rows, arrivals, busy=bool(prefilling or decoding))
