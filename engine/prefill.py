@@ -80,8 +80,12 @@ class PrefillPolicy:
 
     def learn(self, decode_steps: int, decode_s: float, prompt_tokens: int, prompt_s: float) -> None:
         """One engine step's measurements (BatchGenerator's own timers): a step
-        runs at most one decode forward and one prefill forward."""
-        if decode_steps:
+        runs at most one decode forward and one prefill forward.
+
+        The decode cost is learnt from steps without prefill only: the decode
+        timer also waits for work queued behind a prefill chunk, so a busy
+        step's reading is the chunk's cost as much as the decode's."""
+        if decode_steps and not prompt_tokens:
             sample = decode_s / decode_steps
             self.decode_step_s = sample if not self.decode_step_s else (
                 self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))

@@ -43,7 +43,8 @@ def test_fit_follows_a_change_of_costs():
 def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512) -> PrefillPolicy:
     p = PrefillPolicy(max_rows=8, max_chunk=max_chunk)
     for tokens in (32, 256, 64, 512):
-        p.learn(1, decode_s, tokens, fixed + per_token * tokens)
+        p.learn(1, decode_s, 0, 0.0)  # a decode-only step
+        p.learn(1, 10 * decode_s, tokens, fixed + per_token * tokens)  # a busy step: its decode reading is ignored
     return p
 
 
