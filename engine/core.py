@@ -327,6 +327,7 @@ class Scheduler:
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
         live = self._drop_failed(live, outputs)
         logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
+        done: list[tuple[list[int], list[Any]]] = []  # finished sequences' tokens and caches
         for r, active in live:
             finished = r.finish_reason is not None
             cached = 0 if active.first_sent else active.cached_prompt_tokens
@@ -350,7 +351,9 @@ class Scheduler:
             outputs[active.worker].append(delta)
             if finished:
                 self._forget(active)
-                self._remember_prefix(r.all_tokens, r.prompt_cache)
+                if r.all_tokens and r.prompt_cache is not None:
+                    done.append((r.all_tokens, r.prompt_cache))
+        self._remember_prefixes(done)
         return outputs
 
     def _plan_prefill(self) -> None:
@@ -388,14 +391,16 @@ class Scheduler:
             outputs[active.worker].append(TokenDelta(active.request_id, [], "error", error=error))
         return [(r, a) for r, a in live if a.uid not in failures]
 
-    def _remember_prefix(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
+    def _remember_prefixes(self, finished: list[tuple[list[int], list[Any]]]) -> None:
         budget = self._config.prompt_cache_bytes
-        if budget <= 0 or not tokens or cache is None:
+        if budget <= 0 or not finished:
             return
-        # The extracted cache is a lazy slice of the whole batch's KV buffer:
-        # evaluate it now, or the entry would keep that entire buffer alive.
-        mx.eval([c.state for c in cache])
-        self._prefix_cache.insert_cache(PREFIX_CACHE_MODEL_KEY, list(tokens), cache)
+        # Each extracted cache is a lazy slice of the whole batch's KV buffer:
+        # evaluate them now (together: one sync for the step), or the entries
+        # would keep that entire buffer alive.
+        mx.eval([c.state for _, cache in finished for c in cache])
+        for tokens, cache in finished:
+            self._prefix_cache.insert_cache(PREFIX_CACHE_MODEL_KEY, list(tokens), cache)
         # Live batch caches count against the same budget (as in mlx_lm.server).
         self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
 
