@@ -90,23 +90,12 @@ def model_config(shape: Shape, eos_ids: list[int]) -> dict:
 
 def weight_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     """Hugging Face llama names; no lm_head (tied to the embeddings)."""
-    h, ff = shape.hidden, shape.intermediate
-    kv = shape.kv_heads * (shape.hidden // shape.heads)
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h), "model.norm.weight": (h,)}
-    for i in range(shape.layers):
-        p = f"model.layers.{i}"
-        out |= {
-            f"{p}.input_layernorm.weight": (h,),
-            f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (h, h),
-            f"{p}.self_attn.k_proj.weight": (kv, h),
-            f"{p}.self_attn.v_proj.weight": (kv, h),
-            f"{p}.self_attn.o_proj.weight": (h, h),
-            f"{p}.mlp.gate_proj.weight": (ff, h),
-            f"{p}.mlp.up_proj.weight": (ff, h),
-            f"{p}.mlp.down_proj.weight": (h, ff),
-        }
-    return out
+    from tests.model_factory import llama_weight_shapes  # the repo's generator; run from the repo root
+
+    return llama_weight_shapes(
+        hidden=shape.hidden, layers=shape.layers, heads=shape.heads, kv_heads=shape.kv_heads,
+        intermediate=shape.intermediate, vocab=shape.vocab, tied_embeddings=True,
+    )  # fmt: skip
 
 
 def padded_tokenizer_json(base_json: str, vocab: int) -> str:

@@ -164,16 +164,16 @@ def _tokenizer_config(chat_template: str = CHATML_TEMPLATE) -> dict:
 # --- weights ----------------------------------------------------------------
 
 
-def _weight_shapes(size: ModelSize, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Hugging Face llama tensor names, exactly as mlx_lm.models.llama expects."""
-    head_dim = size.hidden // size.heads
-    h, kv, ff = size.hidden, size.kv_heads * head_dim, size.intermediate
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (vocab, h),
-    }
-    for i in range(size.layers):
+def llama_weight_shapes(
+    *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, tied_embeddings: bool
+) -> dict[str, tuple[int, ...]]:
+    """Hugging Face llama tensor names, exactly as mlx_lm.models.llama expects
+    (no lm_head when the embeddings are tied). Also bench/gpu_model.py's."""
+    h, kv, ff = hidden, kv_heads * (hidden // heads), intermediate
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not tied_embeddings:
+        shapes["lm_head.weight"] = (vocab, h)
+    for i in range(layers):
         p = f"model.layers.{i}"
         shapes |= {
             f"{p}.input_layernorm.weight": (h,),
@@ -187,6 +187,13 @@ def _weight_shapes(size: ModelSize, vocab: int) -> dict[str, tuple[int, ...]]:
             f"{p}.mlp.down_proj.weight": (h, ff),
         }
     return shapes
+
+
+def _weight_shapes(size: ModelSize, vocab: int) -> dict[str, tuple[int, ...]]:
+    return llama_weight_shapes(
+        hidden=size.hidden, layers=size.layers, heads=size.heads, kv_heads=size.kv_heads,
+        intermediate=size.intermediate, vocab=vocab, tied_embeddings=False,
+    )  # fmt: skip
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
