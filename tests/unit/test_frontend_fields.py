@@ -8,26 +8,11 @@ import pytest
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
-from tests.unit.fakes import CHATML_TEMPLATE, FakeEngineClient, write_tokenizer_dir
+from tests.unit.fakes import CHATML_TEMPLATE, write_tokenizer_dir
 
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello"}]
 EFFORT_TEMPLATE = CHATML_TEMPLATE + "{% if reasoning_effort %}{{ 'effort: ' + reasoning_effort }}{% endif %}"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture
-def engine() -> FakeEngineClient:
-    return FakeEngineClient()
-
-
-@pytest.fixture
-def client(engine, tok) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
 
 
 @pytest.mark.parametrize(
