@@ -5,20 +5,13 @@ from __future__ import annotations
 import socket
 
 import falcon.testing
-import pytest
 
 from frontend.app import create_app
 from frontend.disconnect import peer_closed
-from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+from tests.unit.fakes import FakeEngineClient, Script
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 
 
 def test_engine_overloaded_finish_is_429_with_retry_after(tok):

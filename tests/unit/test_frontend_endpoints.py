@@ -11,11 +11,6 @@ from tests.openai_schema import validate
 from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
 @pytest.fixture
 def engine() -> FakeEngineClient:
     return FakeEngineClient(model_info=make_model_info(adapter_path="/adapters/a1"))

@@ -11,12 +11,7 @@ from frontend.generation import ChoiceRun, StopMatcher, choice_sampling, usage_c
 from frontend.tokenization import Tokenization
 from ipc.messages import Generate, SamplingParams
 from tests.openai_schema import validate, validate_completion_chunk
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+from tests.unit.fakes import FakeEngineClient, Script
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:

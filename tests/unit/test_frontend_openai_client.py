@@ -10,7 +10,7 @@ import pytest
 
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+from tests.unit.fakes import FakeEngineClient, Script
 
 openai = pytest.importorskip("openai")
 
@@ -22,11 +22,6 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _ThreadedServer(WSGIServer):
     daemon_threads = True
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
-    return Tokenization.from_pretrained(write_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture
