@@ -11,7 +11,6 @@ import json
 from collections import Counter
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -255,11 +254,6 @@ def post(base: str, path: str, *, json_body=None, content=None) -> tuple[httpx.R
             else:
                 response.read()
     return response, events
-
-
-@pytest.fixture(scope="module")
-def base(tiny_server):
-    return tiny_server.base_url
 
 
 def test_fuzz_chat_completions(base):

@@ -24,22 +24,6 @@ MESSAGES = [{"role": "user", "content": "Tell me about Paris."}]
 
 
 @pytest.fixture(scope="module")
-def base(tiny_server):
-    return tiny_server.base_url
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server):
-    return openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def no_eos(tiny_model_dir):
-    eos = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
-    return {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     return load(str(tiny_model_dir))
 

@@ -65,12 +65,6 @@ def long_stream(base: str, out: dict, no_eos: dict) -> None:
     out["ended_at"] = time.monotonic()
 
 
-@pytest.fixture(scope="module")
-def no_eos(tiny_model_dir):
-    eos = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
-    return {str(t): -100 for t in eos}
-
-
 def test_engine_kill_fails_in_flight_then_service_returns(tiny_model_dir, server_logs, no_eos):
     with ServerProcess(tiny_model_dir, server_logs) as server:
         base = server.base_url

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from tests.openai_schema import validate
@@ -15,23 +14,6 @@ from tests.openai_schema import validate
 CONCURRENT_STREAMS = 32
 STATUS_POLL_S = 0.1
 STATUS_POLL_ROUNDS = 300  # 30 s at most
-
-
-@pytest.fixture(scope="module")
-def base(tiny_server):
-    return tiny_server.base_url
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server):
-    return openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def no_eos(tiny_model_dir):
-    """logit_bias that bans the tiny model's EOS ids, so requests run to max_tokens."""
-    eos = json.loads((tiny_model_dir / "config.json").read_text())["eos_token_id"]
-    return {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
 
 
 def sse_events(response: httpx.Response) -> list:
