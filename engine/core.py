@@ -368,7 +368,7 @@ class Scheduler:
         # A prefill batch size equal to the rows already prefilling admits nobody new.
         gen.prefill_batch_size = self._prefill_rows if admit else prefilling
         rows = prefilling + (min(waiting, free_rows) if admit else 0)
-        gen.prefill_step_size = self._prefill.chunk(rows, decoding=decoding > 0)
+        gen.prefill_step_size = self._prefill.chunk(rows, decoding_rows=decoding)
 
     def _step_timers(self) -> tuple[float, float, int, int]:
         c = self._generator._counters

@@ -11,7 +11,8 @@ prefill forward stalls all running streams by at least its fixed cost.
   decode batch a new shape each time); holding them while the burst is still
   arriving, briefly, prefills them together.
 * Chunk size: while streams decode, a prompt is fed in chunks costing about
-  one decode step, so the running streams' token gaps stay near idle ones.
+  one decode step, so the running streams' token gaps stay near idle ones;
+  while more prompts wait than streams decode, in proportionally larger ones.
   The costs are fitted, not assumed: ``seconds = fixed + per_token * tokens``.
 """
 
@@ -22,7 +23,10 @@ from typing import Optional
 
 # A chunk fed while streams decode should cost about this share of a decode step.
 BUSY_PREFILL_SHARE = 0.8
-BUSY_PREFILL_MIN_TOKENS = 16  # per row; smaller chunks are mostly fixed cost
+# Per row. Smaller chunks are kept from being mostly fixed cost by the rule in
+# PrefillPolicy.chunk, not by this floor: at a long context even a few tokens
+# cost a decode step (the CPU's attention is quadratic in the chunk x context).
+BUSY_PREFILL_MIN_TOKENS = 1
 # Weight of the newest sample in the moving averages and in the cost fit.
 COST_SMOOTHING = 0.2
 # The longest a waiting prompt is held back while a burst is still arriving.
@@ -74,6 +78,10 @@ class PrefillPolicy:
     def __post_init__(self) -> None:
         self.decode_step_s = 0.0
         self.prefill = LinearCost()
+        # The latest prefill forward: (tokens, seconds). A prompt's chunks cost
+        # more per token as its context grows (attention), which a fit over
+        # every forward averages away; consecutive chunks have nearly the same context.
+        self._latest: Optional[tuple[int, float]] = None
         self._held_since: Optional[float] = None
 
     # ---------------------------------------------------------------- costs
@@ -91,6 +99,7 @@ class PrefillPolicy:
                 self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))
         if prompt_tokens:
             self.prefill.add(prompt_tokens, prompt_s)
+            self._latest = (prompt_tokens, prompt_s)
 
     # ------------------------------------------------------------ decisions
 
@@ -109,15 +118,25 @@ class PrefillPolicy:
         self._held_since = None
         return True
 
-    def chunk(self, rows: int, decoding: bool) -> int:
-        """Prompt tokens per row for this step's prefill forward of ``rows`` prompts."""
+    def chunk(self, rows: int, decoding_rows: int) -> int:
+        """Prompt tokens per row for this step's prefill forward of ``rows``
+        prompts, while ``decoding_rows`` streams decode."""
         rows = max(rows, 1)
-        full = min(self.max_chunk, max(BUSY_PREFILL_MIN_TOKENS, PREFILL_FORWARD_TOKENS // rows))
+        full = min(self.max_chunk, max(1, PREFILL_FORWARD_TOKENS // rows))
         fit = self.prefill.fit()
-        if not decoding or fit is None or not self.decode_step_s:
+        if not decoding_rows or fit is None or not self.decode_step_s:
             return full
         fixed, per_token = fit
-        budget_s = BUSY_PREFILL_SHARE * self.decode_step_s - fixed
+        if self._latest is not None:
+            tokens, seconds = self._latest
+            per_token = max(per_token, (seconds - fixed) / tokens)
+        # Chunking spreads the same prompt work over more forwards: it shortens
+        # the running streams' longest gaps, not their total wait, and every
+        # extra forward costs all rows its fixed part. So the share is per
+        # running stream: when more prompts wait for a first token than streams
+        # decode (a burst behind a few early arrivals), the chunk grows with them.
+        share = BUSY_PREFILL_SHARE * max(1.0, rows / decoding_rows)
+        budget_s = share * self.decode_step_s - fixed
         # When the fixed cost alone exceeds the share (small batches on a GPU),
         # no chunk keeps the streams' gaps that short: make each forward count,
         # spending at least as much on tokens as on the forward itself.

@@ -49,23 +49,34 @@ def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512
 
 
 def test_chunk_is_full_when_nothing_decodes_or_nothing_is_known():
-    assert PrefillPolicy(8, 512).chunk(rows=1, decoding=True) == 512
-    assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding=False) == 512
+    assert PrefillPolicy(8, 512).chunk(rows=1, decoding_rows=8) == 512
+    assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding_rows=0) == 512
 
 
 def test_many_rows_share_the_forward_token_cap():
     p = PrefillPolicy(max_rows=64, max_chunk=512)
-    assert p.chunk(rows=8, decoding=False) == 512
-    assert p.chunk(rows=64, decoding=False) == PREFILL_FORWARD_TOKENS // 64
-    assert p.chunk(rows=1024, decoding=False) == BUSY_PREFILL_MIN_TOKENS
+    assert p.chunk(rows=8, decoding_rows=0) == 512
+    assert p.chunk(rows=64, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 64
+    assert p.chunk(rows=1024, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 1024
 
 
 def test_chunk_costs_about_a_share_of_a_decode_step():
     # 10 ms decode, no fixed cost, 0.1 ms/token: 0.8 * 10 ms buys 80 tokens, split over the rows.
     p = policy(0.010, 0.0, 1e-4)
-    assert p.chunk(rows=1, decoding=True) == pytest.approx(80, abs=1)
-    assert p.chunk(rows=2, decoding=True) == pytest.approx(40, abs=1)
-    assert p.chunk(rows=8, decoding=True) == BUSY_PREFILL_MIN_TOKENS
+    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(80, abs=1)
+    assert p.chunk(rows=2, decoding_rows=8) == pytest.approx(40, abs=1)
+    assert p.chunk(rows=8, decoding_rows=8) == pytest.approx(10, abs=1)
+    assert p.chunk(rows=200, decoding_rows=200) == BUSY_PREFILL_MIN_TOKENS
+
+
+def test_chunks_shrink_as_a_long_prompts_context_grows():
+    # Each chunk costs more per token than the last (attention over a longer
+    # context): the next chunk follows the latest forward's cost, not the average.
+    p = policy(0.010, 0.0, 1e-4)
+    p.learn(1, 0.010, 20, 20 * 4e-4)  # 0.4 ms/token now
+    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(20, abs=1)
+    p.learn(1, 0.010, 20, 20 * 1e-3)  # 1 ms/token
+    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(8, abs=1)
 
 
 def test_chunk_grows_when_the_fixed_cost_dominates():
@@ -73,8 +84,19 @@ def test_chunk_grows_when_the_fixed_cost_dominates():
     # can cost under a decode step, so each forward carries at least as much
     # token work as fixed cost (6,000 tokens), capped by the step size.
     p = policy(0.012, 0.030, 5e-6, max_chunk=4096)
-    assert p.chunk(rows=1, decoding=True) == 4096
-    assert p.chunk(rows=4, decoding=True) == pytest.approx(1500, abs=2)
+    assert p.chunk(rows=1, decoding_rows=8) == 4096
+    assert p.chunk(rows=4, decoding_rows=8) == pytest.approx(1500, abs=2)
+
+
+def test_prompts_outnumbering_the_streams_get_larger_chunks():
+    # 10 ms decode, no fixed cost, 0.1 ms/token: 8 prompts behind 8 streams get
+    # 80 tokens of budget (10 each); behind 2 streams, 4x the budget.
+    p = policy(0.010, 0.0, 1e-4)
+    assert p.chunk(rows=8, decoding_rows=8) == pytest.approx(10, abs=1)
+    assert p.chunk(rows=8, decoding_rows=2) == pytest.approx(40, abs=1)
+    assert p.chunk(rows=8, decoding_rows=1) == pytest.approx(80, abs=1)
+    # One long prompt among many streams keeps the one-stream share.
+    assert p.chunk(rows=1, decoding_rows=16) == pytest.approx(80, abs=1)
 
 
 def test_idle_engine_admits_at_once():
