@@ -65,6 +65,7 @@ def run_scheduler(model, prompts, max_tokens, arrivals_per_step, config) -> tupl
         decode_rows, prefill_rows = _shape(gen)
         steps.append(Step(dt, decode_rows, prefill_rows, gen._counters.prompt_tokens - before_tokens))
         tokens += sum(len(d.token_ids) for ds in out.values() for d in ds)
+        sched.remember_finished()  # as the socket loop does, after sending
     return time.perf_counter() - start, tokens, steps
 
 

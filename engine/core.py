@@ -138,6 +138,9 @@ class Scheduler:
         self._by_id: dict[str, _Active] = {}
         # Finals produced outside a step (aborts, rejections), sent with the next step.
         self._pending: Outputs = defaultdict(list)
+        # Finished sequences' tokens and caches, kept for the prefix cache once
+        # their last deltas are out (remember_finished).
+        self._finished: list[tuple[list[int], list[Any]]] = []
         self.stats = SchedulerStats()
         self._generator = self._new_generator()
 
@@ -268,6 +271,7 @@ class Scheduler:
         """
         if self._config.prompt_cache_bytes <= 0:
             return None, prompt
+        self.remember_finished()
         cache, rest = self._prefix_cache.fetch_nearest_cache(PREFIX_CACHE_MODEL_KEY, prompt)
         if cache is None or len(prompt) - len(rest) < MIN_PREFIX_REUSE_TOKENS:
             return None, prompt
@@ -316,6 +320,7 @@ class Scheduler:
 
     def step(self) -> Outputs:
         """Advance the batch once; return all deltas grouped by worker."""
+        self.remember_finished()
         outputs, self._pending = self._pending, defaultdict(list)
         if not self._by_id:
             return outputs
@@ -327,7 +332,6 @@ class Scheduler:
         live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
         live = self._drop_failed(live, outputs)
         logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
-        done: list[tuple[list[int], list[Any]]] = []  # finished sequences' tokens and caches
         for r, active in live:
             finished = r.finish_reason is not None
             cached = 0 if active.first_sent else active.cached_prompt_tokens
@@ -352,8 +356,7 @@ class Scheduler:
             if finished:
                 self._forget(active)
                 if r.all_tokens and r.prompt_cache is not None:
-                    done.append((r.all_tokens, r.prompt_cache))
-        self._remember_prefixes(done)
+                    self._finished.append((r.all_tokens, r.prompt_cache))
         return outputs
 
     def _plan_prefill(self) -> None:
@@ -391,7 +394,15 @@ class Scheduler:
             outputs[active.worker].append(TokenDelta(active.request_id, [], "error", error=error))
         return [(r, a) for r, a in live if a.uid not in failures]
 
-    def _remember_prefixes(self, finished: list[tuple[list[int], list[Any]]]) -> None:
+    def remember_finished(self) -> None:
+        """Put the sequences finished by the last step into the prefix cache.
+
+        The socket loop calls this after sending the step's deltas: the work
+        (an evaluation and a trie insert per token) then delays no final token.
+        The next step or prefix lookup does it otherwise, so a request that
+        arrives later always sees the prefixes of those that finished before.
+        """
+        finished, self._finished = self._finished, []
         budget = self._config.prompt_cache_bytes
         if budget <= 0 or not finished:
             return

@@ -150,6 +150,7 @@ class EngineLoop:
         for worker, deltas in outputs.items():
             if deltas:
                 self._send(worker, StepOutputs(deltas))
+        self._scheduler.remember_finished()
 
     def _send(self, worker: bytes, message: msgspec.Struct) -> None:
         self._sock.send_multipart([worker, codec.encode(message)], copy=False)

@@ -50,7 +50,8 @@ def gen(rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Generate:
 
 
 def run_to_end(s: Scheduler) -> dict[str, dict]:
-    """Step until idle; collect tokens and the final delta of every request."""
+    """Step until idle, as the socket loop does (deltas out, then finished
+    prefixes remembered); collect tokens and the final delta of every request."""
     results: dict[str, dict] = {}
     for _ in range(MAX_STEPS):
         if not s.has_work():
@@ -61,6 +62,7 @@ def run_to_end(s: Scheduler) -> dict[str, dict]:
                 r["tokens"] += d.token_ids
                 if d.finish_reason:
                     r["finals"].append(d)
+        s.remember_finished()
     raise AssertionError("scheduler did not go idle")
 
 
@@ -191,6 +193,20 @@ def test_prefix_cache_hit_reuses_prompt(model):
     assert b["tokens"] == reference_greedy(model, prompt + [7, 8], 4)
     assert a["tokens"] == reference_greedy(model, prompt, 4)
     assert s.prefix_cache_entries >= 1
+
+
+def test_finished_prefixes_are_remembered_after_the_step_returns(model):
+    s = make_scheduler(model)
+    prompt = list(range(5, 100))
+    s.add(b"w", gen("a", prompt, 2))
+    for _ in range(MAX_STEPS):
+        if any(d.finish_reason for ds in s.step().values() for d in ds):
+            break
+    # The final delta is out before any prefix-cache work...
+    assert s.prefix_cache_entries == 0
+    # ...and a request added before remember_finished still sees the prefix.
+    s.add(b"w", gen("b", prompt + [7], 2))
+    assert s.prefix_cache_entries == 1 and s.stats.prompt_cache_hits == 1
 
 
 def test_prefix_cache_disabled_with_zero_bytes(model):

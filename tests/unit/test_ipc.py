@@ -282,3 +282,26 @@ def test_a_long_step_neither_drops_workers_nor_leaves_the_client_dead(model):
         for p in runtime.iterdir():
             p.unlink()
         runtime.rmdir()
+
+
+def test_a_steps_deltas_are_sent_before_its_finished_prefixes_are_cached():
+    """The prefix-cache work of a step must not delay that step's final tokens."""
+    calls: list[str] = []
+
+    class RecordingScheduler:
+        def step(self):
+            calls.append("step")
+            return {b"w1": [TokenDelta("a", [5], "length")], b"w2": [TokenDelta("b", [6], "length")]}
+
+        def remember_finished(self):
+            calls.append("remember")
+
+    runtime = make_private_runtime_dir()
+    loop = EngineLoop(RecordingScheduler(), MODEL, default_ipc_address(runtime))  # type: ignore[arg-type]
+    try:
+        loop._send = lambda worker, message: calls.append(f"send {worker.decode()}")  # type: ignore[method-assign]
+        loop._step()
+    finally:
+        loop._sock.close()
+        loop._ctx.term()
+    assert calls == ["step", "send w1", "send w2", "remember"]
