@@ -1,4 +1,4 @@
-"""engine/__main__.py: the mlx settings it gives the engine process before mlx starts."""
+"""engine/__main__.py: the mlx settings it gives the engine process before mlx starts, and the start-up heap freezing of the engine and the HTTP workers."""
 
 from __future__ import annotations
 
@@ -30,3 +30,28 @@ def test_cuda_graphs_and_cudnn_attention_are_off_by_default():
 def test_a_users_own_values_win():
     env = _engine_env(MLX_USE_CUDA_GRAPHS="1", MLX_CUDA_USE_CUDNN_SDPA="1")
     assert env == {"MLX_USE_CUDA_GRAPHS": "1", "MLX_CUDA_USE_CUDNN_SDPA": "1"}
+
+
+FROZEN = (
+    "import gc, sys, {module} as m; "
+    "before = gc.get_freeze_count(); m.{hook}; "
+    "print(before, gc.get_freeze_count())"
+)
+
+
+def _freeze_counts(module: str, hook: str) -> tuple[int, int]:
+    # A fresh interpreter: freezing is process-wide and must not leak into this one.
+    out = subprocess.run([sys.executable, "-c", FROZEN.format(module=module, hook=hook)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True)
+    before, after = map(int, out.stdout.split())
+    return before, after
+
+
+def test_engine_freezes_its_start_up_heap_out_of_garbage_collection():
+    before, after = _freeze_counts("engine.__main__", "freeze_startup_heap()")
+    assert before == 0 and after > 1000  # mlx-lm and friends, imported by the module
+
+
+def test_http_workers_freeze_theirs_after_loading_the_app():
+    before, after = _freeze_counts("frontend.gunicorn_conf", "post_worker_init(None)")
+    assert before == 0 and after > 1000
