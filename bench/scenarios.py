@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--long-words", type=int, default=1390, help="~3,900 tokens with the generated tokenizer")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prefill-step-size", type=int, default=512)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=lambda s: Path(s) if s else None, help="Markdown file to update ('' or none: print only)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mlx-scenarios-"))
     model = build_tiny_model(work / f"{args.model}-model", size=args.model)
