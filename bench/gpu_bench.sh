@@ -22,7 +22,7 @@ python3 -m bench.gpu_model "$models/$shape-bf16" --shape "$shape" $([ "$variant"
 rc=0
 python3 -m bench.serving --model "$models/$shape-$variant" \
   --concurrency 1,8,32,64 --max-tokens 256 --prompt-tokens 128 --targets ours,mlx_lm,raw \
-  --rounds 1 --repeats 2 --warmup-tokens 64 --warmup-tries 2 --quiet-wait-s 2 --request-timeout-s 60 \
+  --rounds 1 --repeats 3 --warmup-tokens 256 --warmup-tries 2 --quiet-wait-s 2 --request-timeout-s 60 \
   --section "gpu-$shape-$variant" --out BENCHMARKS.md --chart "" \
   --json "$out/gpu-$shape-$variant.json" --log-dir "$out/logs" "$@" || rc=$?
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
