@@ -65,8 +65,7 @@ def test_chunk_costs_about_a_share_of_a_decode_step():
     p = policy(0.010, 0.0, 1e-4)
     assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(80, abs=1)
     assert p.chunk(rows=2, decoding_rows=8) == pytest.approx(40, abs=1)
-    assert p.chunk(rows=8, decoding_rows=8) == pytest.approx(10, abs=1)
-    assert p.chunk(rows=200, decoding_rows=200) == BUSY_PREFILL_MIN_TOKENS
+    assert p.chunk(rows=8, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunks_shrink_as_a_long_prompts_context_grows():
@@ -75,8 +74,8 @@ def test_chunks_shrink_as_a_long_prompts_context_grows():
     p = policy(0.010, 0.0, 1e-4)
     p.learn(1, 0.010, 20, 20 * 4e-4)  # 0.4 ms/token now
     assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(20, abs=1)
-    p.learn(1, 0.010, 20, 20 * 1e-3)  # 1 ms/token
-    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(8, abs=1)
+    p.learn(1, 0.010, 20, 20 * 1e-3)  # 1 ms/token: 8 tokens would do, the floor holds
+    assert p.chunk(rows=1, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunk_grows_when_the_fixed_cost_dominates():
@@ -90,9 +89,9 @@ def test_chunk_grows_when_the_fixed_cost_dominates():
 
 def test_prompts_outnumbering_the_streams_get_larger_chunks():
     # 10 ms decode, no fixed cost, 0.1 ms/token: 8 prompts behind 8 streams get
-    # 80 tokens of budget (10 each); behind 2 streams, 4x the budget.
+    # 80 tokens of budget (10 each, below the floor); behind 2 streams, 4x the budget.
     p = policy(0.010, 0.0, 1e-4)
-    assert p.chunk(rows=8, decoding_rows=8) == pytest.approx(10, abs=1)
+    assert p.chunk(rows=8, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
     assert p.chunk(rows=8, decoding_rows=2) == pytest.approx(40, abs=1)
     assert p.chunk(rows=8, decoding_rows=1) == pytest.approx(80, abs=1)
     # One long prompt among many streams keeps the one-stream share.
