@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--arrivals", default="64,8,3", help="requests added per step, one scenario each")
     p.add_argument("--prefill-batch", default="8,64", help="the engine's prefill_batch_size, one scenario each")
     p.add_argument("--slow-ms", type=float, default=50.0)
+    p.add_argument("--prompt-cache-bytes", type=int, default=0,
+                   help="the engine's prefix cache (0: off; the server's default is 2 GiB)")
     p.add_argument("--no-clear-cache", action="store_true",
                    help="make mx.clear_cache a no-op (mlx-lm calls it after every prefill chunk) to see its cost")
     args = p.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
         for pb in (int(x) for x in args.prefill_batch.split(",")):
             for per_step in (int(x) for x in args.arrivals.split(",")):
                 config = SchedulerConfig(eos_token_ids=EOS_IDS, vocab_size=vocab, context_length=1 << 17,
-                                         max_batch_size=64, prefill_batch_size=pb, prompt_cache_bytes=0)
+                                         max_batch_size=64, prefill_batch_size=pb,
+                                         prompt_cache_bytes=args.prompt_cache_bytes)
                 wall, tokens, steps = run_scheduler(model, prompts, args.max_tokens, per_step, config)
                 report(f"[{rep}] engine prefill_batch {pb}, {per_step} arrivals/step", wall, tokens, steps,
                        args.slow_ms)
