@@ -122,7 +122,7 @@ class Scheduler:
         # mlx-lm would let a prefill batch larger than the decode batch grow the
         # decode batch past max_batch_size: prefill rows never exceed it here.
         self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
-        self._prefill = PrefillPolicy(self._prefill_rows, config.prefill_step_size)
+        self._prefill = PrefillPolicy(config.prefill_step_size)
         self._arrivals = 0  # requests inserted since the last step
         # uid -> error, filled by _Guarded during a step.
         self._failures: dict[int, str] = {}

@@ -72,7 +72,6 @@ class LinearCost:
 
 @dataclass
 class PrefillPolicy:
-    max_rows: int  # the configured prefill batch size
     max_chunk: int  # the configured prefill step size (tokens per row)
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ def test_fit_follows_a_change_of_costs():
 
 
 def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512) -> PrefillPolicy:
-    p = PrefillPolicy(max_rows=8, max_chunk=max_chunk)
+    p = PrefillPolicy(max_chunk=max_chunk)
     for tokens in (32, 256, 64, 512):
         p.learn(1, decode_s, 0, 0.0)  # a decode-only step
         p.learn(1, 10 * decode_s, tokens, fixed + per_token * tokens)  # a busy step: its decode reading is ignored
@@ -49,12 +49,12 @@ def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512
 
 
 def test_chunk_is_full_when_nothing_decodes_or_nothing_is_known():
-    assert PrefillPolicy(8, 512).chunk(rows=1, decoding_rows=8) == 512
+    assert PrefillPolicy(512).chunk(rows=1, decoding_rows=8) == 512
     assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding_rows=0) == 512
 
 
 def test_many_rows_share_the_forward_token_cap():
-    p = PrefillPolicy(max_rows=64, max_chunk=512)
+    p = PrefillPolicy(max_chunk=512)
     assert p.chunk(rows=8, decoding_rows=0) == 512
     assert p.chunk(rows=64, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 64
     assert p.chunk(rows=1024, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 1024
@@ -99,12 +99,12 @@ def test_prompts_outnumbering_the_streams_get_larger_chunks():
 
 
 def test_idle_engine_admits_at_once():
-    p = PrefillPolicy(8, 512)
+    p = PrefillPolicy(512)
     assert p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
 
 
 def test_a_burst_is_held_while_it_arrives_then_admitted_together():
-    p = PrefillPolicy(8, 512)
+    p = PrefillPolicy(512)
     assert not p.admit(now=0.000, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
     assert not p.admit(now=0.010, waiting=5, free_rows=8, arrived_since_last_step=3, busy=True)
     # Arrivals stopped: go.
@@ -112,12 +112,12 @@ def test_a_burst_is_held_while_it_arrives_then_admitted_together():
 
 
 def test_a_full_prefill_batch_is_admitted_at_once():
-    p = PrefillPolicy(8, 512)
+    p = PrefillPolicy(512)
     assert p.admit(now=0.0, waiting=8, free_rows=8, arrived_since_last_step=8, busy=True)
 
 
 def test_holding_is_bounded_in_time():
-    p = PrefillPolicy(8, 512)
+    p = PrefillPolicy(512)
     assert not p.admit(now=10.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True)
     assert not p.admit(now=10.0 + ADMISSION_HOLD_MAX_S / 2, waiting=2, free_rows=8, arrived_since_last_step=1,
                        busy=True)
