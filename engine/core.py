@@ -16,10 +16,10 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.prefill import PrefillPolicy
+from engine.prefix_cache import PrefixCache
 from engine.sampling import build_logits_processors, build_sampler
 from ipc.messages import LOGPROB_FLOOR, Generate, TokenDelta
 
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 WorkerId = bytes
 Outputs = dict[WorkerId, list[TokenDelta]]
 
-# The prefix cache keys entries by model; this engine holds exactly one.
-PREFIX_CACHE_MODEL_KEY = "model"
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
 # A shorter cached prefix (a chat template's opening, a first word) is not
@@ -131,8 +129,8 @@ class Scheduler:
         self._grammars = grammars  # None: constrained requests are refused
         self._make_generator = make_generator or BatchGenerator
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
-        self._prefix_cache = LRUPromptCache(
-            max_size=PREFIX_CACHE_MAX_ENTRIES, max_bytes=max(config.prompt_cache_bytes, 0)
+        self._prefix_cache = PrefixCache(
+            max(config.prompt_cache_bytes, 0), PREFIX_CACHE_MAX_ENTRIES, MIN_PREFIX_REUSE_TOKENS
         )
         self._by_uid: dict[int, _Active] = {}
         self._by_id: dict[str, _Active] = {}
@@ -264,23 +262,11 @@ class Scheduler:
             self.stats.prompt_cache_hit_tokens += cached
 
     def _fetch_prefix(self, prompt: list[int]) -> tuple[Optional[list[Any]], list[int]]:
-        """The longest cached prefix of ``prompt`` and the tokens still to prefill.
-
-        At least one token is always left to prefill: the model must see the
-        last prompt token to produce the first logits.
-        """
+        """The longest cached prefix of ``prompt`` and the tokens still to prefill."""
         if self._config.prompt_cache_bytes <= 0:
             return None, prompt
         self.remember_finished()
-        cache, rest = self._prefix_cache.fetch_nearest_cache(PREFIX_CACHE_MODEL_KEY, prompt)
-        if cache is None or len(prompt) - len(rest) < MIN_PREFIX_REUSE_TOKENS:
-            return None, prompt
-        if rest:
-            return cache, rest
-        if not can_trim_prompt_cache(cache):
-            return None, prompt
-        trim_prompt_cache(cache, 1)
-        return cache, prompt[-1:]
+        return self._prefix_cache.fetch(prompt)
 
     def abort(self, request_ids: list[str]) -> None:
         """Remove requests from the batch; unknown or finished ids are ignored."""
@@ -411,7 +397,7 @@ class Scheduler:
         # would keep that entire buffer alive.
         mx.eval([c.state for _, cache in finished for c in cache])
         for tokens, cache in finished:
-            self._prefix_cache.insert_cache(PREFIX_CACHE_MODEL_KEY, list(tokens), cache)
+            self._prefix_cache.insert(list(tokens), cache)
         # Live batch caches count against the same budget (as in mlx_lm.server).
         self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
 

@@ -195,6 +195,17 @@ def test_prefix_cache_hit_reuses_prompt(model):
     assert s.prefix_cache_entries >= 1
 
 
+def test_a_cached_sequence_longer_than_the_shared_prefix_is_trimmed_back(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("a", list(range(5, 200)), 4))
+    run_to_end(s)
+    prompt = list(range(5, 100)) + [250, 251]
+    s.add(b"w", gen("b", prompt, 4))
+    b = run_to_end(s)["b"]
+    assert s.stats.prompt_cache_hit_tokens == 95
+    assert b["tokens"] == reference_greedy(model, prompt, 4)
+
+
 def test_finished_prefixes_are_remembered_after_the_step_returns(model):
     s = make_scheduler(model)
     prompt = list(range(5, 100))
