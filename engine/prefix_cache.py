@@ -9,9 +9,9 @@ entries x suffix length squared. With the engine's 256 entries that is
 milliseconds per request, spent in the socket loop while a burst arrives (on
 an H100, 64 requests that shared only a chat template's opening held the
 first step back by ~0.3 s). It also copies a cache before the caller can say
-the shared prefix is too short to be worth it. Here the trie keeps, at every
-node, how many entries lie below it, so any of them is found in one descent,
-and nothing is copied below ``min_reuse`` tokens.
+the shared prefix is too short to be worth it. Here every trie node keeps
+the length of the shortest entry below it, so the cheapest entry to copy is
+found in one descent, and nothing is copied below ``min_reuse`` tokens.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ from typing import Any, Optional
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 
-@dataclass(eq=False)
+_NONE = 1 << 62  # `shortest` of a subtree without entries
+
+
+@dataclass(eq=False, slots=True)
 class _Node:
     children: dict[int, "_Node"] = field(default_factory=dict)
     entry: Optional["_Entry"] = None
-    below: int = 0  # entries in this subtree, this node's own included
+    # Token count of the shortest entry in this subtree (this node's own included):
+    # the cheapest one to copy when any of them will do.
+    shortest: int = _NONE
 
 
 @dataclass(eq=False)
@@ -73,7 +78,7 @@ class PrefixCache:
                 prefix = child.entry
         usable = min(depth, len(tokens) - 1)
         # An entry at or below the deepest shared node covers `usable` tokens once trimmed.
-        deeper = self._any_entry_below(node) if depth else None
+        deeper = self._shortest_entry_below(node) if depth else None
         if deeper is not None and deeper.trimmable and usable >= self.min_reuse:
             return self._copy(deeper, usable), tokens[usable:]
         if prefix is not None and len(prefix.tokens) >= self.min_reuse:
@@ -81,12 +86,13 @@ class PrefixCache:
         return None, tokens
 
     @staticmethod
-    def _any_entry_below(node: _Node) -> Optional[_Entry]:
-        # Every leaf holds an entry (empty branches are pruned): one descent finds one.
-        while node.entry is None:
+    def _shortest_entry_below(node: _Node) -> Optional[_Entry]:
+        # One descent, always into the child whose subtree holds the shortest entry.
+        target = node.shortest
+        while node.entry is None or len(node.entry.tokens) != target:
             if not node.children:
                 return None
-            node = next(iter(node.children.values()))
+            node = min(node.children.values(), key=lambda child: child.shortest)
         return node.entry
 
     def _copy(self, entry: _Entry, keep: int) -> list[Any]:
@@ -106,11 +112,11 @@ class PrefixCache:
             self._remove(key)
         entry = _Entry(key, cache, sum(c.nbytes for c in cache), can_trim_prompt_cache(cache))
         node = self._root
-        node.below += 1
+        node.shortest = min(node.shortest, len(key))
         shorter: list[tuple[int, ...]] = []
         for token in key:
             node = node.children.setdefault(token, _Node())
-            node.below += 1
+            node.shortest = min(node.shortest, len(key))
             if node.entry is not None:
                 shorter.append(node.entry.tokens)
         node.entry = entry
@@ -136,10 +142,10 @@ class PrefixCache:
         for token in key:
             path.append(path[-1].children[token])
         path[-1].entry = None
-        for node in path:
-            node.below -= 1
-        # Prune the branch that no longer leads to any entry.
-        for depth in range(len(key), 0, -1):
-            if path[depth].below:
-                break
-            del path[depth - 1].children[key[depth - 1]]
+        # Bottom up: prune what no longer leads to an entry, recount the rest.
+        for depth in range(len(key), -1, -1):
+            node = path[depth]
+            own = len(node.entry.tokens) if node.entry is not None else _NONE
+            node.shortest = min([own, *(child.shortest for child in node.children.values())])
+            if depth and node.shortest == _NONE:
+                del path[depth - 1].children[key[depth - 1]]

@@ -149,3 +149,19 @@ def test_lookups_find_an_entry_below_many_siblings_in_one_descent():
         c.insert(tokens, cache_for(tokens))
     cache, rest = c.fetch([1, 2, 3, 99])
     assert rest == [99] and [layer.tokens for layer in cache] == [3, 3] and FakeLayer.copies == 2
+
+
+def test_the_shortest_entry_below_the_shared_prefix_is_the_one_copied():
+    """Any entry below would do once trimmed; the shortest is the cheapest copy."""
+    c = PrefixCache(1 << 30, 100)
+    long_one = [1, 2, 3, 4] + list(range(10, 60))
+    c.insert(long_one, cache_for(long_one, nbytes=500))
+    c.insert([1, 2, 3, 5, 6, 7], cache_for([1, 2, 3, 5, 6, 7], nbytes=5))
+    c.insert([1, 2, 3, 4, 9, 9, 9], cache_for([1, 2, 3, 4, 9, 9, 9], nbytes=7))
+    cache, rest = c.fetch([1, 2, 3, 8])
+    assert rest == [8] and [layer.nbytes for layer in cache] == [5, 5]  # the 6-token entry
+    cache, rest = c.fetch([1, 2, 3, 4, 8])
+    assert rest == [8] and [layer.nbytes for layer in cache] == [7, 7]  # the 7-token one, not the 54
+    c.trim_to(1 << 30, n_entries=1)  # only the newest, [1, 2, 3, 4, 9, 9, 9], stays
+    cache, rest = c.fetch([1, 2, 3, 8])
+    assert rest == [8] and [layer.nbytes for layer in cache] == [7, 7]
