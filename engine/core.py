@@ -397,7 +397,7 @@ class Scheduler:
         # would keep that entire buffer alive.
         mx.eval([c.state for _, cache in finished for c in cache])
         for tokens, cache in finished:
-            self._prefix_cache.insert(list(tokens), cache)
+            self._prefix_cache.insert(tokens, cache)
         # Live batch caches count against the same budget (as in mlx_lm.server).
         self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
 
