@@ -7,6 +7,7 @@ import pytest
 from engine.prefill import (
     ADMISSION_HOLD_MAX_S,
     BUSY_PREFILL_MIN_TOKENS,
+    BUSY_PREFILL_SHARE,
     PREFILL_FORWARD_TOKENS,
     LinearCost,
     PrefillPolicy,
@@ -40,12 +41,33 @@ def test_fit_follows_a_change_of_costs():
     assert fixed == pytest.approx(0.020, rel=0.01)
 
 
+def busy_step(p: PrefillPolicy, decode_s: float, tokens: int, chunk_s: float) -> None:
+    """A step that decoded and prefilled, as BatchGenerator times it: the decode
+    forward was queued by the step before, so the decode timer finds its tokens
+    nearly ready and the prefill timer waits for that forward, then the chunk."""
+    p.learn(1, 0.05 * decode_s, tokens, 0.95 * decode_s + chunk_s)
+
+
 def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512) -> PrefillPolicy:
     p = PrefillPolicy(max_chunk=max_chunk)
     for tokens in (32, 256, 64, 512):
         p.learn(1, decode_s, 0, 0.0)  # a decode-only step
-        p.learn(1, 10 * decode_s, tokens, fixed + per_token * tokens)  # a busy step: its decode reading is ignored
+        busy_step(p, decode_s, tokens, fixed + per_token * tokens)
     return p
+
+
+def test_a_chunk_beside_decoding_is_charged_without_the_decode_forward():
+    p = policy(0.010, 0.002, 1e-5)
+    fixed, per_token = p.prefill.fit()
+    assert fixed == pytest.approx(0.002, rel=1e-6)
+    assert per_token == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_a_chunk_with_nothing_decoding_is_charged_its_own_time():
+    p = PrefillPolicy(max_chunk=512)
+    for tokens in (32, 256, 64, 512):
+        p.learn(0, 0.0, tokens, 0.001 + 2e-5 * tokens)
+    assert p.prefill.fit() == (pytest.approx(0.001, rel=1e-6), pytest.approx(2e-5, rel=1e-6))
 
 
 def test_chunk_is_full_when_nothing_decodes_or_nothing_is_known():
@@ -61,21 +83,29 @@ def test_many_rows_share_the_forward_token_cap():
 
 
 def test_chunk_costs_about_a_share_of_a_decode_step():
-    # 10 ms decode, no fixed cost, 0.1 ms/token: 0.8 * 10 ms buys 80 tokens, split over the rows.
+    # 10 ms decode, no fixed cost, 0.1 ms/token: the share of 10 ms buys (share * 100) tokens, split over the rows.
     p = policy(0.010, 0.0, 1e-4)
-    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(80, abs=1)
-    assert p.chunk(rows=2, decoding_rows=8) == pytest.approx(40, abs=1)
-    assert p.chunk(rows=8, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
+    budget = round(BUSY_PREFILL_SHARE * 100)
+    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(budget, abs=1)
+    assert p.chunk(rows=2, decoding_rows=8) == pytest.approx(budget / 2, abs=1)
+    assert p.chunk(rows=budget, decoding_rows=budget) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunks_shrink_as_a_long_prompts_context_grows():
     # Each chunk costs more per token than the last (attention over a longer
     # context): the next chunk follows the latest forward's cost, not the average.
     p = policy(0.010, 0.0, 1e-4)
-    p.learn(1, 0.010, 20, 20 * 4e-4)  # 0.4 ms/token now
-    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(20, abs=1)
-    p.learn(1, 0.010, 20, 20 * 1e-3)  # 1 ms/token: 8 tokens would do, the floor holds
-    assert p.chunk(rows=1, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
+    budget_s = BUSY_PREFILL_SHARE * 0.010
+    busy_step(p, 0.010, 20, 20 * 2e-4)  # 0.2 ms/token now
+    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(budget_s / 2e-4, abs=1)
+    before = p.chunk(rows=1, decoding_rows=8)
+    busy_step(p, 0.010, 20, 20 * 2e-3)  # 2 ms/token
+    assert BUSY_PREFILL_MIN_TOKENS <= p.chunk(rows=1, decoding_rows=8) < before / 2
+
+
+def test_chunks_keep_a_floor():
+    # 2 ms/token: the share of a 10 ms decode step buys 2 tokens; the floor holds.
+    assert policy(0.010, 0.0, 2e-3).chunk(rows=1, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunk_grows_when_the_fixed_cost_dominates():
@@ -88,14 +118,15 @@ def test_chunk_grows_when_the_fixed_cost_dominates():
 
 
 def test_prompts_outnumbering_the_streams_get_larger_chunks():
-    # 10 ms decode, no fixed cost, 0.1 ms/token: 8 prompts behind 8 streams get
-    # 80 tokens of budget (10 each, below the floor); behind 2 streams, 4x the budget.
+    # 10 ms decode, no fixed cost, 0.1 ms/token: B = share * 100 tokens of budget.
+    # 8 prompts behind 8 streams split B; behind 2 streams, 4x B; behind 1, 8x B.
     p = policy(0.010, 0.0, 1e-4)
-    assert p.chunk(rows=8, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
-    assert p.chunk(rows=8, decoding_rows=2) == pytest.approx(40, abs=1)
-    assert p.chunk(rows=8, decoding_rows=1) == pytest.approx(80, abs=1)
+    budget = BUSY_PREFILL_SHARE * 100
+    assert p.chunk(rows=8, decoding_rows=8) == max(BUSY_PREFILL_MIN_TOKENS, int(budget / 8))
+    assert p.chunk(rows=8, decoding_rows=2) == pytest.approx(budget / 2, abs=1)
+    assert p.chunk(rows=8, decoding_rows=1) == pytest.approx(budget, abs=1)
     # One long prompt among many streams keeps the one-stream share.
-    assert p.chunk(rows=1, decoding_rows=16) == pytest.approx(80, abs=1)
+    assert p.chunk(rows=1, decoding_rows=16) == pytest.approx(budget, abs=1)
 
 
 def test_idle_engine_admits_at_once():
