@@ -58,14 +58,17 @@ class RawEngine:
             uids = gen.insert([list(p) for p in prompts], max_tokens=[max_tokens] * n, logits_processors=processors)
             results = {uid: RequestResult() for uid in uids}
             running = n
+            steps, step_s = 0, 0.0
             while running:
                 if time.perf_counter() - start > deadline_s:
                     for r in results.values():
                         if r.chunks < max_tokens:
                             r.error = "cut by the overall deadline"
                     break
+                before = time.perf_counter()
                 _, responses = gen.next()
                 now = time.perf_counter()
+                steps, step_s = steps + 1, step_s + now - before
                 for resp in responses:
                     r = results[resp.uid]
                     r.chunks += 1
@@ -88,7 +91,7 @@ class RawEngine:
             busiest_thread_s={"engine": time.thread_time() - thread0},  # this loop's thread
             gpu_busy_pct=gpu.pct,
         )
-        return RunResult(name, n, max_tokens, wall, list(results.values()), cpu)
+        return RunResult(name, n, max_tokens, wall, list(results.values()), cpu, steps, step_s)
 
     def run_single(
         self, prompts: Sequence[Sequence[int]], max_tokens: int, eos_ids: Sequence[int], deadline_s: float,

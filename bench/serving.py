@@ -23,6 +23,8 @@ from pathlib import Path
 from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
+import httpx
+
 from bench import report
 from bench.loadgen import LoadSpec, run_load
 from bench.prompts import Prompt, make_prompts
@@ -43,6 +45,7 @@ from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize,
 log = logging.getLogger("bench.serving")
 
 HTTP_TARGETS = ("ours", "mlx_lm")
+STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 RAW_TARGETS = ("raw", "raw_nobias", "stream_generate")  # stream_generate: at 1 stream only
 ALL_TARGETS = HTTP_TARGETS + RAW_TARGETS
 GENERATED_SIZES = ("tiny", "bench")
@@ -229,19 +232,34 @@ def run_http_target(
                 before, cpu0, busy0 = server.cpu_seconds(), time.process_time(), busy_cpu_seconds()
                 pid = next(iter(server.pids(spec.profile_label)), None) if profile_dir else None
                 prof = Profiler(pid, profile_dir / f"{spec.name}-c{n}-r{k}.txt") if profile_dir else nullcontext()
+                steps0 = engine_steps(server.base_url)
                 with GpuBusy() as gpu, prof:
                     results, wall = run_load(server.base_url, timed, _split(prompts, n), deadline.remaining())
+                steps1 = engine_steps(server.base_url)
                 cpu = CpuUse(client_s=time.process_time() - cpu0, server_s=cpu_delta(before, server.cpu_seconds()))
                 cpu.other_s = max(busy_cpu_seconds() - busy0 - cpu.client_s - sum(cpu.server_s.values()), 0.0)
                 cpu.busiest_thread_s = busiest_thread(threads0, server.thread_seconds())
                 cpu.gpu_busy_pct = gpu.pct
                 run = RunResult(spec.name, n, load.max_tokens, wall, results, cpu)
+                if steps0 and steps1:
+                    run.engine_steps, run.engine_step_s = steps1[0] - steps0[0], steps1[1] - steps0[1]
                 if cut_by_deadline(run):
                     events.append(f"{spec.name} at {n} stream(s): a run cut short by --deadline-s, left out")
                     log.warning("%s", events[-1])
                     return
                 runs.append(run)
                 _log_run(runs[-1])
+
+
+def engine_steps(base_url: str) -> Optional[tuple[int, float]]:
+    """(steps, their wall seconds) so far from ours' /v1/mlx/status; None from a
+    server without it (mlx_lm)."""
+    try:
+        r = httpx.get(f"{base_url}/v1/mlx/status", timeout=STATUS_TIMEOUT_S)
+        engine = r.json()["engine"] if r.status_code == 200 else {}
+        return (engine["steps"], engine["step_seconds"]) if "steps" in engine else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_raw_target(
@@ -274,6 +292,7 @@ def run_raw_target(
                        other_s=sum(p.cpu.other_s for p in parts),
                        busiest_thread_s={"engine": sum(p.cpu.busiest_thread_s.get("engine", 0.0) for p in parts)},
                        gpu_busy_pct=_weighted_gpu(parts)),
+                sum(p.engine_steps for p in parts), sum(p.engine_step_s for p in parts),
             )  # fmt: skip
             if cut_by_deadline(merged):
                 log.warning("%s at %d stream(s): a run cut short by --deadline-s, left out", name, n)
@@ -403,7 +422,22 @@ def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
                 cell += f" (busiest thread {busiest[label] / r.wall_s:.2f})"
             cells.append(cell)
         gpu = "" if r.cpu.gpu_busy_pct is None else f"; GPU busy {r.cpu.gpu_busy_pct:.0f}%"
-        notes.append(f"{r.target} at {r.concurrency} stream(s), server CPU by process: {', '.join(cells)}{gpu}")
+        step = "" if r.engine_step_ms is None else f"; engine {r.engine_step_ms:.2f} ms per step ({r.engine_steps} steps)"
+        notes.append(f"{r.target} at {r.concurrency} stream(s), server CPU by process: {', '.join(cells)}{gpu}{step}")
+    return tuple(notes) + engine_step_notes(runs)
+
+
+def engine_step_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
+    """Per concurrency, ours' engine time per step against raw's (median runs): the
+    engine's own speed, without the HTTP clients' arrival spread in the run's wall time."""
+    by_key = {(r.target, r.concurrency): r for r in (median_run(g) for g in group_runs(runs))}
+    notes = []
+    for (target, n), ours in sorted(by_key.items()):
+        raw = by_key.get(("raw", n))
+        if target != "ours" or raw is None or ours.engine_step_ms is None or raw.engine_step_ms is None:
+            continue
+        notes.append(f"engine time per step at {n} stream(s): ours {ours.engine_step_ms:.2f} ms, raw "
+                     f"{raw.engine_step_ms:.2f} ms (raw/ours {raw.engine_step_ms / ours.engine_step_ms:.2f})")
     return tuple(notes)
 
 

@@ -57,12 +57,21 @@ class RunResult:
     wall_s: float
     requests: list[RequestResult]
     cpu: CpuUse = field(default_factory=CpuUse)
+    # Steps of the process holding the model during the run and their wall time:
+    # ours' from /v1/mlx/status, raw's from its own loop; 0 where unknown (mlx_lm).
+    engine_steps: int = 0
+    engine_step_s: float = 0.0
+
+    @property
+    def engine_step_ms(self) -> Optional[float]:
+        return self.engine_step_s / self.engine_steps * 1000 if self.engine_steps else None
 
 
 def run_from_dict(d: dict) -> RunResult:
     """The inverse of dataclasses.asdict for a RunResult (the --json dump)."""
     requests = [RequestResult(**r) for r in d["requests"]]
-    return RunResult(d["target"], d["concurrency"], d["max_tokens"], d["wall_s"], requests, CpuUse(**d["cpu"]))
+    return RunResult(d["target"], d["concurrency"], d["max_tokens"], d["wall_s"], requests, CpuUse(**d["cpu"]),
+                     d.get("engine_steps", 0), d.get("engine_step_s", 0.0))  # fmt: skip
 
 
 @dataclass(frozen=True)

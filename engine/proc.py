@@ -67,6 +67,8 @@ class EngineLoop:
         self._parent_pid = os.getppid()
         self._last_seen: dict[bytes, float] = {}
         self._next_housekeeping = 0.0
+        self._steps = 0
+        self._step_seconds = 0.0
         self._handlers: dict[type, Callable[[bytes, object], None]] = {
             Hello: self._on_hello,
             Generate: self._on_generate,
@@ -141,6 +143,7 @@ class EngineLoop:
                     log.warning("worker %r went silent: aborted its requests", worker)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             outputs = self._scheduler.step()
         except Exception as exc:  # one bad step must not take the engine down
@@ -151,6 +154,8 @@ class EngineLoop:
             if deltas:
                 self._send(worker, StepOutputs(deltas))
         self._scheduler.remember_finished()
+        self._steps += 1
+        self._step_seconds += time.perf_counter() - started
 
     def _send(self, worker: bytes, message: msgspec.Struct) -> None:
         self._sock.send_multipart([worker, codec.encode(message)], copy=False)
@@ -201,5 +206,7 @@ class EngineLoop:
                 active_memory_bytes=active,
                 peak_memory_bytes=peak,
                 restarts=self._restarts,
+                steps=self._steps,
+                step_seconds=self._step_seconds,
             ),
         )

@@ -165,6 +165,8 @@ def _engine_counters(status: EngineStatus) -> dict[str, tuple[str, float]]:
         "generation_tokens": ("Tokens the engine generated", status.tokens_generated),
         "prompt_tokens": ("Prompt tokens the engine prefilled", status.prompt_tokens_processed),
         "restarts": ("Times mlx-server restarted a dead engine", status.restarts),
+        "steps": ("Engine steps (one decode and/or prefill forward each)", status.steps),
+        "step_seconds": ("Wall time of engine steps, sends included; over steps: time per step", status.step_seconds),
     }
 
 

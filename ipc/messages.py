@@ -169,6 +169,10 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     peak_memory_bytes: int
     # How often the supervisor restarted the engine before this one (0: first start).
     restarts: int = 0
+    # Engine steps run and their wall time, sends to the workers included:
+    # the time per step over a window is (delta step_seconds) / (delta steps).
+    steps: int = 0
+    step_seconds: float = 0.0
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True):

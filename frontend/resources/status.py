@@ -33,6 +33,8 @@ def status_body(ctx: AppContext, status: EngineStatus) -> dict[str, Any]:
             "requests_finished": status.requests_finished,
             "tokens_generated": status.tokens_generated,
             "prompt_tokens_processed": status.prompt_tokens_processed,
+            "steps": status.steps,
+            "step_seconds": round(status.step_seconds, 6),
         },
         "prompt_cache": {
             "entries": status.prompt_cache_entries,

@@ -183,6 +183,8 @@ class FakeEngineClient:
             prompt_cache_hit_tokens=99,
             active_memory_bytes=1 << 20,
             peak_memory_bytes=2 << 20,
+            steps=300,
+            step_seconds=1.5,
         )
 
     def all_closed(self) -> bool:

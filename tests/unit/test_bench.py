@@ -10,12 +10,14 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench import report
 from bench.loadgen import LoadSpec
 from bench.prompts import make_prompt, make_prompts, templated_ids
 from bench.servers import busiest_thread, cpu_delta
+from bench import serving
 from bench.serving import eos_ids, parse_args, replot, run_notes
 from bench.sse import Event, LineSplitter, parse_line
 from bench.stats import (
@@ -351,7 +353,36 @@ def test_run_from_dict_inverts_asdict() -> None:
     run = _run()
     run.cpu.busiest_thread_s = {"engine": 0.9}
     run.cpu.gpu_busy_pct = 42.0
+    run.engine_steps, run.engine_step_s = 200, 1.9
     assert run_from_dict(json.loads(json.dumps(dataclasses.asdict(run)))) == run
+
+
+def test_run_from_dict_reads_dumps_without_engine_steps() -> None:
+    d = dataclasses.asdict(_run())
+    del d["engine_steps"], d["engine_step_s"]
+    assert run_from_dict(d).engine_step_ms is None
+
+
+def test_engine_step_notes_compare_ours_with_raw() -> None:
+    ours = dataclasses.replace(_run(), engine_steps=100, engine_step_s=1.0)
+    raw = dataclasses.replace(_run(), target="raw", engine_steps=100, engine_step_s=0.9)
+    mlx_lm = dataclasses.replace(_run(), target="mlx_lm")
+    notes = run_notes([ours, raw, mlx_lm])
+    by_target = {n.split(" ")[0]: n for n in notes}
+    assert by_target["ours"].endswith("; engine 10.00 ms per step (100 steps)")
+    assert by_target["raw"].endswith("; engine 9.00 ms per step (100 steps)")
+    assert "per step" not in by_target["mlx_lm"]  # unknown there
+    assert notes[-1] == "engine time per step at 3 stream(s): ours 10.00 ms, raw 9.00 ms (raw/ours 0.90)"
+
+
+def test_engine_steps_reads_ours_status_and_nothing_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {
+        "ours": httpx.Response(200, json={"engine": {"steps": 7, "step_seconds": 0.5}}),
+        "mlx_lm": httpx.Response(404, text="not found"),
+    }
+    monkeypatch.setattr(serving.httpx, "get", lambda url, timeout: answers[url.split("//")[1].split("/")[0]])
+    assert serving.engine_steps("http://ours") == (7, 0.5)
+    assert serving.engine_steps("http://mlx_lm") is None
 
 
 def test_run_notes_name_cores_busiest_thread_and_gpu() -> None:

@@ -54,6 +54,7 @@ def test_status(client, engine):
     assert body["engine"]["running_requests"] == 2
     assert body["engine"]["queued_requests"] == 1
     assert body["engine"]["tokens_generated"] == 1234
+    assert body["engine"]["steps"] == 300 and body["engine"]["step_seconds"] == 1.5
     assert body["prompt_cache"]["hits"] == 7
     assert body["memory"]["peak_bytes"] == 2 << 20
     assert body["frontend"]["pid"] > 0

@@ -126,6 +126,8 @@ def test_client_handshake_generate_and_status(engine):
     status = client.status()
     assert isinstance(status, EngineStatus)
     assert status.tokens_generated >= 6 and status.running_requests == 0
+    # Six tokens take at least six steps (prefill and decode share a step at most).
+    assert status.steps >= 6 and status.step_seconds > 0
 
 
 def test_many_concurrent_streams_from_threads(engine):

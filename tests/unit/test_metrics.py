@@ -211,6 +211,8 @@ def test_engine_status_at_scrape_time(client, engine):
     assert value(samples, "mlx_server_engine_prompt_cache_entries") == 3
     assert value(samples, "mlx_server_engine_generation_tokens_total") == 1234
     assert value(samples, "mlx_server_engine_uptime_seconds") == 12.5
+    assert value(samples, "mlx_server_engine_steps_total") == 300
+    assert value(samples, "mlx_server_engine_step_seconds_total") == 1.5
     assert value(samples, "mlx_server_engine_start_time_seconds") == engine.model.created
 
 
@@ -232,6 +234,8 @@ def test_metric_names_are_documented():
         "mlx_server_engine_queued_requests",
         "mlx_server_engine_running_requests",
         "mlx_server_engine_prompt_cache_hits_total",
+        "mlx_server_engine_steps_total",
+        "mlx_server_engine_step_seconds_total",
     ):
         assert name in text, name
 
