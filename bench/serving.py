@@ -45,10 +45,10 @@ from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize,
 log = logging.getLogger("bench.serving")
 
 HTTP_TARGETS = ("ours", "mlx_lm")
-STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 RAW_TARGETS = ("raw", "raw_nobias", "stream_generate")  # stream_generate: at 1 stream only
 ALL_TARGETS = HTTP_TARGETS + RAW_TARGETS
 GENERATED_SIZES = ("tiny", "bench")
+STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine
 WARMUP_RETRY_WAIT_S = 5.0  # after a failed warm-up, before the next try
@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
     """Per (target, concurrency), the median run's CPU by process, its busiest thread, GPU busy."""
     notes = []
-    for r in (median_run(group) for group in group_runs(runs)):
+    medians = [median_run(group) for group in group_runs(runs)]
+    for r in medians:
         if r.wall_s <= 0:
             continue
         busiest = r.cpu.busiest_thread_s
@@ -424,13 +425,13 @@ def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
         gpu = "" if r.cpu.gpu_busy_pct is None else f"; GPU busy {r.cpu.gpu_busy_pct:.0f}%"
         step = "" if r.engine_step_ms is None else f"; engine {r.engine_step_ms:.2f} ms per step ({r.engine_steps} steps)"
         notes.append(f"{r.target} at {r.concurrency} stream(s), server CPU by process: {', '.join(cells)}{gpu}{step}")
-    return tuple(notes) + engine_step_notes(runs)
+    return tuple(notes) + engine_step_notes(medians)
 
 
-def engine_step_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
+def engine_step_notes(medians: Sequence[RunResult]) -> tuple[str, ...]:
     """Per concurrency, ours' engine time per step against raw's (median runs): the
     engine's own speed, without the HTTP clients' arrival spread in the run's wall time."""
-    by_key = {(r.target, r.concurrency): r for r in (median_run(g) for g in group_runs(runs))}
+    by_key = {(r.target, r.concurrency): r for r in medians}
     notes = []
     for (target, n), ours in sorted(by_key.items()):
         raw = by_key.get(("raw", n))
