@@ -220,7 +220,7 @@ def _os_name() -> str:
 def _versions() -> str:
     names = sorted(
         {d.metadata["Name"].lower() for d in importlib.metadata.distributions() if d.metadata["Name"]}
-        & {"mlx", "mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm", "httpx"}
+        & {"mlx", "mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm", "httpx", "aiohttp", "gunicorn", "gevent"}
     )
     return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
 

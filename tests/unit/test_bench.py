@@ -1,22 +1,25 @@
-"""The benchmark's pure parts: statistics, SSE reading, prompts, report rendering.
+"""The benchmark's parts: statistics, SSE reading, prompts, report rendering, and
+the load generator against a stub SSE server.
 
-No servers, no timing assertions: the benchmark itself is run by hand (bench/).
+No real servers, no timing assertions: the benchmark itself is run by hand (bench/).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import math
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench import report
+from bench import loadgen, report
 from bench.loadgen import LoadSpec
-from bench.prompts import make_prompt, make_prompts, templated_ids
-from bench.servers import busiest_thread, cpu_delta
+from bench.prompts import Prompt, make_prompt, make_prompts, templated_ids
+from bench.servers import busiest_thread, cpu_delta, free_port
 from bench import serving
 from bench.serving import eos_ids, parse_args, replot, run_notes
 from bench.sse import Event, LineSplitter, parse_line
@@ -441,3 +444,63 @@ def test_gpu_model_tiny_shape_loads_in_mlx_lm(tmp_path: Path) -> None:
     for variant in ("bf16", "q4"):
         model, tokenizer = load(str(tmp_path / variant))
         assert len(tokenizer.get_vocab()) == 128256
+
+
+# --- load generator against a stub server ---------------------------------------
+
+
+class _StubSSE(http.server.BaseHTTPRequestHandler):
+    """Streams two content chunks, usage and [DONE]; answers 400 to a body without messages."""
+
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if not body.get("messages"):
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "no messages"}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for text in ("a", "b"):
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "%s"}}]}\n\n' % text.encode())
+            self.wfile.flush()
+        self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def stub_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubSSE)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_run_load_streams_every_prompt_of_every_client(stub_url: str) -> None:
+    spec = LoadSpec(model="m", max_tokens=2, logit_bias={}, request_timeout_s=10)
+    prompts = [[Prompt("hi", (1,)), Prompt("there", (2,))] for _ in range(3)]
+    results, wall = loadgen.run_load(stub_url, spec, prompts, deadline_s=30)
+    assert len(results) == 6 and wall > 0
+    for r in results:
+        assert (r.ok, r.chunks, r.tokens, len(r.itl_s), r.retries) == (True, 2, 2, 1, 0)
+        assert r.ttft_s is not None and r.ttft_s >= 0
+
+
+def test_run_load_records_http_errors_and_refused_connections(stub_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = LoadSpec(model="m", max_tokens=2, logit_bias={}, request_timeout_s=10)
+    monkeypatch.setattr(Prompt, "messages", lambda self: [])
+    (bad,), _ = loadgen.run_load(stub_url, spec, [[Prompt("x", (1,))]], deadline_s=30)
+    assert bad.error is not None and bad.error.startswith("HTTP 400")
+    monkeypatch.setattr(loadgen, "RETRY_BACKOFF_S", 0.0)
+    (refused,), _ = loadgen.run_load(f"http://127.0.0.1:{free_port()}", spec, [[Prompt("x", (1,))]], deadline_s=30)
+    assert refused.retries == loadgen.CONNECT_RETRIES and refused.error
