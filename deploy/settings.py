@@ -90,7 +90,7 @@ def default_workers(cpus: int | None = None) -> int:
     # one uses more cores; but the engine process is the throughput limit and needs cores of its
     # own, hence at most half of them. At least 2, so one busy or restarting worker never stalls
     # all HTTP; at most 4, since each worker also holds a tokenizer and a socket and past that
-    # they only cost memory (threads, not workers, carry concurrent streams).
+    # they only cost memory (connections, not workers, carry concurrent streams).
     cpus = cpu_count() if cpus is None else cpus
     return min(4, max(2, cpus // 2))
 
@@ -125,10 +125,13 @@ class Settings(BaseSettings):
         ge=1,
         description="gunicorn worker processes; unset or null: min(4, max(2, cores // 2))",
     )
-    # gthread holds one thread per open request for its whole life, so threads per worker bound
-    # the concurrent streams: workers x threads in all. Waiting threads are cheap; 64 per
-    # worker lets one worker alone carry a full default batch (max_batch_size 64).
-    threads: int = Field(64, ge=1, description="threads per worker, one per concurrent request")
+    # Each open connection (a running request or an idle keep-alive one) holds one of its
+    # worker's greenlets, so workers x worker_connections bound the concurrent requests.
+    # Greenlets are cheap; 128 per worker lets one worker alone carry a full default batch
+    # (max_batch_size 64) and as many idle keep-alive connections.
+    worker_connections: int = Field(
+        128, ge=1, description="open client connections per worker (each running request holds one)"
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field("text", description="text lines, or json (one object per line)")
     default_max_tokens: int = Field(

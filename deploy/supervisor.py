@@ -80,12 +80,7 @@ def web_command(settings: Settings) -> list[str]:
         "--config", "python:frontend.gunicorn_conf",
         "--bind", f"{settings.host}:{settings.port}",
         "--workers", str(settings.workers),
-        "--threads", str(settings.threads),
-        # A gthread worker accepts connections beyond its threads and queues them
-        # behind running streams. Twice the threads: room for as many idle
-        # keep-alive connections as busy ones (gunicorn keeps alive only
-        # connections - threads), without hoarding many more than it can serve.
-        "--worker-connections", str(2 * settings.threads),
+        "--worker-connections", str(settings.worker_connections),
         "--log-level", settings.log_level,
         "--graceful-timeout", str(int(WEB_STOP_TIMEOUT_S)),
         # gunicorn's control socket sits at one fixed path per user: several

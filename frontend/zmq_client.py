@@ -4,6 +4,11 @@ ZeroMQ sockets are not thread-safe, so one I/O thread owns the DEALER. Request
 threads hand it encoded messages through per-thread inproc PUSH sockets; the
 I/O thread routes incoming deltas to per-request queues.
 
+Under gunicorn's gevent worker (the server's), threading and queue are
+gevent's: the "threads" are greenlets of one OS thread, so the sockets must be
+pyzmq's green ones, which wait in gevent's loop instead of blocking the process.
+Unpatched (tests, scripts), plain threads and plain sockets.
+
 Engine liveness: a socket monitor reports the moment the engine's connection
 drops (process death), so in-flight requests fail at once instead of hanging;
 heartbeat pings catch an engine that is alive but wedged. When the engine
@@ -17,6 +22,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +30,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import msgspec
 import zmq
+import zmq.green
 
 from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
 from ipc import codec
@@ -61,6 +68,12 @@ IO_POLL_MS = 100
 CANCEL_POLL_S = 0.2
 
 _Item = Union[TokenDelta, EngineUnavailable]
+
+
+def gevent_patched() -> bool:
+    """Whether gevent's monkey-patching is in force (gunicorn's gevent worker did it)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("socket")
 
 
 class _Stream:
@@ -147,10 +160,13 @@ class ZmqEngineClient:
         self._address = address
         self._silence_limit_s = silence_limit_s
         self._request_timeout_s = request_timeout_s
-        self._ctx = zmq.Context()
+        self._zmq = zmq.green if gevent_patched() else zmq
+        self._ctx = self._zmq.Context()
         self._identity = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self._inbox = f"inproc://engine-client-{self._identity.decode()}"
-        self._local = threading.local()
+        # One PUSH per OS thread: greenlets of one thread share it (a send is
+        # never interrupted), threads each need their own (sockets are not thread-safe).
+        self._pushes: dict[int, zmq.Socket] = {}
         self._streams: dict[str, _Stream] = {}
         self._status_waiters: dict[str, "queue.SimpleQueue[EngineStatus]"] = {}
         self._lock = threading.Lock()
@@ -220,12 +236,13 @@ class ZmqEngineClient:
     # ------------------------------------------------------------------ internals
 
     def _post(self, payload: bytes) -> None:
-        push = getattr(self._local, "push", None)
+        thread = threading.get_native_id()
+        push = self._pushes.get(thread)
         if push is None:
             push = self._ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
             push.connect(self._inbox)
-            self._local.push = push
+            self._pushes[thread] = push
         push.send(payload, copy=False)
 
     def _abort(self, request_id: str) -> None:
@@ -241,7 +258,7 @@ class ZmqEngineClient:
         dealer = make_dealer(self._ctx, self._identity)
         monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         dealer.connect(self._address)
-        poller = zmq.Poller()
+        poller = self._zmq.Poller()
         for sock in (dealer, self._pull, monitor):
             poller.register(sock, zmq.POLLIN)
         next_ping = next_hello = 0.0

@@ -50,14 +50,14 @@ def test_run_receives_resolved_settings(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"threads": 8, "port": 9000}))
+    config.write_text(json.dumps({"worker_connections": 8, "port": 9000}))
     monkeypatch.setenv("MLX_SERVER_PORT", "9001")
     run = RecordingRun()
     argv = [str(model), "--config", str(config), "--workers", "3", "--log-level", "debug"]
     assert main(argv, run=run) == 0
     [settings] = run.calls
     assert settings.model_path == model
-    assert (settings.workers, settings.threads, settings.port) == (3, 8, 9001)
+    assert (settings.workers, settings.worker_connections, settings.port) == (3, 8, 9001)
     assert settings.log_level == "debug" and settings.config == config
 
 
@@ -82,7 +82,7 @@ ERRORS = [
     (["/no/such/model"], "/no/such/model does not exist"),
     (["{model}", "--port", "70000"], "port: 70000 is out of range 1-65535"),
     (["{model}", "--workers", "0"], "workers: "),
-    (["{model}", "--threads", "-2"], "threads: "),
+    (["{model}", "--worker-connections", "-2"], "worker_connections: "),
     (["{model}", "--log-level", "loud"], "unknown log level 'loud'"),
     (["{model}", "--adapter-path", "/no/such/adapter"], "/no/such/adapter does not exist"),
     (["{model}", "--config", "/no/such/config.json"], "cannot read config file /no/such/"),

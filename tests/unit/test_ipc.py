@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import mlx.core as mx
 import msgspec
@@ -31,6 +35,7 @@ from ipc.messages import (
 )
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 MODEL = ModelInfo(
     model_id="tiny",
@@ -145,6 +150,46 @@ def test_many_concurrent_streams_from_threads(engine):
     for t in threads:
         t.join(60)
     assert results == {f"c{i}": 10 for i in range(16)}
+
+
+# Run in a child process: gevent's monkey-patching must not leak into this one.
+GREENLET_CLIENT = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+import gevent, zmq.green
+from frontend.zmq_client import ZmqEngineClient
+from ipc.messages import Generate, SamplingParams
+
+client = ZmqEngineClient(sys.argv[1], request_timeout_s=30)
+assert client.wait_ready(30)
+results = {}
+
+def one(i):
+    request = Generate(request_id=f"g{i}", prompt_token_ids=[5, 6, 7], max_tokens=10,
+                       sampling=SamplingParams(temperature=0.0), stop_token_ids=[])
+    with client.submit(request) as stream:
+        results[f"g{i}"] = sum(len(d.token_ids) for d in stream)
+
+gevent.joinall([gevent.spawn(one, i) for i in range(16)], timeout=60)
+print(json.dumps({"results": results, "green": isinstance(client._ctx, zmq.green.Context),
+                  "status_running": client.status().running_requests}))
+"""
+
+
+def test_many_concurrent_streams_from_greenlets(engine):
+    """The client as gunicorn's gevent worker runs it: green sockets, one OS thread."""
+    address, _, _ = engine
+    done = subprocess.run([sys.executable, "-c", GREENLET_CLIENT, address], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"results": {f"g{i}": 10 for i in range(16)}, "green": True, "status_running": 0}
+
+
+def test_client_without_gevent_uses_plain_sockets(engine):
+    address, _, _ = engine
+    assert type(connect(address)._ctx) is zmq.Context
 
 
 def test_closing_a_stream_early_aborts_in_engine(engine):

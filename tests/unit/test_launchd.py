@@ -116,21 +116,21 @@ def test_flags_pass_through(
         "--mlx-server", str(program),
         "--env", "MLX_SERVER_WORKERS=3",
         "--env", "HF_HOME=/tmp/hf=x",
-        "--", "--threads", "8", "--host", "0.0.0.0",
+        "--", "--worker-connections", "8", "--host", "0.0.0.0",
     ]  # fmt: skip
     job = write_plist(argv, tmp_path, capsys)
     assert job["Label"] == "com.example.qwen"
     args = job["ProgramArguments"]
     assert args == [
         str(program), str(model), "--port", "8002", "--adapter-path", str(adapter),
-        "--threads", "8", "--host", "0.0.0.0",
+        "--worker-connections", "8", "--host", "0.0.0.0",
     ]  # fmt: skip
     env = job["EnvironmentVariables"]
     assert env["MLX_SERVER_WORKERS"] == "3"
     assert env["HF_HOME"] == "/tmp/hf=x"  # split on the first '=' only
     # What launchd will run is what mlx-server accepts, with the job's environment.
     settings = load_settings(args[1:], env)
-    assert (settings.port, settings.workers, settings.threads) == (8002, 3, 8)
+    assert (settings.port, settings.workers, settings.worker_connections) == (8002, 3, 8)
     assert settings.adapter_path == adapter
 
 

@@ -74,7 +74,7 @@ def test_defaults(model: Path) -> None:
     s = load([str(model)])
     assert s.model_path == model
     assert s.adapter_path is None
-    assert (s.host, s.port, s.threads, s.log_level) == ("127.0.0.1", 8000, 64, "info")
+    assert (s.host, s.port, s.worker_connections, s.log_level) == ("127.0.0.1", 8000, 128, "info")
     assert s.workers == default_workers()
     assert s.default_max_tokens == 4096
     assert s.prompt_cache_bytes == 2 * GIB
@@ -92,7 +92,7 @@ def test_default_workers_sized_from_cores(cpus: int, workers: int) -> None:
 PRECEDENCE = [
     ("port", 8001, "8002", "8003", 8003),
     ("host", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.3"),
-    ("threads", 4, "5", "6", 6),
+    ("worker_connections", 4, "5", "6", 6),
     ("log_level", "debug", "warning", "ERROR", "error"),
     ("prompt_cache_bytes", 1, "2", "0", 0),
     ("request_timeout_s", 1.5, "2.5", "3.5", 3.5),
@@ -168,7 +168,7 @@ def test_settings_ignores_dotenv_and_environment(
     (tmp_path / ".env").write_text("MLX_SERVER_PORT=1234\n")
     monkeypatch.setenv("MLX_SERVER_THREADS", "3")
     s = Settings(model_path=model)
-    assert (s.port, s.threads) == (8000, 64)
+    assert (s.port, s.worker_connections) == (8000, 128)
 
 
 def test_settings_round_trip_through_json(model: Path) -> None:
@@ -249,7 +249,7 @@ def test_port_not_a_number_from_env(model: Path) -> None:
     assert message.endswith("got 'http' (from MLX_SERVER_PORT)")
 
 
-@pytest.mark.parametrize("name", ["workers", "threads", "max_batch_size", "prefill_step_size"])
+@pytest.mark.parametrize("name", ["workers", "worker_connections", "max_batch_size", "prefill_step_size"])
 def test_counts_below_one(model: Path, name: str) -> None:
     flag = "--" + name.replace("_", "-")
     message = error_of([str(model), flag, "0"])
@@ -257,7 +257,7 @@ def test_counts_below_one(model: Path, name: str) -> None:
 
 
 def test_several_problems_report_the_first_and_count_the_rest(model: Path) -> None:
-    message = error_of([str(model), "--port", "x", "--threads", "0", "--workers", "0"])
+    message = error_of([str(model), "--port", "x", "--worker-connections", "0", "--workers", "0"])
     assert message.startswith("port: ") and message.endswith("(+2 more)")
 
 
@@ -295,7 +295,7 @@ def test_unknown_config_key_is_named(tmp_path: Path, model: Path) -> None:
 
 
 def test_bad_value_in_config_names_the_file(tmp_path: Path, model: Path) -> None:
-    config = write_config(tmp_path, {"threads": "many"})
+    config = write_config(tmp_path, {"worker_connections": "many"})
     assert error_of([str(model), "--config", str(config)]).endswith(f"(from config file {config})")
 
 
