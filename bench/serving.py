@@ -135,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="per server, until /v1/models answers")
     p.add_argument("--deadline-s", type=float, default=1800.0, help="the whole benchmark; later runs are skipped")
-    p.add_argument("--ours-args", default="", help="extra flags for deploy.cli, e.g. '--workers 2 --threads 32'")
+    p.add_argument("--ours-args", default="", help="extra flags for deploy.cli, e.g. '--workers 2 --worker-connections 64'")
     p.add_argument("--mlx-lm-args", default="", help="extra flags for mlx_lm server")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to update ('' for none)")
     p.add_argument("--section", default=None, help="section name in --out (default: from the model)")

@@ -83,7 +83,7 @@ def test_defaults(model: Path) -> None:
     assert s.ipc_address is None and s.config is None
 
 
-@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (4, 2), (6, 3), (8, 4), (64, 4)])
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (64, 4)])
 def test_default_workers_sized_from_cores(cpus: int, workers: int) -> None:
     assert default_workers(cpus) == workers
 
