@@ -25,12 +25,12 @@ import queue
 import sys
 import threading
 import time
+import types
 import uuid
 from typing import Callable, Iterator, Optional, Union
 
 import msgspec
 import zmq
-import zmq.green
 
 from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
 from ipc import codec
@@ -74,6 +74,15 @@ def gevent_patched() -> bool:
     """Whether gevent's monkey-patching is in force (gunicorn's gevent worker did it)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and monkey.is_module_patched("socket")
+
+
+def _zmq_flavour() -> types.ModuleType:
+    """pyzmq's green sockets under gevent (imported only then), its plain ones otherwise."""
+    if gevent_patched():
+        from zmq import green
+
+        return green
+    return zmq
 
 
 class _Stream:
@@ -160,7 +169,7 @@ class ZmqEngineClient:
         self._address = address
         self._silence_limit_s = silence_limit_s
         self._request_timeout_s = request_timeout_s
-        self._zmq = zmq.green if gevent_patched() else zmq
+        self._zmq = _zmq_flavour()
         self._ctx = self._zmq.Context()
         self._identity = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self._inbox = f"inproc://engine-client-{self._identity.decode()}"
