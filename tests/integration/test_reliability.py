@@ -239,3 +239,23 @@ def test_supervisor_death_takes_engine_and_gunicorn_with_it(tiny_model_dir, serv
         p.kill()
     server.stop()
     assert not alive, f"left running after the supervisor died: {alive}"
+
+
+def test_worker_connections_bound_what_one_worker_serves(slow_model_dir, server_logs, no_eos):
+    """--worker-connections 2: a third connection waits (not refused, not lost) until one closes."""
+    with ServerProcess(slow_model_dir, server_logs, "--worker-connections", "2", workers=1) as server:
+        base = server.base_url
+        payload = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3000, "stream": True,
+                   "logit_bias": no_eos}  # fmt: skip
+        with httpx.Client(timeout=30) as one, httpx.Client(timeout=30) as two:
+            with one.stream("POST", f"{base}/v1/chat/completions", json=payload) as first:
+                with two.stream("POST", f"{base}/v1/chat/completions", json=payload) as second:
+                    # Keep the line iterators: dropping one closes its connection.
+                    lines = [first.iter_lines(), second.iter_lines()]
+                    assert all(next(it).startswith("data: ") for it in lines)
+                    # Both of the worker's connections are busy: the third is queued unanswered.
+                    with pytest.raises(httpx.ReadTimeout):
+                        httpx.get(f"{base}/v1/models", timeout=httpx.Timeout(30, read=2))
+                # The second stream closed: its place serves the next connection.
+                assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 200
+        wait_until(lambda: engine_idle(base), "both closed streams to be aborted")
