@@ -3,10 +3,11 @@
 Workers are gevent's: one greenlet per connection, all in one OS thread. A
 stream's tokens then reach its socket without a thread hand-off: with threads
 (gthread), every token woke its request's thread (a futex, the GIL changing
-hands), and on a 2-core machine those wake-ups preempted the engine. Measured
-there (tiny model, 64 streams): the HTTP workers' CPU fell from 0.30-0.35 to
-0.24-0.28 cores at more tokens/s. The per-request work (validation, chat
-template, tokenizing) is short, pure CPU, and held the GIL under threads too.
+hands), CPU that a 2-core machine takes from the engine. Measured there (tiny
+model, 32-64 streams, two workers): the HTTP workers' CPU fell from 0.30-0.35
+to 0.24-0.28 cores at more tokens/s. The per-request work (validation, chat
+template, tokenizing) is pure CPU and holds the worker's other streams while
+it runs (about 20 ms for a 30,000-token prompt); it held the GIL under threads too.
 
 Logs: every gunicorn and app line goes through deploy.logging_setup, as text or
 JSON (MLX_SERVER_LOG_FORMAT). Metrics: the master creates a private
