@@ -217,10 +217,17 @@ def _os_name() -> str:
     return platform.platform()
 
 
+# The packages whose versions a section names: the engine's, the load generator's, the HTTP server's.
+REPORTED_PACKAGES = frozenset({
+    "mlx", "mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm",
+    "httpx", "aiohttp", "gunicorn", "gevent",
+})  # fmt: skip
+
+
 def _versions() -> str:
     names = sorted(
         {d.metadata["Name"].lower() for d in importlib.metadata.distributions() if d.metadata["Name"]}
-        & {"mlx", "mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm", "httpx", "aiohttp", "gunicorn", "gevent"}
+        & REPORTED_PACKAGES
     )
     return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
 

@@ -70,15 +70,11 @@ CANCEL_POLL_S = 0.2
 _Item = Union[TokenDelta, EngineUnavailable]
 
 
-def gevent_patched() -> bool:
-    """Whether gevent's monkey-patching is in force (gunicorn's gevent worker did it)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("socket")
-
-
 def _zmq_flavour() -> types.ModuleType:
-    """pyzmq's green sockets under gevent (imported only then), its plain ones otherwise."""
-    if gevent_patched():
+    """pyzmq's green sockets where gevent has monkey-patched the process (gunicorn's
+    gevent worker did it; imported only then), its plain ones otherwise."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
         from zmq import green
 
         return green
