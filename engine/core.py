@@ -20,7 +20,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.prefill import PrefillPolicy
 from engine.prefix_cache import PrefixCache
-from engine.sampling import build_logits_processors, build_sampler
+from engine.sampling import RequestSampling, build_request_sampling
 from ipc.messages import LOGPROB_FLOOR, Generate, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,10 @@ class Scheduler:
             raise RequestRejected("max_tokens must be at least 1")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise RequestRejected(f"prompt token ids must be in [0, {cfg.vocab_size})")
+        bias = request.sampling.logit_bias
+        # The bias may go into a sampler the whole batch shares: a bad id would fail every row.
+        if bias and (min(bias) < 0 or max(bias) >= cfg.vocab_size):
+            raise RequestRejected(f"logit_bias token ids must be in [0, {cfg.vocab_size})")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestRejected(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if len(prompt) + request.max_tokens > cfg.context_length:
@@ -212,15 +216,15 @@ class Scheduler:
                 f"exceeds the context length {cfg.context_length}"
             )
 
-    def _processors(self, request: Generate) -> tuple[Optional[list[Any]], Optional[GrammarProcessor]]:
-        """Sampling processors, then the grammar mask last (nothing may lift it)."""
-        processors = build_logits_processors(request.sampling)
+    def _sampling(self, request: Generate) -> tuple[RequestSampling, Optional[GrammarProcessor]]:
+        """Sampler and sampling processors, then the grammar mask last (nothing may lift it)."""
+        sampling = build_request_sampling(request.sampling, wants_logprobs=request.logprobs is not None)
         if request.constraint is None:
-            return processors, None
+            return sampling, None
         if self._grammars is None:
             raise RequestRejected("constrained decoding is not available in this engine")
         grammar = self._grammars.processor(request.constraint)
-        return [*(processors or []), grammar], grammar
+        return sampling._replace(processors=[*(sampling.processors or []), grammar]), grammar
 
     def _guarded(self, request: Generate, processors: Optional[list[Any]]) -> Optional[list[Any]]:
         processors = list(processors or [])
@@ -231,8 +235,8 @@ class Scheduler:
 
     def _insert(self, worker: WorkerId, request: Generate) -> None:
         self._validate(request)
-        processors, grammar = self._processors(request)
-        guarded = self._guarded(request, processors)
+        sampling, grammar = self._sampling(request)
+        guarded = self._guarded(request, sampling.processors)
         prompt = request.prompt_token_ids
         cache, rest = self._fetch_prefix(prompt)
         cached = len(prompt) - len(rest)
@@ -246,7 +250,7 @@ class Scheduler:
             max_tokens=[request.max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
-            samplers=[build_sampler(request.sampling)],
+            samplers=[sampling.sampler],
             logits_processors=[guarded],
             stop_sequences=[stops],
         )

@@ -236,6 +236,60 @@ def test_logit_bias_forces_a_token(model):
     assert run_to_end(s)["b"]["tokens"] == [42] * 5
 
 
+BAN_GREEDY_PATH = {t: -100.0 for t in range(2, 40)}
+BIASED = [
+    SamplingParams(temperature=0.0, logit_bias=BAN_GREEDY_PATH),
+    SamplingParams(temperature=0.8, top_p=0.5, seed=3, logit_bias=BAN_GREEDY_PATH),
+    SamplingParams(temperature=0.8, min_p=0.2, top_k=5, seed=4, logit_bias={60: 3.0, 61: -2.5}),
+    # +100 on unnormalized logprobs would overflow top-p's exp in float32.
+    SamplingParams(temperature=1.0, top_p=0.95, seed=5, logit_bias={t: 100.0 for t in range(60, 68)}),
+]
+
+
+@pytest.mark.parametrize("sampling", BIASED, ids=["greedy", "top_p", "min_p_top_k", "top_p_plus_100"])
+def test_logit_bias_in_the_sampler_samples_what_the_processor_does(model, sampling):
+    # Without logprobs the bias is added in the batch's sampler; with them, by
+    # mlx-lm's per-row processor. Same tokens either way, beside a plain row.
+    s = make_scheduler(model)
+    s.add(b"w", gen("sampler", [5, 6, 7], 12, sampling=sampling))
+    s.add(b"w", gen("processor", [5, 6, 7], 12, sampling=sampling, logprobs=0))
+    s.add(b"w", gen("plain", [5, 6, 7], 12))
+    results = run_to_end(s)
+    assert results["sampler"]["tokens"] == results["processor"]["tokens"]
+    assert results["sampler"]["tokens"] != results["plain"]["tokens"]
+    if sampling.temperature == 0:
+        assert not set(results["sampler"]["tokens"]) & set(BAN_GREEDY_PATH)
+
+
+def test_rows_with_equal_bias_share_one_sampler_and_no_processor():
+    # One shared sampler object is what lets mlx-lm sample the batch in one call.
+    from engine.sampling import build_request_sampling
+
+    params = SamplingParams(temperature=0.0, logit_bias={3: -100.0, 9: 5.0})
+    a = build_request_sampling(params, wants_logprobs=False)
+    b = build_request_sampling(SamplingParams(temperature=0.0, logit_bias={9: 5.0, 3: -100.0}), wants_logprobs=False)
+    other = build_request_sampling(SamplingParams(temperature=0.0, logit_bias={3: -99.0}), wants_logprobs=False)
+    assert a.sampler is b.sampler and a.sampler is not other.sampler
+    assert a.processors is None
+    penalised = build_request_sampling(
+        SamplingParams(temperature=0.0, logit_bias={3: 1.0}, repetition_penalty=1.3), wants_logprobs=False
+    )
+    assert len(penalised.processors) == 1  # the penalty only
+    reported = build_request_sampling(params, wants_logprobs=True)
+    assert len(reported.processors) == 1  # the bias, so reported logprobs include it
+
+
+@pytest.mark.parametrize("token", [-1, VOCAB])
+def test_logit_bias_outside_the_vocabulary_ends_that_request_only(model, token):
+    s = make_scheduler(model)
+    s.add(b"w", gen("bad", [5, 6], 3, sampling=SamplingParams(temperature=0.0, logit_bias={token: 1.0})))
+    s.add(b"w", gen("good", [5, 6], 3))
+    results = run_to_end(s)
+    assert results["bad"]["finals"][0].finish_reason == "error"
+    assert "logit_bias" in results["bad"]["finals"][0].error
+    assert results["good"]["finals"][0].finish_reason == "length"
+
+
 def test_failed_step_fails_requests_and_recovers(model):
     s = make_scheduler(model)
     s.add(b"w", gen("doomed", [5, 6, 7], 5))
