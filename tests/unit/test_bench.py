@@ -255,6 +255,8 @@ def test_ratio_rows_cover_measured_pairs_only() -> None:
     assert header == ["conc", "ours/mlx_lm", "ours/raw", "mlx_lm/raw"]
     assert rows == [["8", "2.00", "0.75", "0.38"], ["32", "–", "–", "0.50"]]
     assert report.ratio_rows([_summary("raw", 1, 10.0)]) == (["conc"], [])
+    header, rows = report.ratio_rows([*SUMMARIES, _summary("raw_nobias", 8, 5000.0)])
+    assert header[-1] == "ours/raw_nobias" and rows[0][-1] == "0.60"
 
 
 def test_single_stream_line_compares_ours_with_stream_generate() -> None:
