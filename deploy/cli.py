@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from deploy.settings import PROG, Settings, SettingsError, load_settings
+from deploy.settings import PROG, Settings, SettingsError, load_settings, unknown_env_warnings
 
 # argparse's code for a bad command line; a process manager sees "misconfigured", not "crashed".
 EXIT_USAGE = 2
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None, run: Runner | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help / --version: argparse has printed, nothing to run
         return exc.code if isinstance(exc.code, int) else 0
+    for line in unknown_env_warnings():
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     if run is None:
         # Imported only now, so errors, --help and --version answer at once and start nothing.
         from deploy.supervisor import run

@@ -66,6 +66,17 @@ REMOVED_SPELLINGS: dict[str, str] = {name: name for name in REMOVED_SETTINGS} | 
 }
 
 
+# MLX_SERVER_* variables that are not settings: what the supervisor hands its children,
+# and the caches of the demo model, the tests and the benchmarks. Any other is a typo or
+# an old name, which a warning reports (tests/unit/test_settings.py keeps this list whole).
+INTERNAL_ENV_VARS: frozenset[str] = frozenset(
+    ENV_PREFIX + name
+    for name in ("SUPERVISOR_PID", "IPC_ADDRESS", "DRAIN_FLAG", "DEMO_CACHE", "TEST_CACHE", "BENCH_CACHE")
+)
+# Settings renamed before 0.2 shipped -> the new name, for the warning's hint.
+RENAMED_SETTINGS: dict[str, str] = {"threads": "worker_connections"}
+
+
 class SettingsError(Exception):
     """Why the settings cannot be used, in one line fit for a terminal or a launchd log."""
 
@@ -413,6 +424,23 @@ def _file_layer(path: Path) -> Layer:
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise SettingsError(f"{origin}: unknown setting `{key}`{hint}")
     return {key: (value, origin) for key, value in data.items()}
+
+
+def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per set MLX_SERVER_* variable that no setting reads: unlike a config file's
+    unknown key (an error), the environment may hold variables for other programs."""
+    environ = os.environ if environ is None else environ
+    known = {env_var(name) for name in Settings.model_fields} | INTERNAL_ENV_VARS
+    known |= {env_var(spelling) for spelling in REMOVED_SPELLINGS}  # those are errors already
+    lines = []
+    for var in sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known):
+        suffix = var[len(ENV_PREFIX) :].lower()
+        suggestion = RENAMED_SETTINGS.get(suffix) or next(
+            iter(difflib.get_close_matches(suffix, Settings.model_fields, n=1)), None
+        )
+        hint = f" (did you mean {env_var(suggestion)}?)" if suggestion else ""
+        lines.append(f"{var} is not a setting and is ignored{hint}")
+    return lines
 
 
 # ---------------------------------------------------------------- resolution

@@ -112,6 +112,22 @@ def test_removed_env_var_exits_2(
     assert_one_error_line(capsys, "`MLX_SERVER_MODELS_DIR` was removed in 0.2", "Migrating from")
 
 
+def test_unknown_env_var_is_a_warning_and_the_server_still_runs(
+    model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLX_SERVER_THREADS", "8")  # renamed before 0.2
+    monkeypatch.setenv("MLX_SERVER_PROT", "9000")  # a typo
+    monkeypatch.setenv("MLX_SERVER_SUPERVISOR_PID", "1")  # the supervisor's own, no warning
+    run = RecordingRun()
+    assert main([str(model)], run=run) == 0
+    assert len(run.calls) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "mlx-server: warning: MLX_SERVER_PROT is not a setting and is ignored (did you mean MLX_SERVER_PORT?)",
+        "mlx-server: warning: MLX_SERVER_THREADS is not a setting and is ignored"
+        " (did you mean MLX_SERVER_WORKER_CONNECTIONS?)",
+    ]
+
+
 def test_removed_config_key_exits_2(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
