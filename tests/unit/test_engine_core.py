@@ -9,6 +9,7 @@ from mlx_lm.models import llama
 
 from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
 from engine.prefill import BUSY_PREFILL_MIN_TOKENS
+from engine.sampling import build_request_sampling
 from ipc.messages import Generate, SamplingParams
 
 VOCAB = 300
@@ -263,8 +264,6 @@ def test_logit_bias_in_the_sampler_samples_what_the_processor_does(model, sampli
 
 def test_rows_with_equal_bias_share_one_sampler_and_no_processor():
     # One shared sampler object is what lets mlx-lm sample the batch in one call.
-    from engine.sampling import build_request_sampling
-
     params = SamplingParams(temperature=0.0, logit_bias={3: -100.0, 9: 5.0})
     a = build_request_sampling(params, wants_logprobs=False)
     b = build_request_sampling(SamplingParams(temperature=0.0, logit_bias={9: 5.0, 3: -100.0}), wants_logprobs=False)
