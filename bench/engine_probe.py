@@ -17,12 +17,16 @@ import time
 from dataclasses import dataclass
 
 import mlx.core as mx
+import msgspec
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors
 
+from deploy.settings import Settings
 from engine.core import Scheduler, SchedulerConfig
 from ipc.messages import Generate, SamplingParams
+
+DEFAULTS = Settings.model_construct()  # mlx-server's defaults for the limits a run does not set
 
 EOS_IDS = (0, 2)
 
@@ -131,9 +135,10 @@ def main() -> None:
         report(f"[{rep}] raw all-at-once", wall, tokens, steps, args.slow_ms)
         for pb in (int(x) for x in args.prefill_batch.split(",")):
             for per_step in (int(x) for x in args.arrivals.split(",")):
+                limits = msgspec.structs.replace(DEFAULTS.engine_config(), max_batch_size=64, prefill_batch_size=pb,
+                                                 prompt_cache_bytes=args.prompt_cache_bytes)
                 config = SchedulerConfig(eos_token_ids=EOS_IDS, vocab_size=vocab, context_length=1 << 17,
-                                         max_batch_size=64, prefill_batch_size=pb,
-                                         prompt_cache_bytes=args.prompt_cache_bytes)
+                                         **msgspec.structs.asdict(limits))
                 wall, tokens, steps = run_scheduler(model, prompts, args.max_tokens, per_step, config)
                 report(f"[{rep}] engine prefill_batch {pb}, {per_step} arrivals/step", wall, tokens, steps,
                        args.slow_ms)

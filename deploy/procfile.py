@@ -1,10 +1,11 @@
 """``python -m deploy.procfile engine|web``: one process of the Procfile, set up as mlx-server would.
 
 A Procfile runner (honcho, foreman) starts the engine and gunicorn side by side,
-without the supervisor. Both read the same settings as ``mlx-server`` does,
-from the environment (``MLX_SERVER_*``, which the runner loads from ``.env``)
-and the config file (``MLX_SERVER_CONFIG``), then this module becomes the real
-process (exec): the runner signals and watches the engine or gunicorn itself.
+without the supervisor. For each, this module resolves the settings as
+``mlx-server`` does (deploy.settings), from the environment (``MLX_SERVER_*``,
+which the runner loads from ``.env``) and the config file (``MLX_SERVER_CONFIG``),
+hands the process the same typed config (ipc.runtime), then becomes that process
+(exec): the runner signals and watches the engine or gunicorn itself.
 
 Differences from ``mlx-server``: the engine socket must be named
 (``MLX_SERVER_IPC_ADDRESS``), since the two processes share no private
@@ -21,10 +22,9 @@ import os
 import sys
 from typing import Mapping, Optional
 
-from deploy.logging_setup import configure as configure_logging
 from deploy.settings import PROG, Settings, SettingsError, env_var, load_settings
-from deploy.supervisor import ENV_SUPERVISOR_PID, engine_command, web_command, web_environment
-from frontend.environment import MODEL_PATH
+from deploy.supervisor import child_environment, engine_command, web_command
+from ipc.logging_setup import configure as configure_logging
 
 log = logging.getLogger("mlx-server")
 
@@ -47,17 +47,12 @@ def resolve(role: str, environ: Mapping[str, str]) -> Settings:
 
 
 def command(role: str, settings: Settings, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that ``role`` is exec'ed with."""
+    """The argv and environment that ``role`` is exec'ed with: the config mlx-server would
+    hand it, without a supervisor to watch or a drain flag (the runner stops the processes)."""
     address = settings.ipc_address
     assert address is not None
-    if role == "engine":
-        return engine_command(settings, address), dict(environ)
-    env = web_environment(settings, address)
-    # No supervisor here: gunicorn must not watch for one (the runner watches gunicorn).
-    env.pop(ENV_SUPERVISOR_PID, None)
-    # The workers load the tokenizer from the path and boot before the engine is up.
-    env[MODEL_PATH] = str(settings.model_path)
-    return web_command(settings), env
+    env = child_environment(settings.runtime_config(address), environ)
+    return (engine_command() if role == "engine" else web_command(settings)), env
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -2,8 +2,9 @@
 
 `load_settings()` is the one resolver. It reads each layer, rejects the settings 0.2 removed and
 unknown config keys by name, and turns every problem into a one-line `SettingsError` that says
-where the bad value came from. `Settings` itself is a frozen, validated value that the supervisor
-hands on to the engine and the HTTP workers.
+where the bad value came from. `Settings` itself is a frozen, validated value; its
+`runtime_config()` is what the engine and the HTTP workers are started with (ipc.runtime).
+This module holds the one copy of every default.
 """
 
 from __future__ import annotations
@@ -15,21 +16,20 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, NoReturn, get_args
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from deploy.logging_setup import LOG_FORMATS, LogFormat
+from ipc import runtime
+from ipc.logging_setup import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
 
 VERSION = "0.2.0"  # keep in step with pyproject.toml (a test checks)
 PROG = "mlx-server"
 ENV_PREFIX = "MLX_SERVER_"
 MIGRATION_HINT = "see README, Migrating from 0.1"
 
-LogLevel = Literal["debug", "info", "warning", "error"]
-LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 MIN_PORT, MAX_PORT = 1, 65535
 GIB = 1024**3
 IPC_SCHEMES = ("ipc://", "tcp://")
@@ -70,8 +70,7 @@ REMOVED_SPELLINGS: dict[str, str] = {name: name for name in REMOVED_SETTINGS} | 
 # and the caches of the demo model, the tests and the benchmarks. Any other is a typo or
 # an old name, which a warning reports (tests/unit/test_settings.py keeps this list whole).
 INTERNAL_ENV_VARS: frozenset[str] = frozenset(
-    ENV_PREFIX + name
-    for name in ("SUPERVISOR_PID", "IPC_ADDRESS", "DRAIN_FLAG", "DEMO_CACHE", "TEST_CACHE", "BENCH_CACHE")
+    {runtime.CONFIG_ENV, *(ENV_PREFIX + name for name in ("DEMO_CACHE", "TEST_CACHE", "BENCH_CACHE"))}
 )
 # Settings renamed before 0.2 shipped -> the new name, for the warning's hint.
 RENAMED_SETTINGS: dict[str, str] = {"threads": "worker_connections"}
@@ -281,6 +280,38 @@ class Settings(BaseSettings):
         if address is not None and not address.startswith(IPC_SCHEMES):
             raise ValueError(f"{address!r} must start with {' or '.join(IPC_SCHEMES)}")
         return address
+
+    def engine_config(self) -> runtime.EngineConfig:
+        return runtime.EngineConfig(
+            max_batch_size=self.max_batch_size,
+            prefill_batch_size=self.prefill_batch_size,
+            prefill_step_size=self.prefill_step_size,
+            prompt_cache_bytes=self.prompt_cache_bytes,
+            max_queued_requests=self.max_queued_requests,
+        )
+
+    def runtime_config(
+        self, address: str, *, drain_flag: str | None = None, supervisor_pid: int | None = None
+    ) -> runtime.RuntimeConfig:
+        """What the engine and the HTTP workers run with; drain_flag and supervisor_pid
+        only under the supervisor (a Procfile runner has neither)."""
+        return runtime.RuntimeConfig(
+            model_path=str(self.model_path),
+            adapter_path=None if self.adapter_path is None else str(self.adapter_path),
+            ipc_address=address,
+            log_level=self.log_level,
+            log_format=self.log_format,
+            engine=self.engine_config(),
+            web=runtime.WebConfig(
+                default_max_tokens=self.default_max_tokens,
+                request_timeout_s=self.request_timeout_s,
+                max_queued_requests=self.max_queued_requests,
+                api_keys=self.api_keys(),
+                cors_origins=self.cors_origin_list(),
+                drain_flag=drain_flag,
+                supervisor_pid=supervisor_pid,
+            ),
+        )
 
 
 # Settings a config file may hold: all but the pointer to the file itself.

@@ -14,15 +14,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
 import zmq
 
-from deploy.logging_setup import ENV_LOG_FORMAT, configure as configure_logging
 from deploy.settings import Settings
-from frontend import environment as web_env
-from ipc import codec
+from ipc import codec, runtime
+from ipc.logging_setup import configure as configure_logging
 from ipc.messages import PROTOCOL_VERSION, EngineStatus, Hello, ModelInfo, Rejected, StatusQuery, Welcome
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
 
@@ -32,7 +32,6 @@ SUPERVISE_INTERVAL_S = 0.2
 ENGINE_STOP_TIMEOUT_S = 10.0
 # After our own drain, gunicorn gets this long to close what still runs.
 WEB_STOP_TIMEOUT_S = 5.0
-ENV_SUPERVISOR_PID = "MLX_SERVER_SUPERVISOR_PID"
 DRAIN_FLAG_NAME = "draining"
 # Backoff between engine restarts; the last value repeats.
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -55,23 +54,9 @@ class _StopFlag:
         return self.signum is not None
 
 
-def engine_command(settings: Settings, address: str, restarts: int = 0) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "engine",
-        "--model-path", str(settings.model_path),
-        "--ipc-address", address,
-        "--log-level", settings.log_level,
-        "--log-format", settings.log_format,
-        "--max-batch-size", str(settings.max_batch_size),
-        "--prefill-batch-size", str(settings.prefill_batch_size),
-        "--prefill-step-size", str(settings.prefill_step_size),
-        "--prompt-cache-bytes", str(settings.prompt_cache_bytes),
-        "--max-queued-requests", str(settings.max_queued_requests),
-        "--restarts", str(restarts),
-    ]  # fmt: skip
-    if settings.adapter_path:
-        cmd += ["--adapter-path", str(settings.adapter_path)]
-    return cmd
+def engine_command(restarts: int = 0) -> list[str]:
+    # Everything else comes from the config in the environment (child_environment).
+    return [sys.executable, "-m", "engine", "--restarts", str(restarts)]
 
 
 def web_command(settings: Settings) -> list[str]:
@@ -90,24 +75,15 @@ def web_command(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
-def web_environment(settings: Settings, address: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            web_env.IPC_ADDRESS: address,
-            ENV_SUPERVISOR_PID: str(os.getpid()),
-            web_env.DEFAULT_MAX_TOKENS: str(settings.default_max_tokens),
-            web_env.REQUEST_TIMEOUT_S: str(settings.request_timeout_s),
-            web_env.MAX_QUEUED_REQUESTS: str(settings.max_queued_requests),
-            web_env.API_KEYS: "\n".join(settings.api_keys()),
-            web_env.CORS_ORIGINS: ",".join(settings.cors_origin_list()),
-            ENV_LOG_FORMAT: settings.log_format,
-            # The frontend uses transformers for tokenizers only; its "PyTorch
-            # was not found" advisory is noise for every worker.
-            "TRANSFORMERS_VERBOSITY": "error",
-        }
-    )
-    return env
+def child_environment(config: runtime.RuntimeConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the engine and of gunicorn: ours plus the config, encoded once."""
+    return {
+        **environ,
+        runtime.CONFIG_ENV: runtime.encode(config),
+        # The frontend uses transformers for tokenizers only; its "PyTorch
+        # was not found" advisory is noise for every worker.
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
 
 
 def wait_for_engine(
@@ -159,6 +135,8 @@ class Supervisor:
         self.address = address
         self.drain_flag = runtime_dir / DRAIN_FLAG_NAME
         self.stop = stop
+        config = settings.runtime_config(address, drain_flag=str(self.drain_flag), supervisor_pid=os.getpid())
+        self.environment = child_environment(config, os.environ)
         self.engine: Optional[subprocess.Popen] = None
         self.web: Optional[subprocess.Popen] = None
         self._engine_started_at = 0.0
@@ -166,15 +144,13 @@ class Supervisor:
         self._total_restarts = 0
 
     def start_engine(self) -> ModelInfo:
-        command = engine_command(self.settings, self.address, self._total_restarts)
-        self.engine = subprocess.Popen(command, start_new_session=True)
+        command = engine_command(self._total_restarts)
+        self.engine = subprocess.Popen(command, env=self.environment, start_new_session=True)
         self._engine_started_at = time.monotonic()
         return wait_for_engine(self.address, self.engine, self.settings.engine_startup_timeout_s, self.stop)
 
     def start_web(self) -> None:
-        env = web_environment(self.settings, self.address)
-        env[web_env.DRAIN_FLAG] = str(self.drain_flag)
-        self.web = subprocess.Popen(web_command(self.settings), env=env, start_new_session=True)
+        self.web = subprocess.Popen(web_command(self.settings), env=self.environment, start_new_session=True)
 
     def supervise(self) -> int:
         while not self.stop:

@@ -1,6 +1,7 @@
-"""Engine process entry point: ``python -m engine --model-path P --ipc-address A``.
+"""Engine process entry point: ``python -m engine [--restarts N]``.
 
-Started by the mlx-server supervisor (or a Procfile). Loads the model, binds
+Started by the mlx-server supervisor (or a Procfile's deploy.procfile), which
+puts the config (ipc.runtime) in its environment. Loads the model, binds
 the ROUTER socket, then serves until SIGTERM/SIGINT or until its parent dies.
 Readiness is the handshake: the socket answers Hello only after the load.
 """
@@ -25,27 +26,20 @@ CUDA_SERVING_DEFAULTS = {"MLX_USE_CUDA_GRAPHS": "0", "MLX_CUDA_USE_CUDNN_SDPA": 
 for _name, _value in CUDA_SERVING_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
-from deploy.logging_setup import LOG_FORMATS, configure as configure_logging  # noqa: E402
+import msgspec  # noqa: E402
+
 from engine.constraints import GrammarCompiler  # noqa: E402
 from engine.core import Scheduler, SchedulerConfig  # noqa: E402
 from engine.loading import load_model  # noqa: E402
 from engine.proc import EngineLoop  # noqa: E402
+from ipc import runtime  # noqa: E402
+from ipc.logging_setup import configure as configure_logging  # noqa: E402
 
 log = logging.getLogger("engine")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--adapter-path")
-    p.add_argument("--ipc-address", required=True)
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="text")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--prefill-batch-size", type=int, default=64)
-    p.add_argument("--prefill-step-size", type=int, default=512)
-    p.add_argument("--prompt-cache-bytes", type=int, default=2 << 30)
-    p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--restarts", type=int, default=0, help="engines the supervisor started before this one")
     return p.parse_args(argv)
 
@@ -62,9 +56,14 @@ def freeze_startup_heap() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging("engine", args.log_level, args.log_format)
     try:
-        loaded = load_model(args.model_path, args.adapter_path)
+        config = runtime.from_environ(os.environ)
+    except runtime.ConfigError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("engine", config.log_level, config.log_format)
+    try:
+        loaded = load_model(config.model_path, config.adapter_path)
     except Exception as exc:
         # One line the supervisor can show; the traceback only at debug level.
         log.debug("load failed", exc_info=True)
@@ -77,15 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             eos_token_ids=tuple(info.eos_token_ids),
             vocab_size=info.vocab_size,
             context_length=info.context_length,
-            max_batch_size=args.max_batch_size,
-            prefill_batch_size=args.prefill_batch_size,
-            prefill_step_size=args.prefill_step_size,
-            prompt_cache_bytes=args.prompt_cache_bytes,
-            max_queued_requests=args.max_queued_requests,
+            **msgspec.structs.asdict(config.engine),
         ),
         grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
     )
-    loop = EngineLoop(scheduler, info, args.ipc_address, restarts=args.restarts)
+    loop = EngineLoop(scheduler, info, config.ipc_address, restarts=args.restarts)
     loop.install_signal_handlers()
     freeze_startup_heap()
     loop.run()

@@ -44,12 +44,13 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...]
     vocab_size: int
     context_length: int
-    max_batch_size: int = 64
-    prefill_batch_size: int = 64
-    prefill_step_size: int = 512
-    prompt_cache_bytes: int = 2 << 30
+    # The limits of ipc.runtime.EngineConfig (their defaults live in deploy/settings.py).
+    max_batch_size: int
+    prefill_batch_size: int
+    prefill_step_size: int
+    prompt_cache_bytes: int
     # Requests waiting for a batch slot (or in prefill) beyond this are refused.
-    max_queued_requests: int = 256
+    max_queued_requests: int
 
 
 @dataclass

@@ -9,8 +9,8 @@ to 0.24-0.28 cores at more tokens/s. The per-request work (validation, chat
 template, tokenizing) is pure CPU and holds the worker's other streams while
 it runs (about 20 ms for a 30,000-token prompt); it held the GIL under threads too.
 
-Logs: every gunicorn and app line goes through deploy.logging_setup, as text or
-JSON (MLX_SERVER_LOG_FORMAT). Metrics: the master creates a private
+Logs: every gunicorn and app line goes through ipc.logging_setup, as text or
+JSON (the config's log_format, ipc.runtime). Metrics: the master creates a private
 PROMETHEUS_MULTIPROC_DIR before it forks any worker (so all workers count in
 one /metrics), marks dead workers' files and removes the directory on exit.
 """
@@ -28,7 +28,8 @@ import threading
 import time
 from typing import Optional
 
-from deploy.logging_setup import ENV_LOG_FORMAT, dict_config
+from ipc import runtime
+from ipc.logging_setup import dict_config
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LOG_ROLE = "web"
@@ -43,7 +44,9 @@ keepalive = 5
 # One log line per request only at debug level (access logs can leak prompts' URLs, not bodies).
 accesslog = None
 
-logconfig_dict = dict_config(LOG_ROLE, os.environ.get(ENV_LOG_FORMAT) or "text")
+# mlx-server and deploy.procfile always hand a config; only tests import these hooks without one.
+_config = runtime.from_environ(os.environ) if os.environ.get(runtime.CONFIG_ENV) else None
+logconfig_dict = dict_config(LOG_ROLE, _config.log_format) if _config else {}
 
 PARENT_CHECK_INTERVAL_S = 1.0
 # The metrics directory this master created (None: the user's own, left in place).
@@ -51,8 +54,8 @@ _own_metrics_dir: Optional[str] = None
 
 
 def _exit_when_supervisor_dies(server) -> None:
-    supervisor_pid = int(os.environ.get("MLX_SERVER_SUPERVISOR_PID", "0"))
-    if not supervisor_pid:
+    supervisor_pid = _config.web.supervisor_pid if _config else None
+    if supervisor_pid is None:  # a Procfile runner: it watches gunicorn itself
         return
 
     def watch() -> None:

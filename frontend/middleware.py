@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 import falcon
 
-from deploy.logging_setup import REQUEST_ID
 from frontend import metrics
+from ipc.logging_setup import REQUEST_ID
 
 log = logging.getLogger(__name__)
 

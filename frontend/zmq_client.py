@@ -156,9 +156,9 @@ class ZmqEngineClient:
         self,
         address: str,
         *,
-        request_timeout_s: float = 600.0,
+        request_timeout_s: float,
+        max_queued_requests: int,
         silence_limit_s: float = ENGINE_SILENCE_LIMIT_S,
-        max_queued_requests: int = 256,
     ) -> None:
         self._max_queued = max_queued_requests
         self._engine_queued = 0  # as of the last pong (<= 0.5 s old)

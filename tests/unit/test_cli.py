@@ -12,6 +12,7 @@ import pytest
 
 from deploy.cli import EXIT_USAGE, main
 from deploy.settings import ENV_PREFIX, Settings
+from ipc import runtime
 
 REPO = Path(__file__).resolve().parents[2]
 ERROR_PREFIX = "mlx-server: error: "
@@ -117,7 +118,7 @@ def test_unknown_env_var_is_a_warning_and_the_server_still_runs(
 ) -> None:
     monkeypatch.setenv("MLX_SERVER_THREADS", "8")  # renamed before 0.2
     monkeypatch.setenv("MLX_SERVER_PROT", "9000")  # a typo
-    monkeypatch.setenv("MLX_SERVER_SUPERVISOR_PID", "1")  # the supervisor's own, no warning
+    monkeypatch.setenv(runtime.CONFIG_ENV, "{}")  # what the supervisor hands its children, no warning
     run = RecordingRun()
     assert main([str(model)], run=run) == 0
     assert len(run.calls) == 1

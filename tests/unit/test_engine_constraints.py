@@ -15,6 +15,7 @@ from mlx_lm import load
 from engine.constraints import GrammarCompiler
 from engine.core import Scheduler, SchedulerConfig
 from ipc.messages import Constraint, Generate, SamplingParams
+from tests.unit.defaults import ENGINE_LIMITS
 
 GREEDY = SamplingParams(temperature=0.0)
 MAX_STEPS = 2000
@@ -63,7 +64,7 @@ def loaded(tiny_model_dir):
 
 def make_scheduler(loaded, grammars=True) -> Scheduler:
     model, tokenizer, vocab, eos = loaded
-    config = SchedulerConfig(eos_token_ids=tuple(eos), vocab_size=vocab, context_length=4096)
+    config = SchedulerConfig(eos_token_ids=tuple(eos), vocab_size=vocab, context_length=4096, **ENGINE_LIMITS)
     return Scheduler(model, config, grammars=GrammarCompiler(tokenizer, vocab, eos) if grammars else None)
 
 

@@ -11,6 +11,7 @@ from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
 from engine.prefill import BUSY_PREFILL_MIN_TOKENS
 from engine.sampling import build_request_sampling
 from ipc.messages import Generate, SamplingParams
+from tests.unit.defaults import ENGINE_LIMITS
 
 VOCAB = 300
 EOS = 1
@@ -39,7 +40,7 @@ def model():
 
 
 def make_scheduler(model, **overrides) -> Scheduler:
-    config = dict(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512)
+    config = dict(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
     config.update(overrides)
     return Scheduler(model, SchedulerConfig(**config))
 
@@ -345,7 +346,7 @@ def test_a_failing_logits_processor_ends_only_its_request(model):
 
         return explode
 
-    s = Scheduler(model, SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512), fault_injector=inject)
+    s = Scheduler(model, SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS), fault_injector=inject)
     prompts = {"victim": [5, 6, 7], "a": list(range(5, 25)), "b": list(range(30, 50))}
     for rid, p in prompts.items():
         s.add(b"w", gen(rid, p, 10))

@@ -1,4 +1,4 @@
-"""engine/__main__.py: the mlx settings it gives the engine process before mlx starts, and the start-up heap freezing of the engine and the HTTP workers."""
+"""engine/__main__.py: the mlx settings it gives the engine process before mlx starts, the start-up heap freezing of the engine and the HTTP workers, and the config it must be started with."""
 
 from __future__ import annotations
 
@@ -55,3 +55,13 @@ def test_engine_freezes_its_start_up_heap_out_of_garbage_collection():
 def test_http_workers_freeze_theirs_after_loading_the_app():
     before, after = _freeze_counts("frontend.gunicorn_conf", "post_worker_init(None)")
     assert before == 0 and after > 1000
+
+
+def test_engine_without_its_config_says_how_to_start_it():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")} | {"TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-m", "engine"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "engine: error: MLX_SERVER_RUNTIME_CONFIG is not set: start the server with mlx-server (or deploy.procfile)"
+    ]

@@ -1,7 +1,8 @@
 """The process boundaries of DESIGN.md, enforced.
 
 The frontend (forked by gunicorn) must never load mlx, mlx_lm or the engine;
-the engine must not know about HTTP. Both talk only through ``ipc``.
+the engine must not know about HTTP; neither imports ``deploy``. Both talk
+only through ``ipc``, which imports none of the three.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FRONTEND_FORBIDDEN = ("mlx", "mlx_lm", "engine")
-ENGINE_FORBIDDEN = ("falcon", "gunicorn", "frontend")
-IPC_FORBIDDEN = ("mlx", "mlx_lm", "engine", "frontend", "falcon", "gunicorn")
+# deploy (settings, supervisor) is above both: what they share lives in ipc.
+FRONTEND_FORBIDDEN = ("mlx", "mlx_lm", "engine", "deploy")
+ENGINE_FORBIDDEN = ("falcon", "gunicorn", "frontend", "deploy")
+IPC_FORBIDDEN = ("mlx", "mlx_lm", "engine", "frontend", "deploy", "falcon", "gunicorn")
 # Modules that do work at import (wsgi builds the app and dials the engine):
 # the static scan below still covers them.
 IMPORT_SIDE_EFFECTS = frozenset({"frontend.wsgi"})
@@ -33,7 +35,7 @@ def _modules(package: str) -> list[str]:
     return sorted(names)
 
 
-def test_frontend_modules_do_not_load_mlx_or_engine():
+def test_frontend_modules_do_not_load_mlx_engine_or_deploy():
     """Import every frontend module in a fresh interpreter, then look at sys.modules."""
     modules = [m for m in _modules("frontend") if m not in IMPORT_SIDE_EFFECTS]
     assert "frontend.app" in modules

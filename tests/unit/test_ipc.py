@@ -34,6 +34,7 @@ from ipc.messages import (
     Welcome,
 )
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
+from tests.unit.defaults import CLIENT_LIMITS, ENGINE_LIMITS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -95,7 +96,7 @@ def engine(model):
     """A real EngineLoop on a private ipc:// socket, run in a thread."""
     runtime = make_private_runtime_dir()
     address = default_ipc_address(runtime)
-    scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+    scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
     loop = EngineLoop(scheduler, MODEL, address)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
@@ -109,7 +110,7 @@ def engine(model):
 
 
 def connect(address: str, **kw) -> ZmqEngineClient:
-    client = ZmqEngineClient(address, **kw)
+    client = ZmqEngineClient(address, **{**CLIENT_LIMITS, **kw})
     assert client.wait_ready(30)
     return client
 
@@ -160,8 +161,9 @@ import json, sys
 import gevent, zmq.green
 from frontend.zmq_client import ZmqEngineClient
 from ipc.messages import Generate, SamplingParams
+from tests.unit.defaults import CLIENT_LIMITS
 
-client = ZmqEngineClient(sys.argv[1], request_timeout_s=30)
+client = ZmqEngineClient(sys.argv[1], **{**CLIENT_LIMITS, "request_timeout_s": 30})
 assert client.wait_ready(30)
 results = {}
 
@@ -234,14 +236,14 @@ def test_engine_death_fails_streams_at_once_instead_of_hanging(engine):
 def test_client_waits_for_a_late_engine_and_reconnects_after_a_restart(model):
     runtime = make_private_runtime_dir()
     address = default_ipc_address(runtime)
-    client = ZmqEngineClient(address, request_timeout_s=30)
+    client = ZmqEngineClient(address, **{**CLIENT_LIMITS, "request_timeout_s": 30})
     assert not client.wait_ready(0.3)  # no engine yet
     with pytest.raises(EngineUnavailable):
         client.model
     with pytest.raises(EngineUnavailable):
         client.submit(gen("too-early"))
     for generation in range(2):  # start, then a "restarted" engine on the same address
-        scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+        scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
         loop = EngineLoop(scheduler, MODEL, address)
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
@@ -295,7 +297,7 @@ class _SlowOnce(Scheduler):
 def test_a_long_step_neither_drops_workers_nor_leaves_the_client_dead(model):
     runtime = make_private_runtime_dir()
     address = default_ipc_address(runtime)
-    scheduler = _SlowOnce(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512))
+    scheduler = _SlowOnce(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
     # The engine forgets workers silent 0.5 s; the step lasts 1.5 s; the worker pings throughout.
     loop = EngineLoop(scheduler, MODEL, address, worker_silence_limit_s=0.5)
     thread = threading.Thread(target=loop.run, daemon=True)

@@ -7,16 +7,21 @@ import json
 import logging
 import logging.config
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from deploy import logging_setup
-from deploy.logging_setup import REQUEST_ID, RequestIdFilter, configure, dict_config, make_formatter
 from deploy.settings import SettingsError, load_settings
-from deploy.supervisor import engine_command, web_environment
+from deploy.supervisor import child_environment
 from frontend import gunicorn_conf
+from ipc import logging_setup, runtime
+from ipc.logging_setup import REQUEST_ID, RequestIdFilter, configure, dict_config, make_formatter
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -136,17 +141,20 @@ def test_log_format_setting(model: Path):
         load_settings([str(model)], {"MLX_SERVER_LOG_FORMAT": "xml"})
 
 
-def test_engine_and_web_get_the_format(model: Path):
+def test_engine_and_web_get_the_level_and_format(model: Path):
+    settings = load_settings([str(model), "--log-format", "json", "--log-level", "debug"], {})
+    env = child_environment(settings.runtime_config("ipc:///tmp/x.sock"), {})
+    config = runtime.from_environ(env)  # what the engine and gunicorn decode
+    assert (config.log_level, config.log_format) == ("debug", "json")
+
+
+def test_gunicorn_logs_in_the_configs_format(model: Path):
     settings = load_settings([str(model), "--log-format", "json"], {})
-    cmd = engine_command(settings, "ipc:///tmp/x.sock")
-    assert cmd[cmd.index("--log-format") + 1] == "json"
-    assert web_environment(settings, "ipc:///tmp/x.sock")["MLX_SERVER_LOG_FORMAT"] == "json"
-
-
-def test_engine_accepts_log_format():
-    engine_main = pytest.importorskip("engine.__main__")
-    args = engine_main.parse_args(["--model-path", "m", "--ipc-address", "ipc:///x", "--log-format", "json"])
-    assert args.log_format == "json"
+    env = child_environment(settings.runtime_config("ipc:///tmp/x.sock"), {})
+    script = "import json, frontend.gunicorn_conf as c; print(json.dumps(c.logconfig_dict))"
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert json.loads(out.stdout)["formatters"]["mlx_server"]["log_format"] == "json"
 
 
 # ---------------------------------------------------------------- gunicorn's metrics directory

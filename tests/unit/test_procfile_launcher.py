@@ -1,4 +1,5 @@
-"""`python -m deploy.procfile engine|web`: settings from the environment, then the real command."""
+"""`python -m deploy.procfile engine|web`: settings from the environment, then the real command
+with the config mlx-server would hand it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from deploy import procfile
-from deploy.settings import SettingsError
-from deploy.supervisor import ENV_SUPERVISOR_PID
+from deploy.settings import SettingsError, load_settings
+from ipc import runtime
 
 REPO = Path(__file__).resolve().parents[2]
 ADDRESS = "ipc:///tmp/mlx-server-test/engine.sock"
@@ -33,11 +34,20 @@ def test_engine_command(model: Path):
     env = env_for(model, MLX_SERVER_MAX_BATCH_SIZE="7", MLX_SERVER_LOG_FORMAT="json", PORT="5100")
     argv, child_env = procfile.command("engine", procfile.resolve("engine", env), env)
     assert argv[:3] == [sys.executable, "-m", "engine"]
-    assert argv[argv.index("--ipc-address") + 1] == ADDRESS
-    assert argv[argv.index("--model-path") + 1] == str(model)
-    assert argv[argv.index("--max-batch-size") + 1] == "7"
-    assert argv[argv.index("--log-format") + 1] == "json"
-    assert child_env == env
+    config = runtime.from_environ(child_env)
+    assert config.ipc_address == ADDRESS
+    assert config.model_path == str(model)
+    assert config.engine.max_batch_size == 7
+    assert config.log_format == "json"
+    assert child_env.items() >= env.items()  # the runner's environment, plus the config
+
+
+def test_both_roles_get_what_mlx_server_would_hand_them(model: Path):
+    env = env_for(model, MLX_SERVER_MAX_QUEUED_REQUESTS="9", MLX_SERVER_API_KEY="k", PORT="5000")
+    engine = runtime.from_environ(procfile.command("engine", procfile.resolve("engine", env), env)[1])
+    web = runtime.from_environ(procfile.command("web", procfile.resolve("web", env), env)[1])
+    assert engine == web == load_settings([], env).runtime_config(ADDRESS)
+    assert web.web.api_keys == ("k",) and web.web.max_queued_requests == engine.engine.max_queued_requests == 9
 
 
 def test_web_binds_the_runners_port(model: Path):
@@ -46,11 +56,12 @@ def test_web_binds_the_runners_port(model: Path):
     assert argv[:3] == [sys.executable, "-m", "gunicorn"]
     assert argv[argv.index("--bind") + 1] == "127.0.0.1:5000"
     assert argv[argv.index("--workers") + 1] == "3"
-    assert child_env["MLX_SERVER_IPC_ADDRESS"] == ADDRESS
+    config = runtime.from_environ(child_env)
+    assert config.ipc_address == ADDRESS
     # The workers can load the tokenizer before the engine is up.
-    assert child_env["MLX_SERVER_MODEL_PATH"] == str(model)
-    # No supervisor to watch: gunicorn must not shut itself down looking for one.
-    assert ENV_SUPERVISOR_PID not in child_env
+    assert config.model_path == str(model)
+    # No supervisor to watch (gunicorn must not shut itself down looking for one), no drain flag.
+    assert config.web.supervisor_pid is None and config.web.drain_flag is None
 
 
 def test_mlx_server_port_wins_over_port(model: Path):

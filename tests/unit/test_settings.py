@@ -26,6 +26,7 @@ from deploy.settings import (
     load_settings,
     unknown_env_warnings,
 )
+from ipc import runtime
 
 REPO = Path(__file__).resolve().parents[2]
 MIGRATION = "(see README, Migrating from 0.1)"
@@ -420,9 +421,8 @@ def test_every_mlx_server_variable_the_code_reads_is_known() -> None:
     packages = ("deploy", "frontend", "engine", "ipc", "bench", "tests")
     sources = [p for d in packages for p in (REPO / d).rglob("*.py")]
     used = {m for p in sources for m in re.findall(r"MLX_SERVER_[A-Z][A-Z_]*[A-Z]", p.read_text())}
-    used -= {"MLX_SERVER_PROT", "MLX_SERVER_THREADS", "MLX_SERVER_ZZZ"}  # the warning tests' own examples
-    # The supervisor sets it for its workers, over any the user set: the warning points to API_KEY.
-    used -= {"MLX_SERVER_API_KEYS"}
+    used -= {"MLX_SERVER_PROT", "MLX_SERVER_THREADS", "MLX_SERVER_ZZZ", "MLX_SERVER_API_KEYS"}  # the examples below
+    assert runtime.CONFIG_ENV in used
     assert unknown_env_warnings(dict.fromkeys(used, "1")) == []
     assert unknown_env_warnings({"MLX_SERVER_API_KEYS": "k"}) == [
         "MLX_SERVER_API_KEYS is not a setting and is ignored (did you mean MLX_SERVER_API_KEY?)"

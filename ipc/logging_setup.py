@@ -6,7 +6,8 @@ so a deployment reads one shape. Lines about an HTTP request carry its id
 (``REQUEST_ID``, set by the frontend for the request's thread): the
 ``chatcmpl-…``/``cmpl-…`` id a client sees, else ``req-…``.
 
-Standard library only: the engine and the frontend both import it.
+Standard library only, in ``ipc`` so the engine and the frontend share it
+without importing ``deploy``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[str, ...] = ("text", "json")
-ENV_LOG_FORMAT = "MLX_SERVER_LOG_FORMAT"
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 # The request the current thread works for; None outside requests.
 REQUEST_ID: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_server_request_id", default=None)
@@ -86,13 +88,13 @@ def _iso_time(created: float) -> str:
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
-def make_formatter(role: str, log_format: str = "text") -> logging.Formatter:
+def make_formatter(role: str, log_format: str) -> logging.Formatter:
     if log_format not in LOG_FORMATS:
         raise ValueError(f"unknown log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
     return JsonFormatter(role) if log_format == "json" else TextFormatter(role)
 
 
-def configure(role: str, level: str = "info", log_format: str = "text", stream: Any = None) -> None:
+def configure(role: str, level: str, log_format: str, stream: Any = None) -> None:
     """Route the root logger to ``stream`` (stderr) in ``log_format``; replaces basicConfig."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(make_formatter(role, log_format))
@@ -104,7 +106,7 @@ def configure(role: str, level: str = "info", log_format: str = "text", stream: 
     root.setLevel(level.upper())
 
 
-def dict_config(role: str, log_format: str = "text") -> dict[str, Any]:
+def dict_config(role: str, log_format: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` dict (gunicorn's ``logconfig_dict``).
 
     gunicorn's own loggers propagate to the root handler, so its lines share
@@ -116,9 +118,9 @@ def dict_config(role: str, log_format: str = "text") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
-            "mlx_server": {"()": "deploy.logging_setup.make_formatter", "role": role, "log_format": log_format}
+            "mlx_server": {"()": "ipc.logging_setup.make_formatter", "role": role, "log_format": log_format}
         },
-        "filters": {"request_id": {"()": "deploy.logging_setup.RequestIdFilter"}},
+        "filters": {"request_id": {"()": "ipc.logging_setup.RequestIdFilter"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",

@@ -1,0 +1,71 @@
+"""What the engine and the HTTP workers are started with: one typed config in one variable.
+
+``deploy`` resolves the settings (and their defaults) once, builds a ``RuntimeConfig``
+and puts it, as JSON, in ``CONFIG_ENV`` of both children; the engine and the gunicorn
+master and workers decode it. Every field is required: a default here would be a
+second copy of ``deploy/settings.py``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import msgspec
+
+from ipc.logging_setup import LogFormat, LogLevel
+
+# The only MLX_SERVER_* variable that is not a setting and that the product itself sets.
+CONFIG_ENV = "MLX_SERVER_RUNTIME_CONFIG"
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The engine's limits (engine.core.SchedulerConfig takes them by these names)."""
+
+    max_batch_size: int
+    prefill_batch_size: int
+    prefill_step_size: int
+    prompt_cache_bytes: int
+    max_queued_requests: int
+
+
+class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What each HTTP worker (and the gunicorn master) needs."""
+
+    default_max_tokens: int
+    request_timeout_s: float
+    max_queued_requests: int
+    api_keys: tuple[str, ...]  # empty: no authentication
+    cors_origins: tuple[str, ...]  # empty: CORS off
+    # Set only under the supervisor: the file whose existence means "graceful stop in
+    # progress", and the pid whose death makes gunicorn shut down.
+    drain_flag: Optional[str]
+    supervisor_pid: Optional[int]
+
+
+class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model_path: str
+    adapter_path: Optional[str]
+    ipc_address: str
+    log_level: LogLevel
+    log_format: LogFormat
+    engine: EngineConfig
+    web: WebConfig
+
+
+class ConfigError(Exception):
+    """The process was started without a usable config; one line for its stderr."""
+
+
+def encode(config: RuntimeConfig) -> str:
+    return msgspec.json.encode(config).decode()
+
+
+def from_environ(environ: Mapping[str, str]) -> RuntimeConfig:
+    raw = environ.get(CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"{CONFIG_ENV} is not set: start the server with mlx-server (or deploy.procfile)")
+    try:
+        return msgspec.json.decode(raw, type=RuntimeConfig)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise ConfigError(f"{CONFIG_ENV} is not a valid config: {exc}") from None
