@@ -61,13 +61,13 @@ def run_scheduler(model, prompts, max_tokens, arrivals_per_step, config) -> tupl
     while pending or sched.has_work():
         for _ in range(min(arrivals_per_step, len(pending))):
             sched.add(b"w", pending.pop(0))
-        gen = sched._generator
-        before_tokens = gen._counters.prompt_tokens
+        batch = sched.core.batch
+        before_tokens = batch.costs().prompt_tokens
         tic = time.perf_counter()
         out = sched.step()
         dt = time.perf_counter() - tic
-        decode_rows, prefill_rows = _shape(gen)
-        steps.append(Step(dt, decode_rows, prefill_rows, gen._counters.prompt_tokens - before_tokens))
+        rows = batch.rows()
+        steps.append(Step(dt, rows.decoding, rows.prefilling, batch.costs().prompt_tokens - before_tokens))
         tokens += sum(len(d.token_ids) for ds in out.values() for d in ds)
         sched.remember_finished()  # as the socket loop does, after sending
     return time.perf_counter() - start, tokens, steps

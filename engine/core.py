@@ -1,27 +1,33 @@
-"""Scheduling of wire requests over mlx-lm's BatchGenerator (no sockets here).
+"""Engine steps over mlx-lm's BatchGenerator: planned, then executed (no sockets here).
 
-The Scheduler owns the continuous batch and the prefix cache. ``add`` and
-``abort`` may be called between steps; ``step`` advances the batch once and
-returns every delta produced, grouped by the frontend worker that owns the
-request, so the socket loop sends one message per worker per step.
+The Scheduler decides. ``add`` and ``abort`` may be called between steps;
+``plan`` turns what arrived, what was aborted and the batch's load into a
+StepPlan, the one place where clocks (admission hold, prefill costs) count.
+The EngineCore executes a plan: aborts, inserts, prefill settings, batch
+steps, and the deltas they produce. Executing depends only on the plan, so
+another rank that executes the same plans produces the same tokens.
+``Scheduler.step`` does both and groups the deltas by the frontend worker
+that owns each request, so the socket loop sends one message per worker.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 
+from engine.batch_adapter import Batch, StepCosts
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.prefill import PrefillPolicy
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RequestSampling, build_request_sampling
-from ipc.messages import LOGPROB_FLOOR, Generate, TokenDelta
+from ipc.messages import LOGPROB_FLOOR, FinishReason, Generate, StepPlan, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,6 @@ class SchedulerConfig:
 @dataclass
 class _Active:
     request_id: str
-    worker: WorkerId
     uid: int
     cached_prompt_tokens: int
     first_sent: bool = False
@@ -66,7 +71,7 @@ class _Active:
 
 
 @dataclass
-class SchedulerStats:
+class EngineStats:
     started_at: float = field(default_factory=time.monotonic)
     tokens_generated: int = 0
     prompt_tokens_processed: int = 0
@@ -81,6 +86,14 @@ class RequestRejected(ValueError):
 
 class Overloaded(RequestRejected):
     """The queue is full: the request ends with finish_reason "overloaded" (HTTP 429)."""
+
+
+@dataclass
+class StepResult:
+    """What executing one plan produced: deltas in order, and what it cost."""
+
+    deltas: list[TokenDelta]
+    costs: StepCosts
 
 
 # Test-only seam (never reachable from settings or the wire): given a request,
@@ -107,62 +120,44 @@ class _Guarded:
         return logits
 
 
-class Scheduler:
+class EngineCore:
+    """Executes step plans: owns the batch, the prefix cache and the requests in them."""
+
     def __init__(
         self,
         model: Any,
         config: SchedulerConfig,
-        make_generator: Optional[Callable[..., BatchGenerator]] = None,
         grammars: Optional[GrammarCompiler] = None,
         fault_injector: Optional[FaultInjector] = None,
     ) -> None:
-        self._fault_injector = fault_injector
-        # Admission and chunk sizes of prefill, from measured costs.
-        # mlx-lm would let a prefill batch larger than the decode batch grow the
-        # decode batch past max_batch_size: prefill rows never exceed it here.
-        self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
-        self._prefill = PrefillPolicy(config.prefill_step_size)
-        self._arrivals = 0  # requests inserted since the last step
-        # uid -> error, filled by _Guarded during a step.
-        self._failures: dict[int, str] = {}
-        self._model = model
         self._config = config
         self._grammars = grammars  # None: constrained requests are refused
-        self._make_generator = make_generator or BatchGenerator
+        self._fault_injector = fault_injector
+        # mlx-lm would let a prefill batch larger than the decode batch grow the
+        # decode batch past max_batch_size: prefill rows never exceed it here.
+        self.batch = Batch(
+            model,
+            config.eos_token_ids,
+            max_rows=config.max_batch_size,
+            prefill_rows=min(config.prefill_batch_size, config.max_batch_size),
+            prefill_chunk=config.prefill_step_size,
+        )
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
         self._prefix_cache = PrefixCache(
             max(config.prompt_cache_bytes, 0), PREFIX_CACHE_MAX_ENTRIES, MIN_PREFIX_REUSE_TOKENS
         )
         self._by_uid: dict[int, _Active] = {}
         self._by_id: dict[str, _Active] = {}
-        # Finals produced outside a step (aborts, rejections), sent with the next step.
-        self._pending: Outputs = defaultdict(list)
+        # uid -> error, filled by _Guarded during a step.
+        self._failures: dict[int, str] = {}
         # Finished sequences' tokens and caches, kept for the prefix cache once
         # their last deltas are out (remember_finished).
         self._finished: list[tuple[list[int], list[Any]]] = []
-        self.stats = SchedulerStats()
-        self._generator = self._new_generator()
-
-    # ------------------------------------------------------------------ state
-
-    def _new_generator(self) -> BatchGenerator:
-        cfg = self._config
-        return self._make_generator(
-            self._model,
-            stop_tokens=[[t] for t in cfg.eos_token_ids],
-            completion_batch_size=cfg.max_batch_size,
-            prefill_batch_size=self._prefill_rows,
-            prefill_step_size=cfg.prefill_step_size,
-        )
+        self.stats = EngineStats()
 
     @property
-    def running(self) -> int:
+    def active(self) -> int:
         return len(self._by_id)
-
-    @property
-    def queued(self) -> int:
-        # Requests inserted but not yet in the decode batch (waiting or prefilling).
-        return len(self._generator._unprocessed_sequences) + len(self._generator._prompt_batch)
 
     @property
     def prefix_cache_entries(self) -> int:
@@ -172,29 +167,254 @@ class Scheduler:
     def prefix_cache_bytes(self) -> int:
         return self._prefix_cache.nbytes
 
+    def uids(self, request_ids: list[str]) -> list[int]:
+        return [self._by_id[r].uid for r in request_ids if r in self._by_id]
+
+    # ---------------------------------------------------------------- execute
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one plan; the deltas it produced, in order."""
+        self.remember_finished()
+        deltas: list[TokenDelta] = []
+        self._abort(plan.aborts, deltas)
+        for request in plan.inserts:
+            self._insert(request, deltas)
+        self.batch.set_prefill(plan.prefill_rows, plan.prefill_chunk)
+        # Unseeded samplers draw from mx.random's global state: the plan's seed
+        # makes every rank draw the same.
+        mx.random.seed(plan.seed)
+        before = self.batch.costs()
+        for _ in range(plan.decode_steps):
+            if not self._by_id:
+                break
+            self._collect(self.batch.step(), deltas)
+        return StepResult(deltas, self.batch.costs().since(before))
+
+    def reset(self) -> None:
+        """Forget every request and start a fresh batch (after a step failed)."""
+        for active in list(self._by_id.values()):
+            self._forget(active)
+        self._failures.clear()
+        self.batch.reset()
+
+    def _abort(self, request_ids: list[str], deltas: list[TokenDelta]) -> None:
+        """Remove requests from the batch; unknown or finished ids are ignored."""
+        found = [self._by_id[r] for r in request_ids if r in self._by_id]
+        self.batch.remove([a.uid for a in found])
+        for active in found:
+            self._forget(active)
+            deltas.append(TokenDelta(active.request_id, [], "abort"))
+
+    def _insert(self, request: Generate, deltas: list[TokenDelta]) -> None:
+        """Insert a request into the batch, or end it with an error."""
+        try:
+            self._start(request)
+        except (RequestRejected, ConstraintError) as exc:
+            deltas.append(TokenDelta(request.request_id, [], "error", error=str(exc)))
+        except Exception as exc:  # a bad request must not take the engine down
+            log.exception("could not start request %s", request.request_id)
+            deltas.append(TokenDelta(request.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
+
+    def _sampling(self, request: Generate) -> tuple[RequestSampling, Optional[GrammarProcessor]]:
+        """Sampler and sampling processors, then the grammar mask last (nothing may lift it)."""
+        sampling = build_request_sampling(request.sampling, wants_logprobs=request.logprobs is not None)
+        if request.constraint is None:
+            return sampling, None
+        if self._grammars is None:
+            raise RequestRejected("constrained decoding is not available in this engine")
+        grammar = self._grammars.processor(request.constraint)
+        return sampling._replace(processors=[*(sampling.processors or []), grammar]), grammar
+
+    def _guarded(self, request: Generate, processors: Optional[list[Any]]) -> Optional[list[Any]]:
+        processors = list(processors or [])
+        injected = self._fault_injector(request) if self._fault_injector else None
+        if injected is not None:
+            processors.insert(0, injected)
+        return [_Guarded(processors, self._failures)] if processors else None
+
+    def _start(self, request: Generate) -> None:
+        sampling, grammar = self._sampling(request)
+        guarded = self._guarded(request, sampling.processors)
+        prompt = request.prompt_token_ids
+        cache, rest = self._fetch_prefix(prompt)
+        cached = len(prompt) - len(rest)
+        stops = (
+            self._default_stops
+            if request.stop_token_ids is None
+            else StopSequences([[t] for t in request.stop_token_ids])
+        )
+        uid = self.batch.insert(rest, request.max_tokens, cache, prompt[:cached], sampling.sampler, guarded, stops)
+        if guarded:
+            guarded[0].uid = uid
+        active = _Active(request.request_id, uid, cached, logprobs=request.logprobs, grammar=grammar)
+        self._by_uid[uid] = active
+        self._by_id[request.request_id] = active
+        self.stats.prompt_tokens_processed += len(rest)
+        if cached:
+            self.stats.prompt_cache_hits += 1
+            self.stats.prompt_cache_hit_tokens += cached
+
+    def _fetch_prefix(self, prompt: list[int]) -> tuple[Optional[list[Any]], list[int]]:
+        """The longest cached prefix of ``prompt`` and the tokens still to prefill."""
+        if self._config.prompt_cache_bytes <= 0:
+            return None, prompt
+        self.remember_finished()
+        return self._prefix_cache.fetch(prompt)
+
+    def _forget(self, active: _Active) -> None:
+        self._by_uid.pop(active.uid, None)
+        self._by_id.pop(active.request_id, None)
+        self.stats.requests_finished += 1
+
+    def _collect(self, responses: list[Any], deltas: list[TokenDelta]) -> None:
+        """Turn one batch step's responses into deltas."""
+        self.stats.tokens_generated += len(responses)
+        live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
+        live = self._drop_failed(live, deltas)
+        logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
+        for r, active in live:
+            finished = r.finish_reason is not None
+            cached = 0 if active.first_sent else active.cached_prompt_tokens
+            active.first_sent = True
+            if active.grammar is not None and active.grammar.error is not None:
+                # Cannot happen with a sound grammar library; never send unconstrained text.
+                if not finished:
+                    self.batch.remove([r.uid])
+                self._forget(active)
+                deltas.append(TokenDelta(active.request_id, [], "error", cached, active.grammar.error))
+                continue
+            if r.finish_reason == "stop":
+                # The token is the EOS/stop token: never text, never logprobs.
+                delta = TokenDelta(active.request_id, [], r.finish_reason, cached)
+            elif r.uid in logprobs:
+                chosen, top = logprobs[r.uid]
+                tops = [top] if active.logprobs else None
+                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached, None, [chosen], tops)
+            else:
+                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached)
+            deltas.append(delta)
+            if finished:
+                self._forget(active)
+                if r.all_tokens and r.prompt_cache is not None:
+                    self._finished.append((r.all_tokens, r.prompt_cache))
+
+    def _drop_failed(self, live: list[tuple[Any, _Active]], deltas: list[TokenDelta]) -> list[tuple[Any, _Active]]:
+        """End the requests whose processors failed this step; the rest go on."""
+        if not self._failures:
+            return live
+        failures, self._failures = self._failures, {}
+        failed = [a for a in self._by_uid.values() if a.uid in failures]
+        self.batch.remove([a.uid for a in failed])
+        for active in failed:
+            self._forget(active)
+            error = f"generation failed for this request: {failures[active.uid]}"
+            deltas.append(TokenDelta(active.request_id, [], "error", error=error))
+        return [(r, a) for r, a in live if a.uid not in failures]
+
+    def remember_finished(self) -> None:
+        """Put the sequences finished by the last step into the prefix cache.
+
+        The socket loop calls this after sending the step's deltas: the work
+        (an evaluation and a trie insert per token) then delays no final token.
+        The next step or prefix lookup does it otherwise, so a request that
+        arrives later always sees the prefixes of those that finished before.
+        """
+        finished, self._finished = self._finished, []
+        budget = self._config.prompt_cache_bytes
+        if budget <= 0 or not finished:
+            return
+        # Each extracted cache is a lazy slice of the whole batch's KV buffer:
+        # evaluate them now (together: one sync for the step), or the entries
+        # would keep that entire buffer alive.
+        mx.eval([c.state for _, cache in finished for c in cache])
+        for tokens, cache in finished:
+            self._prefix_cache.insert(tokens, cache)
+        # Live batch caches count against the same budget (as in mlx_lm.server).
+        self._prefix_cache.trim_to(n_bytes=budget - self.batch.prompt_cache_nbytes)
+
+    def memory(self) -> tuple[int, int]:
+        return mx.get_active_memory(), mx.get_peak_memory()
+
+
+class Scheduler:
+    """Decides each step's plan (rank 0 of a sharded engine) and routes its deltas."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: SchedulerConfig,
+        grammars: Optional[GrammarCompiler] = None,
+        fault_injector: Optional[FaultInjector] = None,
+    ) -> None:
+        self._config = config
+        self.core = EngineCore(model, config, grammars, fault_injector)
+        # Admission and chunk sizes of prefill, from measured costs.
+        self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
+        self._prefill = PrefillPolicy(config.prefill_step_size)
+        # Requests not finished yet (queued here or in the batch) and their workers.
+        self._owners: dict[str, WorkerId] = {}
+        # Accepted requests that the next plan inserts, in arrival order.
+        self._inbox: dict[str, Generate] = {}
+        # Requests in the batch that the next plan removes (an ordered set).
+        self._aborts: dict[str, None] = {}
+        # Finals decided here (aborts of queued requests, rejections), sent with the next step.
+        self._pending: Outputs = defaultdict(list)
+        # Only this rank draws the steps' seeds (from the OS's entropy).
+        self._seeds = random.Random()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.core.stats
+
+    @property
+    def running(self) -> int:
+        return len(self._owners)
+
+    @property
+    def queued(self) -> int:
+        # Requests accepted but not yet in the decode batch (waiting or prefilling).
+        rows = self.core.batch.rows()
+        return len(self._inbox) + rows.waiting + rows.prefilling
+
+    @property
+    def prefix_cache_entries(self) -> int:
+        return self.core.prefix_cache_entries
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.core.prefix_cache_bytes
+
+    def memory(self) -> tuple[int, int]:
+        return self.core.memory()
+
     def has_work(self) -> bool:
-        return bool(self._by_id) or bool(self._pending)
+        return bool(self._pending or self._inbox or self._aborts or self.core.active)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._by_id
+        return request_id in self._owners
 
     # ------------------------------------------------------------------ input
 
     def add(self, worker: WorkerId, request: Generate) -> None:
-        """Insert a request into the running batch, or end it with an error."""
+        """Accept a request for the next plan, or end it with an error."""
         try:
-            self._insert(worker, request)
+            self._validate(request)
         except Overloaded as exc:
             self._finish_now(worker, request.request_id, "overloaded", str(exc))
-        except (RequestRejected, ConstraintError) as exc:
+        except RequestRejected as exc:
             self._finish_now(worker, request.request_id, "error", str(exc))
         except Exception as exc:  # a bad request must not take the engine down
-            log.exception("could not start request %s", request.request_id)
+            log.exception("could not accept request %s", request.request_id)
             self._finish_now(worker, request.request_id, "error", f"{type(exc).__name__}: {exc}")
+        else:
+            self._owners[request.request_id] = worker
+            self._inbox[request.request_id] = request
 
     def _validate(self, request: Generate) -> None:
         cfg = self._config
-        if request.request_id in self._by_id:
+        if request.request_id in self._owners:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
         if self.queued >= cfg.max_queued_requests:
             raise Overloaded(f"{self.queued} requests are already waiting (max_queued_requests)")
@@ -217,197 +437,87 @@ class Scheduler:
                 f"exceeds the context length {cfg.context_length}"
             )
 
-    def _sampling(self, request: Generate) -> tuple[RequestSampling, Optional[GrammarProcessor]]:
-        """Sampler and sampling processors, then the grammar mask last (nothing may lift it)."""
-        sampling = build_request_sampling(request.sampling, wants_logprobs=request.logprobs is not None)
-        if request.constraint is None:
-            return sampling, None
-        if self._grammars is None:
-            raise RequestRejected("constrained decoding is not available in this engine")
-        grammar = self._grammars.processor(request.constraint)
-        return sampling._replace(processors=[*(sampling.processors or []), grammar]), grammar
-
-    def _guarded(self, request: Generate, processors: Optional[list[Any]]) -> Optional[list[Any]]:
-        processors = list(processors or [])
-        injected = self._fault_injector(request) if self._fault_injector else None
-        if injected is not None:
-            processors.insert(0, injected)
-        return [_Guarded(processors, self._failures)] if processors else None
-
-    def _insert(self, worker: WorkerId, request: Generate) -> None:
-        self._validate(request)
-        sampling, grammar = self._sampling(request)
-        guarded = self._guarded(request, sampling.processors)
-        prompt = request.prompt_token_ids
-        cache, rest = self._fetch_prefix(prompt)
-        cached = len(prompt) - len(rest)
-        stops = (
-            self._default_stops
-            if request.stop_token_ids is None
-            else StopSequences([[t] for t in request.stop_token_ids])
-        )
-        (uid,) = self._generator.insert(
-            [rest],
-            max_tokens=[request.max_tokens],
-            caches=[cache],
-            all_tokens=[prompt[:cached]],
-            samplers=[sampling.sampler],
-            logits_processors=[guarded],
-            stop_sequences=[stops],
-        )
-        if guarded:
-            guarded[0].uid = uid
-        active = _Active(request.request_id, worker, uid, cached, logprobs=request.logprobs, grammar=grammar)
-        self._by_uid[uid] = active
-        self._by_id[request.request_id] = active
-        self._arrivals += 1
-        self.stats.prompt_tokens_processed += len(rest)
-        if cached:
-            self.stats.prompt_cache_hits += 1
-            self.stats.prompt_cache_hit_tokens += cached
-
-    def _fetch_prefix(self, prompt: list[int]) -> tuple[Optional[list[Any]], list[int]]:
-        """The longest cached prefix of ``prompt`` and the tokens still to prefill."""
-        if self._config.prompt_cache_bytes <= 0:
-            return None, prompt
-        self.remember_finished()
-        return self._prefix_cache.fetch(prompt)
-
     def abort(self, request_ids: list[str]) -> None:
-        """Remove requests from the batch; unknown or finished ids are ignored."""
-        found = [self._by_id[r] for r in request_ids if r in self._by_id]
-        if not found:
-            return
-        self._generator.remove([a.uid for a in found])
-        for active in found:
-            self._forget(active)
-            self._pending[active.worker].append(TokenDelta(active.request_id, [], "abort"))
+        """End requests; unknown or finished ids are ignored."""
+        for request_id in request_ids:
+            if request_id not in self._owners:
+                continue
+            if self._inbox.pop(request_id, None) is None:
+                self._aborts[request_id] = None  # its final comes from the step that removes it
+            else:
+                self._pending[self._owners.pop(request_id)].append(TokenDelta(request_id, [], "abort"))
 
     def drop_worker(self, worker: WorkerId) -> int:
         """A frontend worker went away: abort everything it owned, silently."""
-        ids = [a.request_id for a in self._by_id.values() if a.worker == worker]
-        self.abort(ids)
+        ids = [r for r, w in self._owners.items() if w == worker]
+        for request_id in ids:
+            del self._owners[request_id]  # its final has nobody to go to
+            if self._inbox.pop(request_id, None) is None:
+                self._aborts[request_id] = None
         self._pending.pop(worker, None)
         return len(ids)
 
     def fail_all(self, reason: str) -> None:
         """End every request with an error and start a fresh batch (after a step failed)."""
-        for active in list(self._by_id.values()):
-            self._forget(active)
-            self._pending[active.worker].append(
-                TokenDelta(active.request_id, [], "error", error=reason)
-            )
-        self._generator = self._new_generator()
+        for request_id, worker in self._owners.items():
+            self._pending[worker].append(TokenDelta(request_id, [], "error", error=reason))
+        self._owners.clear()
+        self._inbox.clear()
+        self._aborts.clear()
+        self.core.reset()
 
-    def _finish_now(self, worker: WorkerId, request_id: str, reason: str, error: str) -> None:
+    def _finish_now(self, worker: WorkerId, request_id: str, reason: FinishReason, error: str) -> None:
         self._pending[worker].append(TokenDelta(request_id, [], reason, error=error))
-
-    def _forget(self, active: _Active) -> None:
-        self._by_uid.pop(active.uid, None)
-        self._by_id.pop(active.request_id, None)
-        self.stats.requests_finished += 1
 
     # ------------------------------------------------------------------ step
 
     def step(self) -> Outputs:
-        """Advance the batch once; return all deltas grouped by worker."""
-        self.remember_finished()
+        """Plan a step, execute it, and return all deltas grouped by worker."""
+        plan = self.plan()
+        return self.collect(self.core.execute(plan) if plan is not None else None)
+
+    def plan(self) -> Optional[StepPlan]:
+        """The next step's plan, or None when there is nothing to execute.
+
+        Holding arrivals back while a burst is still coming, and the prefill
+        chunk size, come from the clock and the measured costs: only here."""
+        if not (self._inbox or self._aborts or self.core.active):
+            return None
+        inserts, self._inbox = list(self._inbox.values()), {}
+        aborts, self._aborts = list(self._aborts), {}
+        rows = self.core.batch.rows(without=self.core.uids(aborts))
+        waiting = rows.waiting + len(inserts)
+        free_rows = max(min(self._prefill_rows - rows.prefilling, self._config.max_batch_size - rows.decoding), 0)
+        busy = bool(rows.prefilling or rows.decoding)
+        admit = self._prefill.admit(time.monotonic(), waiting, free_rows, len(inserts), busy=busy)
+        admitted = min(waiting, free_rows) if admit else 0
+        return StepPlan(
+            aborts=aborts,
+            inserts=inserts,
+            # A prefill batch size equal to the rows already prefilling admits nobody new.
+            prefill_rows=self._prefill_rows if admit else rows.prefilling,
+            prefill_chunk=self._prefill.chunk(rows.prefilling + admitted, decoding_rows=rows.decoding),
+            seed=self._seeds.getrandbits(32),
+        )
+
+    def collect(self, result: Optional[StepResult]) -> Outputs:
+        """The finals decided here, then the step's deltas, grouped by worker;
+        the step's measured costs size later prefill chunks."""
         outputs, self._pending = self._pending, defaultdict(list)
-        if not self._by_id:
+        if result is None:
             return outputs
-        self._plan_prefill()
-        before = self._step_timers()
-        _, responses = self._generator.next()
-        self._learn_costs(before, self._step_timers())
-        self.stats.tokens_generated += len(responses)
-        live = [(r, a) for r in responses if (a := self._by_uid.get(r.uid)) is not None]
-        live = self._drop_failed(live, outputs)
-        logprobs = _logprobs([(r, a.logprobs) for r, a in live if a.logprobs is not None and r.finish_reason != "stop"])
-        for r, active in live:
-            finished = r.finish_reason is not None
-            cached = 0 if active.first_sent else active.cached_prompt_tokens
-            active.first_sent = True
-            if active.grammar is not None and active.grammar.error is not None:
-                # Cannot happen with a sound grammar library; never send unconstrained text.
-                if not finished:
-                    self._generator.remove([r.uid])
-                self._forget(active)
-                outputs[active.worker].append(TokenDelta(active.request_id, [], "error", cached, active.grammar.error))
-                continue
-            if r.finish_reason == "stop":
-                # The token is the EOS/stop token: never text, never logprobs.
-                delta = TokenDelta(active.request_id, [], r.finish_reason, cached)
-            elif r.uid in logprobs:
-                chosen, top = logprobs[r.uid]
-                tops = [top] if active.logprobs else None
-                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached, None, [chosen], tops)
-            else:
-                delta = TokenDelta(active.request_id, [r.token], r.finish_reason, cached)
-            outputs[active.worker].append(delta)
-            if finished:
-                self._forget(active)
-                if r.all_tokens and r.prompt_cache is not None:
-                    self._finished.append((r.all_tokens, r.prompt_cache))
+        self._prefill.learn(*result.costs)
+        for delta in result.deltas:
+            worker = self._owners.get(delta.request_id)
+            if worker is None:
+                continue  # its worker went away
+            if delta.finish_reason is not None:
+                del self._owners[delta.request_id]
+            outputs[worker].append(delta)
         return outputs
 
-    def _plan_prefill(self) -> None:
-        """Set this step's prefill admission and chunk size on the generator
-        (BatchGenerator reads both attributes at every step)."""
-        gen, cfg = self._generator, self._config
-        waiting = len(gen._unprocessed_sequences)
-        prefilling, decoding = len(gen._prompt_batch), len(gen._generation_batch)
-        free_rows = max(min(self._prefill_rows - prefilling, cfg.max_batch_size - decoding), 0)
-        arrivals, self._arrivals = self._arrivals, 0
-        admit = self._prefill.admit(time.monotonic(), waiting, free_rows, arrivals, busy=bool(prefilling or decoding))
-        # A prefill batch size equal to the rows already prefilling admits nobody new.
-        gen.prefill_batch_size = self._prefill_rows if admit else prefilling
-        rows = prefilling + (min(waiting, free_rows) if admit else 0)
-        gen.prefill_step_size = self._prefill.chunk(rows, decoding_rows=decoding)
-
-    def _step_timers(self) -> tuple[float, float, int, int]:
-        c = self._generator._counters
-        return c.decode_time, c.prompt_time, c.prompt_tokens, c.generation_steps
-
-    def _learn_costs(self, before: tuple[float, float, int, int], after: tuple[float, float, int, int]) -> None:
-        decode_s, prompt_s, prompt_tokens, steps = (a - b for a, b in zip(after, before))
-        self._prefill.learn(steps, decode_s, prompt_tokens, prompt_s)
-
-    def _drop_failed(self, live: list[tuple[Any, _Active]], outputs: Outputs) -> list[tuple[Any, _Active]]:
-        """End the requests whose processors failed this step; the rest go on."""
-        if not self._failures:
-            return live
-        failures, self._failures = self._failures, {}
-        failed = [a for a in self._by_uid.values() if a.uid in failures]
-        self._generator.remove([a.uid for a in failed])
-        for active in failed:
-            self._forget(active)
-            error = f"generation failed for this request: {failures[active.uid]}"
-            outputs[active.worker].append(TokenDelta(active.request_id, [], "error", error=error))
-        return [(r, a) for r, a in live if a.uid not in failures]
-
     def remember_finished(self) -> None:
-        """Put the sequences finished by the last step into the prefix cache.
-
-        The socket loop calls this after sending the step's deltas: the work
-        (an evaluation and a trie insert per token) then delays no final token.
-        The next step or prefix lookup does it otherwise, so a request that
-        arrives later always sees the prefixes of those that finished before.
-        """
-        finished, self._finished = self._finished, []
-        budget = self._config.prompt_cache_bytes
-        if budget <= 0 or not finished:
-            return
-        # Each extracted cache is a lazy slice of the whole batch's KV buffer:
-        # evaluate them now (together: one sync for the step), or the entries
-        # would keep that entire buffer alive.
-        mx.eval([c.state for _, cache in finished for c in cache])
-        for tokens, cache in finished:
-            self._prefix_cache.insert(tokens, cache)
-        # Live batch caches count against the same budget (as in mlx_lm.server).
-        self._prefix_cache.trim_to(n_bytes=budget - self._generator.prompt_cache_nbytes)
-
-    def memory(self) -> tuple[int, int]:
-        return mx.get_active_memory(), mx.get_peak_memory()
+        self.core.remember_finished()
 
 
 def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tuple[int, float]]]]:

@@ -2,7 +2,9 @@
 
 Unseeded samplers are shared between requests with equal parameters: mlx-lm's
 GenerationBatch samples the whole batch in one call when every row holds the
-same sampler object, so sharing keeps the common case batched.
+same sampler object, so sharing keeps the common case batched. They draw from
+mx.random's global state, which every step plan seeds (so a seed per request
+would split the batch's sampling into one call per row for nothing).
 
 A request's ``logit_bias`` is added inside that shared sampler, not by a
 logits processor: mlx-lm runs processors row by row in Python (a slice, the

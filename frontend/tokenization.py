@@ -495,7 +495,3 @@ class Tokenization:
 
 # decoder kind -> how mlx-lm trims leading spaces ("spm_no_trim", "other": not at all).
 _TRIMMING = {"bpe": "once", "spm": "each"}
-
-
-def load_tokenization(model_path: str | Path, *, skip_special_tokens: bool = False) -> Tokenization:
-    return Tokenization.from_pretrained(model_path, skip_special_tokens=skip_special_tokens)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import msgspec
 
-from ipc.messages import EngineMessage, FrontendMessage
+from ipc.messages import EngineMessage, FrontendMessage, StepPlan
 
 _encoder = msgspec.msgpack.Encoder()
 _frontend_decoder = msgspec.msgpack.Decoder(FrontendMessage)
 _engine_decoder = msgspec.msgpack.Decoder(EngineMessage)
+_plan_decoder = msgspec.msgpack.Decoder(StepPlan)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -23,3 +24,8 @@ def decode_frontend_message(data: bytes) -> FrontendMessage:
 def decode_engine_message(data: bytes) -> EngineMessage:
     """Decode what the engine sent (raises msgspec.DecodeError)."""
     return _engine_decoder.decode(data)
+
+
+def decode_step_plan(data: bytes) -> StepPlan:
+    """Decode the step plan rank 0 sent (raises msgspec.DecodeError)."""
+    return _plan_decoder.decode(data)

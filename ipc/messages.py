@@ -4,7 +4,11 @@ Every message is a tagged msgspec Struct encoded as msgpack: plain data, never P
 A frontend worker opens with ``Hello``; the engine answers ``Welcome`` (same
 ``PROTOCOL_VERSION``) or ``Rejected``. Every ``Generate`` ends with exactly one
 ``TokenDelta`` whose ``finish_reason`` is set: that is the request's final
-outcome (finished, aborted or failed).
+outcome (finished, aborted or failed). Inside a sharded engine, rank 0 sends
+every other rank the ``StepPlan`` of each step.
+
+Structs sent many times a second are ``gc=False``: they hold no reference
+cycles, so the garbage collector need not track them.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from typing import Literal, Optional, Union
 import msgspec
 
 # Bump on any incompatible change to a struct below; the handshake checks it.
+# 1: Hello/Welcome/Rejected, Generate, Abort, StatusQuery, Ping/Pong, StepOutputs.
 # 2: Generate.logprobs and .constraint, TokenDelta.logprobs/top_logprobs,
 #    ModelInfo.tool_parser/tool_call_start/tool_call_end.
-PROTOCOL_VERSION = 3
+# 3: finish_reason "overloaded", Pong.running_requests/queued_requests
+#    (later, with defaults: EngineStatus.restarts, .steps, .step_seconds).
+# 4: TokenDelta.finish_reason is a FinishReason, EngineStatus.state an
+#    EngineState; StepPlan (rank 0 to the other ranks of a sharded engine).
+PROTOCOL_VERSION = 4
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.
@@ -26,10 +35,12 @@ LOGPROB_FLOOR = -9999.0
 # reasons; "abort" and "error" never reach a client as a finish_reason.
 # "overloaded": refused because the engine's queue is full (HTTP 429).
 FinishReason = Literal["stop", "length", "abort", "error", "overloaded"]
-FINAL_REASONS: frozenset[str] = frozenset({"stop", "length", "abort", "error", "overloaded"})
+# A draining server refuses new HTTP requests in the frontend (the
+# supervisor's drain flag); the engine serves what it has until it stops.
+EngineState = Literal["ready"]
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """Per-request sampling, applied in the engine by mlx-lm's samplers."""
 
     temperature: float = 1.0
@@ -83,7 +94,7 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
     protocol_version: int
 
 
-class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int
@@ -96,7 +107,7 @@ class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     constraint: Optional[Constraint] = None
 
 
-class Abort(msgspec.Struct, tag=True, frozen=True):
+class Abort(msgspec.Struct, tag=True, frozen=True, gc=False):
     """Idempotent: unknown or already finished ids are ignored."""
 
     request_ids: list[str]
@@ -106,7 +117,7 @@ class StatusQuery(msgspec.Struct, tag=True, frozen=True):
     query_id: str
 
 
-class Ping(msgspec.Struct, tag=True, frozen=True):
+class Ping(msgspec.Struct, tag=True, frozen=True, gc=False):
     """Liveness probe; the engine answers Pong with the same nonce."""
 
     nonce: int
@@ -124,7 +135,7 @@ class Rejected(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
-class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, gc=False):
     """New tokens of one request produced by one engine step.
 
     ``finish_reason`` set means this is the request's last message.
@@ -135,7 +146,7 @@ class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=Tru
 
     request_id: str
     token_ids: list[int]
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[FinishReason] = None
     # Prompt tokens that the engine found in its prefix cache (first delta only).
     cached_prompt_tokens: int = 0
     error: Optional[str] = None
@@ -146,7 +157,7 @@ class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=Tru
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
 
-class StepOutputs(msgspec.Struct, tag=True, frozen=True):
+class StepOutputs(msgspec.Struct, tag=True, frozen=True, gc=False):
     """Everything one engine step produced for one frontend worker."""
 
     deltas: list[TokenDelta]
@@ -154,7 +165,7 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True):
 
 class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     query_id: str
-    state: str  # "ready" | "draining"
+    state: EngineState
     uptime_s: float
     running_requests: int
     queued_requests: int
@@ -175,12 +186,36 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     step_seconds: float = 0.0
 
 
-class Pong(msgspec.Struct, tag=True, frozen=True):
+class Pong(msgspec.Struct, tag=True, frozen=True, gc=False):
     """Also the engine's load, so workers can refuse work (429) before it queues."""
 
     nonce: int
     running_requests: int = 0
     queued_requests: int = 0
+
+
+# ---------------------------------------------------------------- engine rank 0 -> other ranks
+
+
+class StepPlan(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
+    """One engine step, decided by the scheduler and executed by every rank.
+
+    Executing it depends on nothing else: the same plans on the same model
+    give the same tokens. Order: remove ``aborts``, insert ``inserts``, then
+    run ``decode_steps`` batch steps whose prefill takes at most
+    ``prefill_rows`` rows, ``prefill_chunk`` prompt tokens each.
+    """
+
+    aborts: list[str] = []
+    # Validated requests joining the batch, in order.
+    inserts: list[Generate] = []
+    # Rows the prefill batch may hold (those already prefilling: admit nobody new).
+    prefill_rows: int
+    prefill_chunk: int
+    decode_steps: int = 1
+    # mx.random's seed for this step: what unseeded sampling draws from
+    # (seeded requests carry their own key).
+    seed: int
 
 
 FrontendMessage = Union[Hello, Generate, Abort, StatusQuery, Ping]

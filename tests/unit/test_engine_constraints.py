@@ -170,7 +170,7 @@ def test_compiled_grammar_is_cached(loaded, prompt):
     for i in range(3):
         s.add(b"w", constrained(f"r{i}", LIST, prompt))
     results = run_to_end(s)
-    assert len(s._grammars._prototypes) == 1
+    assert len(s.core._grammars._prototypes) == 1
     assert len({tuple(r["tokens"]) for r in results.values()}) == 1  # greedy: same output, own matchers
 
 

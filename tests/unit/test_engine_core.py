@@ -68,6 +68,13 @@ def run_to_end(s: Scheduler) -> dict[str, dict]:
     raise AssertionError("scheduler did not go idle")
 
 
+def step_planned(s: Scheduler):
+    """One step, as Scheduler.step takes it; its plan."""
+    plan = s.plan()
+    s.collect(s.core.execute(plan) if plan is not None else None)
+    return plan
+
+
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     out = []
     for (tok, _), _ in zip(generate_step(mx.array(prompt), model), range(n)):
@@ -219,6 +226,7 @@ def test_finished_prefixes_are_remembered_after_the_step_returns(model):
     assert s.prefix_cache_entries == 0
     # ...and a request added before remember_finished still sees the prefix.
     s.add(b"w", gen("b", prompt + [7], 2))
+    s.step()
     assert s.prefix_cache_entries == 1 and s.stats.prompt_cache_hits == 1
 
 
@@ -371,8 +379,7 @@ def test_prefill_chunks_shrink_while_streams_decode(model):
     long_prompt = list(range(5, 250)) * 2  # 490 tokens
     s = make_scheduler(model, prefill_step_size=256)
     s.add(b"w", gen("long", long_prompt, 2))
-    s.step()
-    assert s._generator.prefill_step_size == 256  # nothing decoding: full chunks
+    assert step_planned(s).prefill_chunk == 256  # nothing decoding: full chunks
     assert run_to_end(s)["long"]["tokens"] == reference_greedy(model, long_prompt, 2)
     s.add(b"w", gen("streaming", [5, 6, 7], 300))
     for _ in range(5):
@@ -382,8 +389,7 @@ def test_prefill_chunks_shrink_while_streams_decode(model):
     for _ in range(200):
         if not s.queued:
             break
-        s.step()
-        sizes.append(s._generator.prefill_step_size)
+        sizes.append(step_planned(s).prefill_chunk)
     # Sized from measured costs while a stream decodes: smaller, never tiny.
     assert sizes and all(BUSY_PREFILL_MIN_TOKENS <= n <= 256 for n in sizes) and min(sizes) < 256
     results = run_to_end(s)
@@ -403,7 +409,8 @@ def test_a_burst_arriving_over_steps_is_prefilled_together(model, monkeypatch):
         s.add(b"w", gen(rid, prompt, 6))
         early += [t for d in s.step()[b"w"] if d.request_id == "running" for t in d.token_ids]
         # One arrival per step: held while more keep coming.
-        rows_seen.append(len(s._generator._prompt_batch) + len(s._generator._generation_batch))
+        rows = s.core.batch.rows()
+        rows_seen.append(rows.prefilling + rows.decoding)
     assert rows_seen[:-1] == [1] * (len(prompts) - 1)  # only "running" so far
     results = run_to_end(s)
     for rid, prompt in prompts.items():
@@ -445,6 +452,7 @@ def test_decode_batch_never_exceeds_max_batch_size(model):
         if not s.has_work():
             break
         s.step()
-        sizes.append(len(s._generator._generation_batch) + len(s._generator._prompt_batch))
+        rows = s.core.batch.rows()
+        sizes.append(rows.prefilling + rows.decoding)
     assert max(sizes) == 2
     assert s.stats.requests_finished == 5
