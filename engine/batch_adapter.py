@@ -28,7 +28,12 @@ class StepCosts(NamedTuple):
     prompt_s: float = 0.0
 
     def since(self, before: "StepCosts") -> "StepCosts":
-        return StepCosts(*(a - b for a, b in zip(self, before)))
+        return StepCosts(
+            self.decode_steps - before.decode_steps,
+            self.decode_s - before.decode_s,
+            self.prompt_tokens - before.prompt_tokens,
+            self.prompt_s - before.prompt_s,
+        )
 
 
 class Batch:
@@ -69,10 +74,10 @@ class Batch:
         (uid,) = self._gen.insert(
             [tokens],
             max_tokens=[max_tokens],
-            caches=[cache],
+            caches=[cache],  # type: ignore[list-item]  # None: no cached prefix, as mlx-lm accepts
             all_tokens=[cached_tokens],
             samplers=[sampler],
-            logits_processors=[processors],
+            logits_processors=[processors],  # type: ignore[list-item]  # None: no processors
             stop_sequences=[stops],
         )
         return uid

@@ -534,7 +534,7 @@ def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tupl
     chosen = mx.maximum(mx.take_along_axis(rows, tokens, axis=-1)[:, 0], LOGPROB_FLOOR)
     k = max(top for _, top in wanted)
     if k == 0:
-        values = chosen.tolist()
+        values: list[float] = chosen.tolist()  # type: ignore[assignment]
         return {r.uid: (v, []) for (r, _), v in zip(wanted, values)}
     k = min(k, rows.shape[-1])
     ids = mx.argpartition(-rows, kth=k - 1, axis=-1)[:, :k]
@@ -543,7 +543,10 @@ def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tupl
     ids = mx.take_along_axis(ids, order, axis=-1)
     top_values = mx.maximum(mx.take_along_axis(top_values, order, axis=-1), LOGPROB_FLOOR)
     mx.eval(chosen, ids, top_values)
+    chosen_list: list[float] = chosen.tolist()  # type: ignore[assignment]
+    ids_list: list[list[int]] = ids.tolist()  # type: ignore[assignment]
+    values_list: list[list[float]] = top_values.tolist()  # type: ignore[assignment]
     out = {}
-    for (r, want), value, row_ids, row_values in zip(wanted, chosen.tolist(), ids.tolist(), top_values.tolist()):
+    for (r, want), value, row_ids, row_values in zip(wanted, chosen_list, ids_list, values_list):
         out[r.uid] = (value, list(zip(row_ids[:want], row_values[:want])))
     return out

@@ -50,7 +50,7 @@ class LoadProgress:
 
 def materialize_weights(model: Any) -> None:
     """Evaluate lazily loaded weights one array at a time, reporting progress."""
-    params = tree_flatten(model.parameters())
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     progress = LoadProgress(sum(v.nbytes for _, v in params))
     done = 0
     progress.update(0)
@@ -93,7 +93,7 @@ def load_model(model_path: str, adapter_path: Optional[str] = None) -> LoadedMod
     log.info("loading model %s%s", path, f" with adapter {adapter_path}" if adapter_path else "")
     started = time.monotonic()
     # Lazy load, then evaluate with progress: big models take minutes.
-    model, tokenizer = mlx_lm_load(str(path), adapter_path=adapter_path, lazy=True)
+    model, tokenizer = mlx_lm_load(str(path), adapter_path=adapter_path, lazy=True)[:2]
     materialize_weights(model)
     config = json.loads((path / "config.json").read_text())
     info = ModelInfo(

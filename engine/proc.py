@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import msgspec
 import zmq
@@ -69,7 +69,7 @@ class EngineLoop:
         self._next_housekeeping = 0.0
         self._steps = 0
         self._step_seconds = 0.0
-        self._handlers: dict[type, Callable[[bytes, object], None]] = {
+        self._handlers: dict[type, Callable[[bytes, Any], None]] = {
             Hello: self._on_hello,
             Generate: self._on_generate,
             Abort: self._on_abort,

@@ -78,10 +78,10 @@ def _bias_adder(bias: BiasKey, renormalize: bool) -> Callable[[mx.array], mx.arr
     return add
 
 
-def _seeded_sampler(params: SamplingParams, bias: BiasKey) -> Sampler:
+def _seeded_sampler(params: SamplingParams, seed: int, bias: BiasKey) -> Sampler:
     """A sampler with its own PRNG stream: the same seed gives the same tokens
     whatever else shares the batch (mx.random's global state would not)."""
-    key = mx.random.key(params.seed)
+    key = mx.random.key(seed)
     steps = _filters(params)
     if bias:
         steps.insert(0, _bias_adder(bias, renormalize=bool(steps)))
@@ -116,7 +116,7 @@ def _bias_key(params: SamplingParams) -> BiasKey:
 
 def _sampler(params: SamplingParams, bias: BiasKey = ()) -> Sampler:
     if params.seed is not None and params.temperature != 0:
-        return _seeded_sampler(params, bias)
+        return _seeded_sampler(params, params.seed, bias)
     return _shared_sampler(params.temperature, params.top_p, params.min_p, params.top_k, bias)
 
 
