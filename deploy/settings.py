@@ -99,9 +99,8 @@ def default_workers(cpus: int | None = None) -> int:
     # Workers do the per-token Python (detokenizing, SSE/JSON) under their own GIL, so more than
     # one uses more cores; but the engine process is the throughput limit and needs cores of its
     # own, hence at most half of them, and one on 2-3 cores: a gevent worker carries 64 streams
-    # on a quarter of a core, and a second one only adds a process competing with the engine
-    # (2-core VM, tiny model, 32 / 64 streams: 5,454-5,885 / 5,905-6,139 tokens/s with one
-    # worker, 5,261-5,710 / 4,937-5,655 with two). Several cores: more than one, so one busy or
+    # on a quarter of a core, and a second one only competes with the engine (BENCHMARKS.md,
+    # "Measurements behind the defaults"). Several cores: more than one, so one busy or
     # restarting worker never stalls all HTTP; at most 4, since each worker also holds a
     # tokenizer and a socket and past that they only cost memory.
     cpus = cpu_count() if cpus is None else cpus

@@ -17,11 +17,9 @@ import sys
 # mlx's CUDA backend builds work per shape: a CUDA graph per batch shape, and
 # a cuDNN attention graph per (rows, query length, key length). A serving
 # batch changes shape at every arrival and finish and every prefill brings a
-# new length combination, so both are built far more often than reused.
-# Measured on an H100 (BENCHMARKS.md): staggered arrivals ran 1.5-3x faster
-# with graphs off, and ours/raw at 64 streams was 0.84 with cuDNN attention
-# off against 0.75 with it on. They must be set before mlx starts; a user's
-# own values win. Apple silicon (Metal) ignores both.
+# new length combination, so both are built far more often than reused
+# (figures: BENCHMARKS.md, "Measurements behind the defaults"). They must be
+# set before mlx starts; a user's own values win. Apple silicon ignores both.
 CUDA_SERVING_DEFAULTS = {"MLX_USE_CUDA_GRAPHS": "0", "MLX_CUDA_USE_CUDNN_SDPA": "0"}
 for _name, _value in CUDA_SERVING_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

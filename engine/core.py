@@ -37,9 +37,9 @@ Outputs = dict[WorkerId, list[TokenDelta]]
 # Entry count cap of the prefix cache; the byte cap is the real limit.
 PREFIX_CACHE_MAX_ENTRIES = 256
 # A shorter cached prefix (a chat template's opening, a first word) is not
-# reused: copying it out costs about what prefilling it would, and rows with
-# cached prefixes of unequal lengths make the prefill batch take mlx-lm's
-# padded path (measured on an H100: bursts of such hits prefilled ~20x slower).
+# reused: copying it out costs about what prefilling it would, and unequal
+# cached lengths push the prefill batch onto mlx-lm's slow padded path
+# (BENCHMARKS.md, "Measurements behind the defaults").
 MIN_PREFIX_REUSE_TOKENS = 32
 # Most top logprobs a request may ask for per token (OpenAI's chat limit).
 MAX_TOP_LOGPROBS = 20

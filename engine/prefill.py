@@ -22,12 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-# A chunk fed while streams decode should cost about this share of a decode step.
-# Measured on the chunked-prefill scenario (tiny model, 2-core CPU, 16 streams, a
-# 3,900-token prompt; 5 rounds each): running streams' ITL p95 while it prefills
-# was 2.1-2.4x idle at 0.8, 2.0-2.2x at 0.5, 1.75-2.04x at 0.4 and 1.6-1.7x at
-# 0.3, the long prompt's first token 1.9 s, 2.3-3.0 s, 2.7-3.5 s and 3.6-4.5 s.
-# The share buys running streams' smoothness with the long prompt's wait.
+# A chunk fed while streams decode should cost about this share of a decode step:
+# it buys running streams' smoothness with the long prompt's wait (the trade at
+# other shares: BENCHMARKS.md, "Measurements behind the defaults").
 BUSY_PREFILL_SHARE = 0.3
 # Per row; smaller chunks are mostly fixed cost. Low, because late in a long
 # prompt a token costs attention over the whole context: on a CPU, 16 tokens at

@@ -5,10 +5,9 @@ entries evicted past a byte cap, a cached sequence that extends past the
 prompt trimmed back to it), with lookups that cost one walk down the prompt.
 LRUPromptCache's search looks for the shortest entry below the shared prefix
 by a depth-first walk of that whole subtree, copying the path at every node:
-entries x suffix length squared. With the engine's 256 entries that is
-milliseconds per request, spent in the socket loop while a burst arrives (on
-an H100, 64 requests that shared only a chat template's opening held the
-first step back by ~0.3 s). It also copies a cache before the caller can say
+entries x suffix length squared: milliseconds per request at the engine's
+256 entries, spent in the socket loop while a burst arrives (BENCHMARKS.md,
+"Measurements behind the defaults"). It also copies a cache before the caller can say
 the shared prefix is too short to be worth it. Here every trie node keeps
 the length of the shortest entry below it, so the cheapest entry to copy is
 found in one descent, and nothing is copied below ``min_reuse`` tokens.

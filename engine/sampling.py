@@ -8,11 +8,11 @@ would split the batch's sampling into one call per row for nothing).
 
 A request's ``logit_bias`` is added inside that shared sampler, not by a
 logits processor: mlx-lm runs processors row by row in Python (a slice, the
-processor and a concatenate per row per step: ~25 µs a row on a 2-core CPU),
-while the sampler adds the bias to the whole batch in one op. The sampled
-tokens are the same either way. Only the logprobs mlx-lm reports differ (they
-are taken before the sampler), so a request that asks for logprobs keeps the
-bias in a processor and its reported logprobs include the bias, as before.
+processor and a concatenate per row per step; cost in BENCHMARKS.md), while
+the sampler adds the bias to the whole batch in one op. The sampled tokens
+are the same either way. Only the logprobs mlx-lm reports differ (they are
+taken before the sampler), so a request that asks for logprobs keeps the
+bias in a processor and its reported logprobs include the bias.
 """
 
 from __future__ import annotations
