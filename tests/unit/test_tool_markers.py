@@ -6,8 +6,7 @@ with the tool-call markers held three ways by the tokenizer: plain text, added n
 from __future__ import annotations
 
 import json
-from collections import defaultdict, deque
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import falcon.testing
 import jsonschema
@@ -15,14 +14,14 @@ import mlx.core as mx
 import pytest
 
 from engine.constraints import GrammarCompiler, GrammarProcessor
-from engine.core import Scheduler, SchedulerConfig
 from engine.loading import load_model
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
-from ipc.messages import Constraint, EngineStatus, Generate, ModelInfo, TokenDelta
+from ipc.messages import Constraint, Generate
 from tests.model_factory import TOOL_CALL_END, TOOL_CALL_START, TOOL_MARKER_KINDS, build_tiny_model
 from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
+from tests.unit.scheduler_client import SchedulerClient
 from tests.unit.test_frontend_chat import sse_payloads
 
 CHAT = "/v1/chat/completions"
@@ -46,67 +45,6 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 # The grammar this project sent before: the markers as bytes, which llguidance
 # refuses once the tokenizer has them as added tokens.
 BYTES_GRAMMAR = 'start: "<tool_call>" "\\n" %json{"type": "object"} "\\n" "</tool_call>"'
-MAX_STEPS = 2000
-
-
-class _SchedulerStream:
-    def __init__(self, client: "SchedulerClient", request_id: str) -> None:
-        self.request_id = request_id
-        self._client = client
-        self.finished = False
-
-    def watch(self, cancelled: Callable[[], bool]) -> None:
-        pass
-
-    def __iter__(self) -> Iterator[TokenDelta]:
-        while not self.finished:
-            delta = self._client.next_delta(self.request_id)
-            self.finished = delta.finish_reason is not None
-            yield delta
-
-    def close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._client.scheduler.abort([self.request_id])
-
-    def __enter__(self) -> "_SchedulerStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class SchedulerClient:
-    """An EngineClient that runs the real Scheduler in this thread, a step whenever a stream needs a delta."""
-
-    def __init__(self, scheduler: Scheduler, info: ModelInfo, rewrite: Optional[Callable[[Generate], Generate]] = None):
-        self.scheduler = scheduler
-        self.model = info
-        self.alive = True
-        self.submitted: list[Generate] = []
-        self._rewrite = rewrite
-        self._deltas: dict[str, deque[TokenDelta]] = defaultdict(deque)
-
-    def submit(self, request: Generate) -> _SchedulerStream:
-        if self._rewrite is not None:
-            request = self._rewrite(request)
-        self.submitted.append(request)
-        self.scheduler.add(b"w", request)
-        return _SchedulerStream(self, request.request_id)
-
-    def next_delta(self, request_id: str) -> TokenDelta:
-        for _ in range(MAX_STEPS):
-            if self._deltas[request_id]:
-                return self._deltas[request_id].popleft()
-            for deltas in self.scheduler.step().values():
-                for d in deltas:
-                    self._deltas[d.request_id].append(d)
-        raise AssertionError(f"no final delta for {request_id}")
-
-    def status(self, timeout_s: float = 5.0) -> EngineStatus:
-        raise NotImplementedError
-
-
 @pytest.fixture(scope="module", params=TOOL_MARKER_KINDS)
 def loaded(request, tmp_path_factory):
     kind = request.param
@@ -117,12 +55,7 @@ def loaded(request, tmp_path_factory):
 
 def make_client(loaded, rewrite=None, skip_special_tokens=False) -> tuple[falcon.testing.TestClient, SchedulerClient]:
     _, path, model = loaded
-    info = model.info
-    config = SchedulerConfig(
-        eos_token_ids=tuple(info.eos_token_ids), vocab_size=info.vocab_size, context_length=info.context_length
-    )
-    grammars = GrammarCompiler(model.tokenizer, info.vocab_size, info.eos_token_ids)
-    engine = SchedulerClient(Scheduler(model.model, config, grammars=grammars), info, rewrite)
+    engine = SchedulerClient(model, rewrite)
     tok = Tokenization.from_pretrained(path, skip_special_tokens=skip_special_tokens)
     return falcon.testing.TestClient(create_app(engine, tok)), engine
 
