@@ -319,7 +319,9 @@ def test_openai_client_streams_and_accumulates_calls(engine, tok):
         server.server_close()
 
 
-DUMP = 'constrained decoding failed at token 7: Parser Error\n<state>\nTokens: 7\n</state><grammar>\nstart: "x"\n</grammar>'
+DUMP = "\n".join(
+    ["constrained decoding failed at token 7: Parser Error", "<state>", "Tokens: 7", "</state><grammar>", 'start: "x"']
+)
 
 
 def test_an_engine_error_reaches_the_client_as_one_line(client, engine, caplog):
