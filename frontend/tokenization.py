@@ -8,10 +8,11 @@ character (``mlx_lm.server`` / ``mlx_lm.generate``):
   tokenized without extra special tokens, with mlx-lm's ``enable_thinking``
   default (TokenizerWrapper.apply_chat_template);
 * completions: ``tokenizer.encode(prompt)`` (special tokens added, as mlx_lm.server);
-* output: ``tokenizers.decoders.DecodeStream``, plus mlx-lm's one quirk that
-  DecodeStream lacks: its streaming detokenizers drop leading spaces at the
-  start of a response (BPEStreamingDetokenizer._maybe_trim_space,
-  SPMStreamingDetokenizer with trim_space), each in its own way.
+* output: ``tokenizers.decoders.DecodeStream``; for chat, plus mlx-lm's one
+  quirk that DecodeStream lacks: its streaming detokenizers drop leading
+  spaces at the start of a response (BPEStreamingDetokenizer._maybe_trim_space,
+  SPMStreamingDetokenizer with trim_space), each in its own way. A completion
+  keeps them: its text is its tokens' text (as OpenAI and vLLM).
 
 No mlx or mlx_lm import here: the frontend must not load them (DESIGN.md).
 """
