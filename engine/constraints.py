@@ -40,10 +40,17 @@ MATCHER_LOG_LEVEL = 0
 # separators, no free whitespace. Flexible whitespace lets a model pad
 # forever (seen here: 200 tokens of "\r" and spaces on the random test model).
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Longest llguidance error text a request's error carries (the rest is logged).
+ERROR_SUMMARY_CHARS = 200
 
 
 class ConstraintError(ValueError):
     """A grammar that cannot be compiled (the request ends with this error)."""
+
+
+def _summary(error: str) -> str:
+    """llguidance's first line: its errors go on with the parser state and the grammar, log-only."""
+    return error.strip().split("\n", 1)[0][:ERROR_SUMMARY_CHARS]
 
 
 class GrammarCompiler:
@@ -64,7 +71,8 @@ class GrammarCompiler:
             try:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self._eos)
             except Exception as exc:
-                raise ConstraintError(f"constrained decoding is not available for this tokenizer: {exc}") from exc
+                log.error("llguidance cannot use this tokenizer: %s", exc)
+                raise ConstraintError("constrained decoding is not available for this tokenizer") from exc
         return self._ll_tokenizer
 
     def _grammar(self, constraint: Constraint) -> str:
@@ -74,7 +82,8 @@ class GrammarCompiler:
             if constraint.kind == "lark":
                 return llguidance.LLMatcher.grammar_from_lark(constraint.text)
         except ValueError as exc:
-            raise ConstraintError(f"invalid {constraint.kind}: {exc}") from exc
+            log.error("invalid %s: %s", constraint.kind, exc)
+            raise ConstraintError(f"invalid {constraint.kind}: {_summary(str(exc))}") from exc
         raise ConstraintError(f"unknown constraint kind {constraint.kind!r}")
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
@@ -84,7 +93,8 @@ class GrammarCompiler:
         if prototype is None:
             prototype = llguidance.LLMatcher(self._tokenizer(), self._grammar(constraint), log_level=MATCHER_LOG_LEVEL)
             if prototype.is_error():
-                raise ConstraintError(f"invalid {constraint.kind}: {prototype.get_error()}")
+                log.error("invalid %s: %s", constraint.kind, prototype.get_error())
+                raise ConstraintError(f"invalid {constraint.kind}: {_summary(prototype.get_error())}")
             self._prototypes[key] = prototype
             while len(self._prototypes) > GRAMMAR_CACHE_ENTRIES:
                 self._prototypes.popitem(last=False)
@@ -109,8 +119,9 @@ class GrammarProcessor:
         if self._started and self.error is None:
             token = tokens[-1].item()
             if not self._matcher.consume_token(token):
-                self.error = f"constrained decoding failed at token {token}: {self._matcher.get_error()}"
-                log.error("%s", self.error)
+                # The client gets one sentence; the parser state and grammar go to the log.
+                self.error = f"constrained decoding failed: the grammar refused token {token}"
+                log.error("%s: %s", self.error, self._matcher.get_error())
         self._started = True
         return mx.where(self._allowed(logits.shape[-1]), logits, -mx.inf)
 

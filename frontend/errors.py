@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 NOT_FOUND = "not_found_error"
+# Longest engine error text passed on to a client.
+ENGINE_ERROR_CHARS = 200
 
 _json = msgspec.json.Encoder()
 
@@ -63,8 +65,15 @@ def unsupported(param: str, message: str) -> APIError:
 
 
 def generation_failed(detail: Optional[str]) -> APIError:
-    """The engine reported an error for one request (finish_reason "error")."""
-    return APIError(500, f"generation failed in the engine: {detail or 'unknown error'}", code="engine_error")
+    """The engine reported an error for one request (finish_reason "error").
+
+    The client gets one line of it: whatever the engine attaches beyond
+    that (a parser state, a grammar) is for the log only.
+    """
+    summary = (detail or "").strip().split("\n", 1)[0][:ENGINE_ERROR_CHARS] or "unknown error"
+    if summary != (detail or "").strip():
+        log.error("engine error in full: %s", detail)
+    return APIError(500, f"generation failed in the engine: {summary}", code="engine_error")
 
 
 def engine_unavailable_body(exc: BaseException) -> dict[str, Any]:

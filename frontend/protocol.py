@@ -226,9 +226,9 @@ class ChatCompletionRequest(_GenerationRequest):
         for i, message in enumerate(self.messages):
             _check_content(i, message.content)
 
-    def tool_plan(self, model: ModelInfo, special_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
+    def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
         return plan_tools(
-            self.tools, self.tool_choice, self.parallel_tool_calls, model, special_token_id, self.response_constraint()
+            self.tools, self.tool_choice, self.parallel_tool_calls, model, marker_token_id, self.response_constraint()
         )
 
     def constraint(self, plan: ToolPlan) -> Optional[Constraint]:

@@ -8,10 +8,11 @@ character (``mlx_lm.server`` / ``mlx_lm.generate``):
   tokenized without extra special tokens, with mlx-lm's ``enable_thinking``
   default (TokenizerWrapper.apply_chat_template);
 * completions: ``tokenizer.encode(prompt)`` (special tokens added, as mlx_lm.server);
-* output: ``tokenizers.decoders.DecodeStream``, plus mlx-lm's one quirk that
-  DecodeStream lacks: its streaming detokenizers drop leading spaces at the
-  start of a response (BPEStreamingDetokenizer._maybe_trim_space,
-  SPMStreamingDetokenizer with trim_space), each in its own way.
+* output: ``tokenizers.decoders.DecodeStream``; for chat, plus mlx-lm's one
+  quirk that DecodeStream lacks: its streaming detokenizers drop leading
+  spaces at the start of a response (BPEStreamingDetokenizer._maybe_trim_space,
+  SPMStreamingDetokenizer with trim_space), each in its own way. A completion
+  keeps them: its text is its tokens' text (as OpenAI and vLLM).
 
 No mlx or mlx_lm import here: the frontend must not load them (DESIGN.md).
 """
@@ -25,7 +26,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Collection, Optional, Protocol, Sequence
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
@@ -250,6 +251,30 @@ class _TrimLeadingSpace:
         return self._trim(self._inner.finalize())
 
 
+class _KeepTokens:
+    """Writes the text of special tokens that the inner detokenizer skips.
+
+    The inner one still sees every id (and writes nothing for a skipped
+    one), so the text around a kept token decodes as it would without it.
+    """
+
+    def __init__(self, inner: IncrementalDetokenizer, texts: dict[int, str]) -> None:
+        self._inner = inner
+        self._texts = texts
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        pieces, start = [], 0
+        for i, token_id in enumerate(token_ids):
+            if token_id in self._texts:
+                pieces += [self._inner.add(token_ids[start : i + 1]), self._texts[token_id]]
+                start = i + 1
+        pieces.append(self._inner.add(token_ids[start:]))
+        return "".join(pieces)
+
+    def finalize(self) -> str:
+        return self._inner.finalize()
+
+
 def _spm_prime(hf: PreTrainedTokenizerBase) -> list[int]:
     """One plain token to start SPM decoding with.
 
@@ -467,10 +492,11 @@ class Tokenization:
         texts = template.values() if isinstance(template, dict) else [template or ""]
         return any(re.search(rf"\b{re.escape(name)}\b", text) for text in texts)
 
-    def special_token_id(self, text: str) -> Optional[int]:
-        """The id of the special token spelled ``text`` (one token), else None."""
+    def marker_token_id(self, text: str) -> Optional[int]:
+        """The id of the added token spelled ``text`` (special or not, as
+        Qwen's ``<tool_call>``), else None: then ``text`` is plain text."""
         for token_id, added in self.hf.added_tokens_decoder.items():
-            if added.content == text and added.special:
+            if added.content == text:
                 return token_id
         return None
 
@@ -481,15 +507,27 @@ class Tokenization:
 
     # -- output
 
-    def detokenizer(self) -> IncrementalDetokenizer:
-        """A fresh incremental detokenizer for one response."""
+    def detokenizer(
+        self, *, trim_leading_space: bool = True, keep_token_ids: Collection[int] = ()
+    ) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one response.
+
+        ``trim_leading_space``: drop leading space as mlx-lm's output does
+        (chat); a completion keeps it, so its text is its tokens' text.
+        ``keep_token_ids``: special tokens whose text stays even when special
+        tokens are skipped (tool-call markers, which the call parser needs).
+        """
         inner: IncrementalDetokenizer
         if self._use_decode_stream:
             assert self._backend is not None
             inner = _DecodeStreamDetokenizer(self._backend, self.skip_special_tokens, self._prime)
         else:
             inner = _WindowDetokenizer(self.decode, self._prime)
-        trim = _TRIMMING.get(self.decoder_kind)
+        added = self.hf.added_tokens_decoder
+        kept = {i: added[i].content for i in keep_token_ids if i in added and added[i].special}
+        if self.skip_special_tokens and kept:
+            inner = _KeepTokens(inner, kept)
+        trim = _TRIMMING.get(self.decoder_kind) if trim_leading_space else None
         return inner if trim is None else _TrimLeadingSpace(inner, repeat=trim == "each")
 
 

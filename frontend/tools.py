@@ -98,6 +98,7 @@ class ToolPlan:
     format: Optional[ToolFormat] = None  # None: no calls are parsed out of the text
     single: bool = False  # at most one call (parallel_tool_calls false or a named function)
     constraint: Optional[Constraint] = None
+    marker_ids: tuple[int, ...] = ()  # the markers' own tokens: their text must reach the splitter
 
     def splitter(self) -> Optional["ToolCallSplitter"]:
         if self.format is None:
@@ -166,13 +167,13 @@ def plan_tools(
     tool_choice: Any,
     parallel_tool_calls: Optional[bool],
     model: ModelInfo,
-    special_token_id: Callable[[str], Optional[int]],
+    marker_token_id: Callable[[str], Optional[int]],
     answer: Optional[Constraint] = None,
 ) -> ToolPlan:
     """Validate tools/tool_choice; decide template tools, parsing and the grammar.
 
-    ``special_token_id(text)``: the id of a special token spelled ``text``
-    (a grammar must name special tokens by id), else None. ``answer``: the
+    ``marker_token_id(text)``: the id of the added token (special or not)
+    spelled ``text``, else None. ``answer``: the
     response_format constraint; with "auto" the output is then either calls
     or an answer in that format ("required"/named: calls, the answer comes
     in a later turn).
@@ -196,19 +197,27 @@ def plan_tools(
         raise unsupported("tools", f"tool calling is not available for this model: {why}")
     plan.start, plan.end, plan.format = model.tool_call_start, model.tool_call_end, fmt
     plan.single = choice == "named" or parallel_tool_calls is False
+    markers = {text: marker_token_id(text) for text in (plan.start, plan.end)}
+    plan.marker_ids = tuple(i for i in markers.values() if i is not None)
     if choice in ("required", "named"):
         chosen = [f for f in functions if name is None or f.name == name]
-        grammar = _calls_grammar(chosen, plan, special_token_id)
+        grammar = _calls_grammar(chosen, plan, markers)
         plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
     elif answer is not None:
         assert answer.kind == "json_schema"  # response_format makes only these
-        grammar = _calls_grammar(functions, plan, special_token_id, json.loads(answer.text))
+        grammar = _calls_grammar(functions, plan, markers, json.loads(answer.text))
         plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
     return plan
 
 
-def _literal(text: str, special_token_id: Callable[[str], Optional[int]]) -> str:
-    token_id = special_token_id(text)
+def _literal(text: str, markers: dict[str, Optional[int]]) -> str:
+    """A marker in the grammar: its token when the tokenizer has one, else its bytes.
+
+    llguidance keeps added tokens (special or not, as Qwen's ``<tool_call>``)
+    out of byte matching: a grammar asking for the marker's bytes would
+    force that token, then refuse it.
+    """
+    token_id = markers.get(text)
     return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
 
 
@@ -228,7 +237,7 @@ def _with_layout(schema: dict[str, Any]) -> dict[str, Any]:
 def _calls_grammar(
     functions: list[_Function],
     plan: ToolPlan,
-    special_token_id: Callable[[str], Optional[int]],
+    markers: dict[str, Optional[int]],
     answer_schema: Optional[dict[str, Any]] = None,
 ) -> str:
     """Lark: one call (or several, separated) of the given functions, nothing
@@ -236,7 +245,7 @@ def _calls_grammar(
     assert plan.format is not None
     schemas = [_call_schema(f) for f in functions]
     schema = _with_layout(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
-    start, end = _literal(plan.start, special_token_id), _literal(plan.end, special_token_id)
+    start, end = _literal(plan.start, markers), _literal(plan.end, markers)
     body = " ".join(
         part
         for part in (

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -30,6 +30,12 @@ IM_END = "<|im_end|>"
 # Order fixes the ids: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2 (as SmolLM2).
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 TARGET_VOCAB_SIZE = 1024
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+# How a tokenizer holds the tool-call markers: "text" (BPE pieces, the trained
+# vocabulary as is), "added" (added non-special tokens: Qwen 2.5/3, Hermes) or
+# "special" (added special tokens, skipped by skip_special_tokens).
+TOOL_MARKER_KINDS = ("text", "added", "special")
 MAX_POSITION_EMBEDDINGS = 4096
 
 CHATML_TEMPLATE = (
@@ -123,6 +129,18 @@ def _corpus() -> list[str]:
     ]
     lines = _PARAGRAPHS.splitlines()
     return lines + [" ".join(sentences[i : i + 4]) for i in range(0, len(sentences), 4)]
+
+
+def _with_tool_markers(tokenizer_json: str, kind: str) -> str:
+    """The tokenizer with the tool-call markers as ``kind`` says (ids follow the vocabulary)."""
+    if kind not in TOOL_MARKER_KINDS:
+        raise ValueError(f"unknown tool marker kind {kind!r}; expected one of {TOOL_MARKER_KINDS}")
+    if kind == "text":
+        return tokenizer_json
+    tok = Tokenizer.from_str(tokenizer_json)
+    special = kind == "special"
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in (TOOL_CALL_START, TOOL_CALL_END)])
+    return tok.to_str(pretty=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,20 +256,26 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def build_tiny_model(
-    out_dir: Path, size: str = "tiny", seed: int = 0, chat_template: Optional[str] = None
+    out_dir: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    chat_template: Optional[str] = None,
+    tool_markers: str = "text",
 ) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
 
     `size` is "tiny" (hidden 64, 2 layers; builds in well under a second) or
     "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
     `chat_template`: another template than ChatML (e.g. one that renders tools).
+    `tool_markers`: how the tokenizer holds ``<tool_call>``/``</tool_call>``
+    (one of TOOL_MARKER_KINDS).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer_json = _tokenizer_json()
+    tokenizer_json = _with_tool_markers(_tokenizer_json(), tool_markers)
     tok = Tokenizer.from_str(tokenizer_json)
     vocab = tok.get_vocab_size()
     eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]

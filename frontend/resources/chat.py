@@ -42,7 +42,7 @@ class ChatCompletionsResource:
             raise invalid_request(f"n must be at most {settings.max_n}", param="n")
         stops = request.stop_strings()
         sampling = request.sampling(model.vocab_size)
-        tools = request.tool_plan(model, tok.special_token_id)
+        tools = request.tool_plan(model, tok.marker_token_id)
         constraint = request.constraint(tools)
         template_kwargs = request.chat_template_kwargs or {}
         reserved = sorted(set(template_kwargs) & reserved_template_kwargs())
@@ -86,7 +86,12 @@ class ChatCompletionsResource:
             ctx.engine,
             generates,
             lambda i, stream: ChoiceRun(
-                i, stream, tok.detokenizer(), stops, logprobs=want_logprobs, tools=tools.splitter()
+                i,
+                stream,
+                tok.detokenizer(keep_token_ids=tools.marker_ids),
+                stops,
+                logprobs=want_logprobs,
+                tools=tools.splitter(),
             ),
         )
         log.debug("%s: %d prompt tokens, max_tokens %d, n %d", response_id, len(prompt), max_tokens, n)

@@ -85,7 +85,12 @@ class CompletionsResource:
             ctx.engine,
             generates,
             lambda index, stream: ChoiceRun(
-                index, stream, tok.detokenizer(), stops, prompt_group=index // n, logprobs=request.logprobs is not None
+                index,
+                stream,
+                tok.detokenizer(trim_leading_space=False),  # text = its tokens, leading space too (as OpenAI)
+                stops,
+                prompt_group=index // n,
+                logprobs=request.logprobs is not None,
             ),
         )
         log.debug("%s: %d prompts, n %d", response_id, len(prompts), n)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
-from mlx_lm import generate, load
+from mlx_lm import generate, load, stream_generate
 
 from tests.integration.server import ServerProcess
 
@@ -25,8 +27,6 @@ def server_text(base: str, messages, max_tokens: int, stream: bool = False) -> t
     if not stream:
         body = httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=300).json()
         return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
-    import json
-
     text, finish = "", None
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=300) as r:
         for line in r.iter_lines():
@@ -64,3 +64,27 @@ def test_real_model_answers_and_stops_at_eos(smollm2_dir, server_logs):
     assert "Paris" in text
     assert text == expected == streamed
     assert finish == stream_finish == "stop"
+
+
+@pytest.mark.slow
+def test_real_model_completion_text_is_its_tokens(smollm2_dir, server_logs):
+    """SmolLM2 continues "The sea" with a space token: the completion keeps that space (mlx-lm drops it)."""
+    prompt, max_tokens = "The sea", 12
+    model, tokenizer = load(str(smollm2_dir))
+    responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
+    ids = [r.token for r in responses if r.finish_reason != "stop"]
+    expected = tokenizer.decode(ids)
+    payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0}
+    with ServerProcess(smollm2_dir, server_logs, workers=1) as server:
+        url = f"{server.base_url}/v1/completions"
+        choice = httpx.post(url, json=payload, timeout=300).json()["choices"][0]
+        streamed, streamed_tokens = "", []
+        with httpx.stream("POST", url, json={**payload, "stream": True}, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])["choices"][0]
+                    streamed += chunk["text"]
+                    streamed_tokens += (chunk["logprobs"] or {}).get("tokens", [])
+    assert expected.startswith(" ")
+    assert choice["text"] == "".join(choice["logprobs"]["tokens"]) == expected
+    assert streamed == "".join(streamed_tokens) == expected

@@ -213,7 +213,9 @@ TOOL_MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory, server_logs):
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("tool-model"), chat_template=TOOLS_CHATML_TEMPLATE)
+    # The markers as added tokens, as Qwen 2.5/3 and Hermes tokenizers have them.
+    directory = tmp_path_factory.mktemp("tool-model")
+    model_dir = build_tiny_model(directory, chat_template=TOOLS_CHATML_TEMPLATE, tool_markers="added")
     with ServerProcess(model_dir, server_logs) as server:
         yield server
 

@@ -177,9 +177,9 @@ def test_completion_logprobs(client, engine, tok):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
     assert lp["token_logprobs"] == [fake_logprob(i) for i in range(n)]
     assert all(len(top) <= 2 and lp["tokens"][i] in top for i, top in enumerate(lp["top_logprobs"]))
-    # Offsets index the returned text (mlx-lm drops the first leading space).
+    # Offsets index the returned text, which keeps the first token's leading space.
     out = choice["text"]
-    assert out == text.lstrip(" ")
+    assert out == text
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
     whole = [t for t in lp["tokens"] if not t.startswith("bytes:")]
     for token, offset in zip(lp["tokens"], lp["text_offset"]):

@@ -140,6 +140,33 @@ def test_first_space_is_trimmed_once_like_mlx_lm(tmp_path):
     assert detok.add(hello) + detok.add(hello) == "Hello Hello"
 
 
+@pytest.mark.parametrize("use_decode_stream", [True, False])
+def test_untrimmed_text_is_its_tokens_text(pair, use_decode_stream):
+    """A completion's detokenizer drops nothing: its text is its tokens' bytes, leading space too."""
+    ours, wrapper = pair
+    ours = Tokenization(ours.hf, model_path=Path(ours.hf.name_or_path))
+    ours._use_decode_stream = use_decode_stream
+    vocab = ours.hf.convert_ids_to_tokens(list(range(ours.vocab_size)))
+    usable = [i for i, token in enumerate(vocab) if _usable(ours.decoder_kind, token)]
+    spaces = [i for i, token in enumerate(vocab) if token.startswith(("Ġ", "▁"))]
+    rng = random.Random(5)
+    for _ in range(500):
+        tokens = [rng.choice(spaces if rng.random() < 0.4 else usable) for _ in range(rng.randint(1, 12))]
+        detok, out, i = ours.detokenizer(trim_leading_space=False), "", 0
+        while i < len(tokens):
+            k = rng.randint(1, 3)
+            out += detok.add(tokens[i : i + k])
+            i += k
+        out += detok.finalize()
+        expected = b"".join(ours.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        assert out == expected, [vocab[t] for t in tokens]
+        trimmed = _mlx_lm_text(wrapper, tokens)  # what chat writes: only leading spaces less
+        dropped = out[: len(out) - len(trimmed)]
+        assert out.endswith(trimmed) and not dropped.strip(" ")
+        if ours.decoder_kind == "bpe":
+            assert dropped == (" " if out.startswith(" ") else "")
+
+
 def test_random_byte_tokens_never_fail(tmp_path):
     """DecodeStream raises on some invalid byte sequences; we fall back instead."""
     ours = Tokenization.from_pretrained(write_spm_tokenizer_dir(tmp_path / "spm"))

@@ -317,3 +317,22 @@ def test_openai_client_streams_and_accumulates_calls(engine, tok):
     finally:
         server.shutdown()
         server.server_close()
+
+
+DUMP = "\n".join(
+    ["constrained decoding failed at token 7: Parser Error", "<state>", "Tokens: 7", "</state><grammar>", 'start: "x"']
+)
+
+
+def test_an_engine_error_reaches_the_client_as_one_line(client, engine, caplog):
+    engine.script(Script([], finish_reason="error", error=DUMP), Script([], finish_reason="error", error=DUMP))
+    result = chat(client, tool_choice="required")
+    assert result.status_code == 500
+    validate(result.json, "ErrorResponse")
+    error = result.json["error"]
+    assert error["type"] == "server_error"
+    assert error["message"] == "generation failed in the engine: constrained decoding failed at token 7: Parser Error"
+    streamed = chat(client, tool_choice="required", stream=True).text
+    assert sse_payloads(streamed)[-1]["error"]["message"] == error["message"]
+    assert "<grammar>" not in streamed and "<grammar>" not in result.text
+    assert "<grammar>" in caplog.text  # the whole of it is in the log
