@@ -10,6 +10,7 @@ from engine.constraints import GrammarCompiler
 from engine.core import Scheduler, SchedulerConfig
 from engine.loading import LoadedModel
 from ipc.messages import Generate, TokenDelta
+from tests.unit.defaults import ENGINE_LIMITS
 
 MAX_STEPS = 2000
 
@@ -47,7 +48,10 @@ class SchedulerClient:
     def __init__(self, loaded: LoadedModel, rewrite: Optional[Callable[[Generate], Generate]] = None) -> None:
         info = loaded.info
         config = SchedulerConfig(
-            eos_token_ids=tuple(info.eos_token_ids), vocab_size=info.vocab_size, context_length=info.context_length
+            eos_token_ids=tuple(info.eos_token_ids),
+            vocab_size=info.vocab_size,
+            context_length=info.context_length,
+            **ENGINE_LIMITS,
         )
         grammars = GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids)
         self.scheduler = Scheduler(loaded.model, config, grammars=grammars)
