@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import llguidance
 import llguidance.hf
@@ -29,6 +29,9 @@ import mlx.core as mx
 import numpy as np
 
 from ipc.messages import Constraint
+
+if TYPE_CHECKING:  # declared in llguidance's stubs only
+    from llguidance._lib import JsonCompileOptions
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ MATCHER_LOG_LEVEL = 0
 # JSON layout unless the schema's "x-guidance" says otherwise: json.dumps's
 # separators, no free whitespace. Flexible whitespace lets a model pad
 # forever (seen here: 200 tokens of "\r" and spaces on the random test model).
-JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Longest llguidance error text a request's error carries (the rest is logged).
 ERROR_SUMMARY_CHARS = 200
 
@@ -117,7 +120,7 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started and self.error is None:
-            token = tokens[-1].item()
+            token: int = tokens[-1].item()  # type: ignore[assignment]
             if not self._matcher.consume_token(token):
                 # The client gets one sentence; the parser state and grammar go to the log.
                 self.error = f"constrained decoding failed: the grammar refused token {token}"
