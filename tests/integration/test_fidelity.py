@@ -54,7 +54,6 @@ def test_lora_adapter_greedy_matches_mlx_lm(tiny_model_dir, tiny_adapter_dir, se
     assert text == expected
 
 
-@pytest.mark.slow
 def test_real_model_answers_and_stops_at_eos(smollm2_dir, server_logs):
     """SmolLM2-135M-Instruct: a real answer, an EOS stop, exact streaming text."""
     expected = reference_text(smollm2_dir, MESSAGES, 48)

@@ -12,8 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.server import ServerProcess
 
-pytestmark = pytest.mark.integration
-
 CHAT = "/v1/chat/completions"
 SECRET = "zebra-violet-secret-prompt"
 MAX_STATUS_CALLS = 200  # bounded: until both workers have answered

@@ -315,7 +315,6 @@ def test_tools_refused_for_a_model_without_tool_calling(client):
 # ---------------------------------------------------------------- a real model
 
 
-@pytest.mark.slow
 def test_real_model_structured_answer_and_logprobs(smollm2_dir, server_logs):
     """SmolLM2-135M-Instruct: the schema shapes a real, correct answer."""
     schema = {

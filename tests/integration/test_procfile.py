@@ -20,7 +20,6 @@ from tests.integration.server import REPO_ROOT, child_env, free_port
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.2
-pytestmark = pytest.mark.integration
 
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
 
