@@ -7,6 +7,7 @@ import pytest
 from mlx_lm import generate, load
 
 from tests.integration.server import ServerProcess
+from tests.sse import sse_chunks
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -25,15 +26,12 @@ def server_text(base: str, messages, max_tokens: int, stream: bool = False) -> t
     if not stream:
         body = httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=300).json()
         return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
-    import json
-
     text, finish = "", None
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=300) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                text += choice["delta"].get("content") or ""
-                finish = choice["finish_reason"] or finish
+        for chunk in sse_chunks(r.iter_lines()):
+            choice = chunk["choices"][0]
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
     return text, finish
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.sse import sse_chunks, sse_data, sse_events
+from tests.waiting import wait_until
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTEST_TIMEOUT_S = 300
 # The tests that need a program from a system package (tests/system_tools.py).
@@ -70,3 +73,21 @@ def test_tests_using_smollm2_are_marked_slow() -> None:
     # Mocked conversion, tiny model: neither needs SmolLM2.
     assert not any("test_failed_conversion_leaves_no_model" in item for item in items)
     assert not any(item.startswith("tests/integration/test_server_http.py") for item in items)
+
+
+
+def test_sse_reader_joins_an_events_lines_skips_comments_and_stops_at_other_fields() -> None:
+    lines = [": keepalive", 'data: {"a":', "data: 1}", "", 'data:{"b": 2}', "", "data: [DONE]", ""]
+    assert list(sse_data(lines)) == ['{"a":\n1}', '{"b": 2}', "[DONE]"]
+    assert sse_events(lines) == [{"a": 1}, {"b": 2}, "[DONE]"]
+    assert list(sse_chunks(lines)) == [{"a": 1}, {"b": 2}]
+    assert list(sse_data(["data: no blank line at the end"])) == ["no blank line at the end"]
+    with pytest.raises(AssertionError, match="not a data line"):
+        list(sse_data(["event: message"]))
+
+
+def test_wait_until_returns_the_first_truthy_value_or_fails_naming_what_it_waited_for() -> None:
+    answers = iter([None, 0, {"ready": True}])
+    assert wait_until(lambda: next(answers), "an answer", interval_s=0) == {"ready": True}
+    with pytest.raises(AssertionError, match="waiting for the moon:\nlog line"):
+        wait_until(lambda: False, "the moon", timeout_s=0, context=lambda: "log line")
