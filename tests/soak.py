@@ -79,7 +79,7 @@ def _stream(client: httpx.Client, rng: random.Random, no_eos: dict, tally: Tally
             return
         chunks = 0
         last = ""
-        for data in sse_data(r.iter_lines()):
+        for data in sse_data(r.iter_text()):
             chunks += 1
             last = data
             if disconnect_after is not None and chunks >= disconnect_after:

@@ -28,7 +28,7 @@ def server_text(base: str, messages, max_tokens: int, stream: bool = False) -> t
         return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
     text, finish = "", None
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=300) as r:
-        for chunk in sse_chunks(r.iter_lines()):
+        for chunk in sse_chunks(r.iter_text()):
             choice = chunk["choices"][0]
             text += choice["delta"].get("content") or ""
             finish = choice["finish_reason"] or finish

@@ -33,7 +33,7 @@ def stream_completion(base: str, prompt: str, max_tokens: int) -> str:
     text = ""
     payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{base}/v1/completions", json=payload, timeout=300) as r:
-        for chunk in sse_chunks(r.iter_lines()):
+        for chunk in sse_chunks(r.iter_text()):
             text += chunk["choices"][0]["text"] if chunk["choices"] else ""
     return text
 

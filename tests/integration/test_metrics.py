@@ -52,7 +52,7 @@ def test_counters_add_up_across_workers(server):
             body |= {"stream": True, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", f"{base}{CHAT}", json=body, timeout=30) as r:
                 assert r.status_code == 200
-                events = list(sse_chunks(r.iter_lines()))
+                events = list(sse_chunks(r.iter_text()))
             u = events[-1]["usage"]
         else:
             r = httpx.post(f"{base}{CHAT}", json=body, timeout=30)

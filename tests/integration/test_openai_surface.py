@@ -141,7 +141,7 @@ def test_json_schema_streamed(base):
     }
     text, finish = "", None
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
-        for chunk in sse_chunks(r.iter_lines()):
+        for chunk in sse_chunks(r.iter_text()):
             validate(chunk, "CreateChatCompletionStreamResponse")
             if chunk["choices"]:
                 text += chunk["choices"][0]["delta"].get("content") or ""

@@ -49,7 +49,7 @@ def long_stream(base: str, out: dict, no_eos: dict) -> None:
     }
     events = []
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
-        for data in sse_data(r.iter_lines()):
+        for data in sse_data(r.iter_text()):
             events.append(data)
             out.setdefault("first_at", time.monotonic())
     out["events"] = events
@@ -119,7 +119,7 @@ def test_graceful_stop_finishes_running_requests_and_refuses_new_ones(tiny_model
             "logit_bias": no_eos,
         }
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
-            result["events"] = list(sse_data(r.iter_lines()))
+            result["events"] = list(sse_data(r.iter_text()))
 
     t = threading.Thread(target=finite_stream)
     t.start()

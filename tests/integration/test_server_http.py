@@ -67,7 +67,7 @@ def test_streaming_chat_chunks_and_usage(base, no_eos):
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r.iter_lines())
+        events = sse_events(r.iter_text())
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     for chunk in chunks:
@@ -152,7 +152,7 @@ def test_32_concurrent_streams_all_complete(base, no_eos):
             "logit_bias": no_eos,
         }
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
-            events = sse_events(r.iter_lines())
+            events = sse_events(r.iter_text())
         assert events[-1] == "[DONE]"
         return events[-2]["usage"]["completion_tokens"], events[-3]["choices"][0]["finish_reason"]
 

@@ -24,7 +24,7 @@ def ids(tok: Tokenization, text: str) -> list[int]:
 def sse_payloads(text: str) -> list:
     """The data of each event; "[DONE]" stays a string."""
     assert text.endswith("\n\n"), text[-50:]
-    return sse_events(text.splitlines())
+    return sse_events(text)
 
 
 def post(client: falcon.testing.TestClient, **body: object) -> falcon.testing.Result:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import falcon.testing
 import pytest
 
@@ -21,7 +20,7 @@ def ids(tok: Tokenization, text: str) -> list[int]:
 
 def sse_payloads(text: str) -> list:
     assert text.endswith("\n\n"), text[-50:]
-    return sse_events(text.splitlines())
+    return sse_events(text)
 
 
 def test_string_prompt(client, engine, tok):

@@ -76,14 +76,16 @@ def test_tests_using_smollm2_are_marked_slow() -> None:
 
 
 
-def test_sse_reader_joins_an_events_lines_skips_comments_and_stops_at_other_fields() -> None:
-    lines = [": keepalive", 'data: {"a":', "data: 1}", "", 'data:{"b": 2}', "", "data: [DONE]", ""]
-    assert list(sse_data(lines)) == ['{"a":\n1}', '{"b": 2}', "[DONE]"]
-    assert sse_events(lines) == [{"a": 1}, {"b": 2}, "[DONE]"]
-    assert list(sse_chunks(lines)) == [{"a": 1}, {"b": 2}]
-    assert list(sse_data(["data: no blank line at the end"])) == ["no blank line at the end"]
+def test_sse_reader_splits_events_as_sse_does_wherever_the_pieces_break() -> None:
+    body = ': keepalive\n\ndata: {"a":\ndata: 1}\n\ndata:{"b": "x\u2028y\x85"}\r\n\r\ndata: [DONE]\n\n'
+    expected = ['{"a":\n1}', '{"b": "x\u2028y\x85"}', "[DONE]"]
+    assert list(sse_data(body)) == expected
+    assert list(sse_data(body[i : i + 7] for i in range(0, len(body), 7))) == expected
+    assert sse_events(body) == [{"a": 1}, {"b": "x\u2028y\x85"}, "[DONE]"]
+    assert list(sse_chunks(body)) == [{"a": 1}, {"b": "x\u2028y\x85"}]
+    assert list(sse_data("data: no blank line at the end")) == ["no blank line at the end"]
     with pytest.raises(AssertionError, match="not a data line"):
-        list(sse_data(["event: message"]))
+        list(sse_data("event: message\n\n"))
 
 
 def test_wait_until_returns_the_first_truthy_value_or_fails_naming_what_it_waited_for() -> None:
