@@ -24,7 +24,7 @@ def require_system_tool(name: str, hint: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name} is not on PATH: install it ({hint})"
+    message = f"{name} is not on PATH. Install it: {hint}"
     if in_ci():
         pytest.fail(f"{message}; CI is set, so tests that need it must run", pytrace=False)
     pytest.skip(message)

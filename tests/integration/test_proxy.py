@@ -14,21 +14,19 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from deploy.proxy.render import TEMPLATE, render
-from tests.integration.server import ServerProcess, free_port
+from tests.integration.server import ChildProcess, ServerProcess, free_port
 from tests.model_factory import build_tiny_model
 from tests.system_tools import require_system_tool
 from tests.waiting import wait_until
 
 NAMES = ("tiny-a", "tiny-b")  # model directory names, hence model ids, hence proxy paths
 NGINX_START_TIMEOUT_S = 30.0
-NGINX_STOP_TIMEOUT_S = 15.0
 HTTP_TIMEOUT_S = 60.0
 # Debian puts nginx in /usr/sbin, which a non-root PATH often lacks.
-NGINX_HINT = "apt-get install nginx (in /usr/sbin: have that on PATH) or brew install nginx"
+NGINX_HINT = "apt-get install nginx (Debian puts it in /usr/sbin: have that on PATH) or brew install nginx"
 
 
 def nginx_binary() -> str:
@@ -40,7 +38,7 @@ def nginx_command(nginx: str, prefix: Path, conf: Path, *extra: str) -> list[str
     return [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log"), *extra]
 
 
-class Nginx:
+class Nginx(ChildProcess):
     """`nginx -g 'daemon off;'` in the foreground on a free port, everything under `prefix`."""
 
     def __init__(self, conf_text: str, prefix: Path, port: int) -> None:
@@ -48,12 +46,7 @@ class Nginx:
         self.base_url = f"http://127.0.0.1:{port}"
         conf = prefix / "nginx.conf"
         conf.write_text(conf_text)
-        self._log = open(prefix / "nginx.out", "wb")
-        self.proc = subprocess.Popen(
-            nginx_command(nginx_binary(), prefix, conf, "-g", "daemon off;"),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(nginx_command(nginx_binary(), prefix, conf, "-g", "daemon off;"), prefix / "nginx.out")
 
     def logs(self) -> str:
         parts = [self.prefix / "nginx.out", self.prefix / "error.log"]
@@ -70,24 +63,6 @@ class Nginx:
 
     def wait_ready(self) -> None:
         wait_until(self.listening, "nginx to listen", NGINX_START_TIMEOUT_S, context=self.logs)
-
-    def stop(self) -> None:
-        try:
-            workers = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            workers = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-            try:
-                self.proc.wait(NGINX_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # Workers of a killed master would linger: make sure none is left.
-        _, alive = psutil.wait_procs(workers, timeout=NGINX_STOP_TIMEOUT_S)
-        for worker in alive:
-            worker.kill()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +95,7 @@ def proxy(
         nginx.wait_ready()
         yield nginx
     finally:
-        nginx.stop()
+        nginx.stop(signal.SIGQUIT)  # graceful: finish requests, then exit
 
 
 def test_shipped_config_is_the_rendered_example(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_tests_needing_a_missing_system_tool_skip_unless_ci(tmp_path: Path, ci: 
     result = pytest_run(SYSTEM_TOOL_TESTS, env)
     out = result.stdout + result.stderr
     assert result.returncode == exit_code, out
-    for hint in ("nginx is not on PATH: install it (apt-get install nginx", "curl is not on PATH: install it"):
+    for hint in ("nginx is not on PATH. Install it: apt-get install nginx", "curl is not on PATH. Install it: apt-get"):
         assert hint in out, out
     if ci:
         assert "CI is set, so tests that need it must run" in out, out
