@@ -1,4 +1,4 @@
-"""Start and stop a real `mlx-server` (supervisor + engine + gunicorn) for tests."""
+"""Child processes for tests (a real `mlx-server`, honcho, nginx): a log file each, stopped leaving nothing behind."""
 
 from __future__ import annotations
 
