@@ -1,4 +1,4 @@
-"""Session-wide models: the generated tiny model + LoRA adapter, and SmolLM2.
+"""Session-wide models (the generated tiny model + LoRA adapter, and SmolLM2) and the markers.
 
 The tiny model is rebuilt per session (milliseconds). SmolLM2 is converted
 once into a persistent cache and reused between runs. A failing build fails
@@ -14,6 +14,19 @@ import pytest
 
 from deploy.demo_model import ensure_demo_model
 from tests.model_factory import build_lora_adapter, build_tiny_model
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+# Fixtures that convert SmolLM2 on a cold cache (minutes on CPU): a test using one is slow.
+SLOW_FIXTURES = {"smollm2_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by what a test needs: real processes (everything under integration/), SmolLM2."""
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION_DIR):
+            item.add_marker(pytest.mark.integration)
+        if SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def _test_cache_dir() -> Path:

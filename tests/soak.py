@@ -27,6 +27,8 @@ import psutil
 
 from tests.integration.server import ServerProcess
 from tests.model_factory import build_tiny_model
+from tests.sse import DONE, sse_data
+from tests.waiting import wait_until
 
 REQUEST_TIMEOUT_S = 60.0
 # 5xx are expected from the kill until the engine is back, plus this margin.
@@ -77,15 +79,13 @@ def _stream(client: httpx.Client, rng: random.Random, no_eos: dict, tally: Tally
             return
         chunks = 0
         last = ""
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
+        for data in sse_data(r.iter_text()):
             chunks += 1
-            last = line
+            last = data
             if disconnect_after is not None and chunks >= disconnect_after:
                 tally.add("disconnected")
                 return
-        if last == "data: [DONE]":
+        if last == DONE:
             tally.add("stream_ok")
         elif '"error"' in last:
             tally.add("5xx", at=time.monotonic(), what=f"error event {last[:160]}")
@@ -152,14 +152,15 @@ def _wait_recovered(base: str, limit_s: float = 120.0) -> float:
     """When the server is back after a kill: first not ready (the workers noticed),
     then ready on several checks in a row (every worker reconnected)."""
     deadline = time.monotonic() + limit_s
-    while _ready(base) and time.monotonic() < deadline:
-        time.sleep(READY_POLL_S / 10)
+    wait_until(lambda: not _ready(base), "the workers to notice the kill", limit_s, READY_POLL_S / 10)
     streak = 0
-    while streak < READY_STREAK and time.monotonic() < deadline:
+
+    def steady() -> bool:
+        nonlocal streak
         streak = streak + 1 if _ready(base) else 0
-        time.sleep(READY_POLL_S)
-    if streak < READY_STREAK:
-        raise RuntimeError("engine did not come back")
+        return streak >= READY_STREAK
+
+    wait_until(steady, "the engine to come back", max(deadline - time.monotonic(), 0.0), READY_POLL_S)
     return time.monotonic()
 
 

@@ -7,8 +7,6 @@ import pytest
 
 from tests.integration.server import ServerProcess
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="session")
 def server_logs(tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Start and stop a real `mlx-server` (supervisor + engine + gunicorn) for tests."""
+"""Child processes for tests (a real `mlx-server`, honcho, nginx): a log file each, stopped leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
 import psutil
+
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0
@@ -39,40 +40,19 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
-class ServerProcess:
-    """`mlx-server MODEL --port P` as a child process, with its output in a log file."""
+class ChildProcess:
+    """A command as a child process, its output in a log file; `stop()` leaves no process behind."""
 
-    def __init__(self, model_dir: Path, log_dir: Path, *extra_args: str, workers: int = 2) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"mlx-server-{self.port}.log"
-        args = [str(model_dir), "--port", str(self.port), "--workers", str(workers), *extra_args]
-        self._log = open(self.log_path, "wb")
+    def __init__(self, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            mlx_server_command(*args),
-            cwd=REPO_ROOT,
-            env=child_env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            argv, cwd=REPO_ROOT, env=env or child_env(), stdout=self._log, stderr=subprocess.STDOUT
         )
         self._tree: list[psutil.Process] = []
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlx-server exited {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                if httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200:
-                    self._tree = self.process_tree()
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL_S)
-        raise RuntimeError(f"mlx-server not ready in {timeout_s} s:\n{self.log_text()}")
 
     def process_tree(self) -> list[psutil.Process]:
         try:
@@ -82,7 +62,7 @@ class ServerProcess:
             return []
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Signal the supervisor; return its exit code once every process it started is gone."""
+        """Signal the process; return its exit code once every process it started is gone."""
         tree = self._tree or self.process_tree()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -93,8 +73,41 @@ class ServerProcess:
             for p in alive:
                 p.kill()
             self._log.close()
-        assert not alive, f"processes left behind: {alive}"
+        assert not alive, f"processes left behind: {alive}\n{self.log_text()}"
         return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree, leaves first (a test that failed midway)."""
+        for p in reversed(self.process_tree()):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(STOP_TIMEOUT_S)
+        self._log.close()
+
+
+class ServerProcess(ChildProcess):
+    """`mlx-server MODEL --port P` as a child process, with its output in a log file."""
+
+    def __init__(self, model_dir: Path, log_dir: Path, *extra_args: str, workers: int = 2) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = [str(model_dir), "--port", str(self.port), "--workers", str(workers), *extra_args]
+        super().__init__(mlx_server_command(*args), log_dir / f"mlx-server-{self.port}.log")
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mlx-server exited {self.proc.returncode}:\n{self.log_text()}")
+        try:
+            return httpx.get(f"{self.base_url}/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "ServerProcess":
+        wait_until(self.ready, "mlx-server to be ready", timeout_s, POLL_S, context=self.log_text)
+        self._tree = self.process_tree()
+        return self
 
     def __enter__(self) -> "ServerProcess":
         return self.wait_ready()

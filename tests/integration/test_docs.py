@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.server import REPO_ROOT, ServerProcess, child_env
-
-pytestmark = pytest.mark.integration
+from tests.system_tools import require_system_tool
 
 QUICKSTART = REPO_ROOT / "QUICKSTART.md"
 README = REPO_ROOT / "README.md"
@@ -65,11 +63,10 @@ def quickstart_blocks() -> dict[str, Block]:
     return blocks
 
 
-def require_curl() -> str:
-    curl = shutil.which("curl")
-    if not curl:
-        pytest.fail("curl is not installed: the QUICKSTART commands need it", pytrace=False)
-    return curl
+@pytest.fixture(scope="session")
+def curl() -> str:
+    """The QUICKSTART commands' curl; session-scoped so a skip comes before any server starts."""
+    return require_system_tool("curl", "apt-get install curl or brew install curl")
 
 
 def localize(code: str, server: ServerProcess) -> str:
@@ -128,8 +125,7 @@ def test_quickstart_flags_exist() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
-def test_quickstart_command_runs(name: str, tiny_server: ServerProcess) -> None:
-    require_curl()
+def test_quickstart_command_runs(name: str, curl: str, tiny_server: ServerProcess) -> None:
     block = quickstart_blocks()[name]
     result = run_bash(localize(block.code, tiny_server))
     report = f"{block.code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

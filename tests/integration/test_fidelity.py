@@ -9,6 +9,7 @@ import pytest
 from mlx_lm import generate, load, stream_generate
 
 from tests.integration.server import ServerProcess
+from tests.sse import sse_chunks
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -29,11 +30,10 @@ def server_text(base: str, messages, max_tokens: int, stream: bool = False) -> t
         return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
     text, finish = "", None
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=300) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                text += choice["delta"].get("content") or ""
-                finish = choice["finish_reason"] or finish
+        for chunk in sse_chunks(r.iter_text()):
+            choice = chunk["choices"][0]
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
     return text, finish
 
 
@@ -54,7 +54,6 @@ def test_lora_adapter_greedy_matches_mlx_lm(tiny_model_dir, tiny_adapter_dir, se
     assert text == expected
 
 
-@pytest.mark.slow
 def test_real_model_answers_and_stops_at_eos(smollm2_dir, server_logs):
     """SmolLM2-135M-Instruct: a real answer, an EOS stop, exact streaming text."""
     expected = reference_text(smollm2_dir, MESSAGES, 48)

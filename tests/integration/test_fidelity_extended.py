@@ -16,6 +16,7 @@ import pytest
 from mlx_lm import generate, load, stream_generate
 
 from tests.integration.server import ServerProcess
+from tests.sse import sse_chunks
 
 PROMPTS = ["Once upon a time, in a small village by the sea,", "The capital of France is", "def add(a, b):"]
 MESSAGES = [{"role": "user", "content": "Tell me about the river and the city."}]
@@ -44,10 +45,8 @@ def stream_completion(base: str, prompt: str, max_tokens: int) -> str:
     text = ""
     payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{base}/v1/completions", json=payload, timeout=300) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choices = json.loads(line[6:])["choices"]
-                text += choices[0]["text"] if choices else ""
+        for chunk in sse_chunks(r.iter_text()):
+            text += chunk["choices"][0]["text"] if chunk["choices"] else ""
     return text
 
 

@@ -11,8 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.server import ServerProcess
-
-pytestmark = pytest.mark.integration
+from tests.sse import sse_chunks
 
 CHAT = "/v1/chat/completions"
 SECRET = "zebra-violet-secret-prompt"
@@ -53,7 +52,7 @@ def test_counters_add_up_across_workers(server):
             body |= {"stream": True, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", f"{base}{CHAT}", json=body, timeout=30) as r:
                 assert r.status_code == 200
-                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                events = list(sse_chunks(r.iter_text()))
             u = events[-1]["usage"]
         else:
             r = httpx.post(f"{base}{CHAT}", json=body, timeout=30)

@@ -4,72 +4,32 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
-import psutil
 import pytest
 
-from tests.integration.server import REPO_ROOT, child_env, free_port
+from tests.integration.server import REPO_ROOT, ChildProcess, child_env, free_port
+from tests.waiting import wait_until
 
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
 POLL_S = 0.2
-pytestmark = pytest.mark.integration
 
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
 
 
-class Honcho:
+class Honcho(ChildProcess):
     """`honcho start [PROCESS]` on the repository's Procfile, output in a log file."""
 
     def __init__(self, env_file: Path, log_path: Path, *processes: str) -> None:
         venv_bin = str(Path(sys.executable).parent)
         # The Procfile says `python`: the interpreter running the tests must be the one found.
         env = child_env({"PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")})
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
         cmd = [sys.executable, "-m", "honcho", "--no-colour", "-e", str(env_file), "-d", str(REPO_ROOT)]
         cmd += ["-f", str(REPO_ROOT / "Procfile"), "start", *processes]
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self) -> int:
-        """SIGTERM to honcho; its exit code once every process under it is gone."""
-        tree = self.tree()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(STOP_TIMEOUT_S)
-        finally:
-            _, alive = psutil.wait_procs(tree, timeout=STOP_TIMEOUT_S)
-            for p in alive:
-                p.kill()
-            self._log.close()
-        assert not alive, f"left running: {alive}\n{self.log_text()}"
-        return code
-
-    def kill(self) -> None:
-        for p in reversed(self.tree()):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(STOP_TIMEOUT_S)
-        self._log.close()
+        super().__init__(cmd, log_path, env)
 
 
 @pytest.fixture
@@ -101,16 +61,15 @@ def status_of(url: str, method: str = "GET", body: Optional[dict] = None) -> Opt
 
 
 def wait_for(predicate, what: str, runs: list[Honcho], timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def check() -> bool:
         if predicate():
-            return
+            return True
         for run in runs:
             if run.proc.poll() is not None:
                 raise AssertionError(f"honcho exited {run.proc.returncode} waiting for {what}:\n{run.log_text()}")
-        time.sleep(POLL_S)
-    logs = "\n".join(run.log_text() for run in runs)
-    raise AssertionError(f"timed out waiting for {what}:\n{logs}")
+        return False
+
+    wait_until(check, what, timeout_s, POLL_S, context=lambda: "\n".join(run.log_text() for run in runs))
 
 
 def test_honcho_runs_the_procfile_and_sigterm_stops_everything(env_file: Path, tmp_path: Path):
@@ -125,7 +84,7 @@ def test_honcho_runs_the_procfile_and_sigterm_stops_everything(env_file: Path, t
         with httpx.stream("POST", f"{base}/v1/completions", json=completion, timeout=30) as r:
             assert r.status_code == 200
             assert "data: [DONE]" in list(r.iter_lines())
-        tree = honcho.tree()
+        tree = honcho.process_tree()
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "-m engine" in names and "-m gunicorn" in names
     except BaseException:

@@ -1,45 +1,36 @@
 """Two mlx-server instances, two different tiny models, behind the real nginx of deploy/proxy.
 
-nginx is required, not optional: CI installs it (`apt-get install -y nginx`). Without it these
-tests fail with that command in the message; they are never skipped.
+nginx comes from a system package: without it on PATH these tests skip with the install hint,
+and fail when `CI` is set (.ci/run installs it).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from deploy.proxy.render import TEMPLATE, render
-from tests.integration.server import ServerProcess, free_port
+from tests.integration.server import ChildProcess, ServerProcess, free_port
 from tests.model_factory import build_tiny_model
-
-pytestmark = pytest.mark.integration
+from tests.system_tools import require_system_tool
+from tests.waiting import wait_until
 
 NAMES = ("tiny-a", "tiny-b")  # model directory names, hence model ids, hence proxy paths
 NGINX_START_TIMEOUT_S = 30.0
-NGINX_STOP_TIMEOUT_S = 15.0
 HTTP_TIMEOUT_S = 60.0
-INSTALL_HINT = "nginx is not installed: install it with `apt-get install -y nginx`"
-# nginx lives in sbin, which a non-root PATH often lacks.
-SBIN_PATH = os.pathsep.join(["/usr/sbin", "/usr/local/sbin", "/sbin", "/opt/homebrew/bin"])
+# Debian puts nginx in /usr/sbin, which a non-root PATH often lacks.
+NGINX_HINT = "apt-get install nginx (Debian puts it in /usr/sbin: have that on PATH) or brew install nginx"
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path=SBIN_PATH)
-    if not found:
-        pytest.fail(INSTALL_HINT, pytrace=False)
-    return found
+    return require_system_tool("nginx", NGINX_HINT)
 
 
 def nginx_command(nginx: str, prefix: Path, conf: Path, *extra: str) -> list[str]:
@@ -47,7 +38,7 @@ def nginx_command(nginx: str, prefix: Path, conf: Path, *extra: str) -> list[str
     return [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log"), *extra]
 
 
-class Nginx:
+class Nginx(ChildProcess):
     """`nginx -g 'daemon off;'` in the foreground on a free port, everything under `prefix`."""
 
     def __init__(self, conf_text: str, prefix: Path, port: int) -> None:
@@ -55,46 +46,23 @@ class Nginx:
         self.base_url = f"http://127.0.0.1:{port}"
         conf = prefix / "nginx.conf"
         conf.write_text(conf_text)
-        self._log = open(prefix / "nginx.out", "wb")
-        self.proc = subprocess.Popen(
-            nginx_command(nginx_binary(), prefix, conf, "-g", "daemon off;"),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(nginx_command(nginx_binary(), prefix, conf, "-g", "daemon off;"), prefix / "nginx.out")
 
     def logs(self) -> str:
         parts = [self.prefix / "nginx.out", self.prefix / "error.log"]
         return "\n".join(p.read_text(errors="replace") for p in parts if p.exists())
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + NGINX_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited {self.proc.returncode}:\n{self.logs()}")
-            try:
-                httpx.get(self.base_url + "/", timeout=2)  # the JSON 404 of `location /`
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"nginx did not listen within {NGINX_START_TIMEOUT_S} s:\n{self.logs()}")
-
-    def stop(self) -> None:
+    def listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"nginx exited {self.proc.returncode}:\n{self.logs()}")
         try:
-            workers = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            workers = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-            try:
-                self.proc.wait(NGINX_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # Workers of a killed master would linger: make sure none is left.
-        _, alive = psutil.wait_procs(workers, timeout=NGINX_STOP_TIMEOUT_S)
-        for worker in alive:
-            worker.kill()
-        self._log.close()
+            httpx.get(self.base_url + "/", timeout=2)  # the JSON 404 of `location /`
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self) -> None:
+        wait_until(self.listening, "nginx to listen", NGINX_START_TIMEOUT_S, context=self.logs)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +95,7 @@ def proxy(
         nginx.wait_ready()
         yield nginx
     finally:
-        nginx.stop()
+        nginx.stop(signal.SIGQUIT)  # graceful: finish requests, then exit
 
 
 def test_shipped_config_is_the_rendered_example(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 
 from tests.integration.server import ServerProcess
 from tests.openai_schema import validate
+from tests.sse import sse_data
+from tests.waiting import wait_until
 
-POLL_S = 0.1
-ROUNDS = 300  # every wait below is bounded: 30 s at most
 # In-flight requests must end this soon after the engine dies.
 ENGINE_DEATH_DEADLINE_S = 2.0
 
@@ -30,14 +30,6 @@ def engine_process(server: ServerProcess) -> psutil.Process:
 
 def gunicorn_master(server: ServerProcess) -> psutil.Process:
     return next(p for p in psutil.Process(server.proc.pid).children() if "gunicorn" in " ".join(p.cmdline()))
-
-
-def wait_until(predicate, what: str) -> None:
-    for _ in range(ROUNDS):
-        if predicate():
-            return
-        time.sleep(POLL_S)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ready(base: str) -> bool:
@@ -57,10 +49,9 @@ def long_stream(base: str, out: dict, no_eos: dict) -> None:
     }
     events = []
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                out.setdefault("first_at", time.monotonic())
+        for data in sse_data(r.iter_text()):
+            events.append(data)
+            out.setdefault("first_at", time.monotonic())
     out["events"] = events
     out["ended_at"] = time.monotonic()
 
@@ -128,7 +119,7 @@ def test_graceful_stop_finishes_running_requests_and_refuses_new_ones(tiny_model
             "logit_bias": no_eos,
         }
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
-            result["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            result["events"] = list(sse_data(r.iter_text()))
 
     t = threading.Thread(target=finite_stream)
     t.start()

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from tests.openai_schema import validate
+from tests.sse import sse_events
+from tests.waiting import wait_until
 
 CONCURRENT_STREAMS = 32
-STATUS_POLL_S = 0.1
-STATUS_POLL_ROUNDS = 300  # 30 s at most
 
 
-def sse_events(response: httpx.Response) -> list:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+def idle_status(base: str) -> dict | None:
+    status = httpx.get(f"{base}/v1/mlx/status", timeout=10).json()
+    return status if status["engine"]["running_requests"] == status["engine"]["queued_requests"] == 0 else None
 
 
 def wait_idle(base: str) -> dict:
-    status = {}
-    for _ in range(STATUS_POLL_ROUNDS):
-        status = httpx.get(f"{base}/v1/mlx/status", timeout=10).json()
-        if status["engine"]["running_requests"] == 0 and status["engine"]["queued_requests"] == 0:
-            return status
-        time.sleep(STATUS_POLL_S)
-    raise AssertionError(f"engine never went idle: {status}")
+    return wait_until(lambda: idle_status(base), "an idle engine")
 
 
 def test_models_lists_the_one_model(base, tiny_model_dir):
@@ -79,7 +67,7 @@ def test_streaming_chat_chunks_and_usage(base, no_eos):
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = sse_events(r.iter_text())
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     for chunk in chunks:
@@ -164,7 +152,7 @@ def test_32_concurrent_streams_all_complete(base, no_eos):
             "logit_bias": no_eos,
         }
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
-            events = sse_events(r)
+            events = sse_events(r.iter_text())
         assert events[-1] == "[DONE]"
         return events[-2]["usage"]["completion_tokens"], events[-3]["choices"][0]["finish_reason"]
 

@@ -10,6 +10,7 @@ import pytest
 from frontend.app import FrontendSettings, create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
+from tests.sse import sse_events
 from tests.unit.fakes import Script, created_recently, make_model_info, write_tokenizer_dir
 
 URL = "/v1/chat/completions"
@@ -23,12 +24,7 @@ def ids(tok: Tokenization, text: str) -> list[int]:
 def sse_payloads(text: str) -> list:
     """The data of each event; "[DONE]" stays a string."""
     assert text.endswith("\n\n"), text[-50:]
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        data = block[len("data: ") :]
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    return sse_events(text)
 
 
 def post(client: falcon.testing.TestClient, **body: object) -> falcon.testing.Result:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import falcon.testing
 import pytest
 
 from frontend.app import FrontendSettings, create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate, validate_completion_chunk
+from tests.sse import sse_events
 from tests.unit.fakes import Script
 
 URL = "/v1/completions"
@@ -20,9 +19,8 @@ def ids(tok: Tokenization, text: str) -> list[int]:
 
 
 def sse_payloads(text: str) -> list:
-    blocks = text.split("\n\n")
-    assert blocks[-1] == ""
-    return [b[6:] if b == "data: [DONE]" else json.loads(b[6:]) for b in blocks[:-1]]
+    assert text.endswith("\n\n"), text[-50:]
+    return sse_events(text)
 
 
 def test_string_prompt(client, engine, tok):

@@ -35,6 +35,7 @@ from ipc.messages import (
 )
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
 from tests.unit.defaults import CLIENT_LIMITS, ENGINE_LIMITS
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -201,11 +202,7 @@ def test_closing_a_stream_early_aborts_in_engine(engine):
     next(iter(stream))
     stream.close()
     stream.close()  # idempotent
-    for _ in range(100):
-        if client.status().running_requests == 0 and not scheduler.has_request("long"):
-            break
-        threading.Event().wait(0.05)
-    assert not scheduler.has_request("long")
+    wait_until(lambda: not scheduler.has_request("long"), "the engine to abort the closed stream", 5.0, 0.05)
 
 
 def test_protocol_mismatch_is_rejected(engine):
@@ -247,20 +244,13 @@ def test_client_waits_for_a_late_engine_and_reconnects_after_a_restart(model):
         loop = EngineLoop(scheduler, MODEL, address)
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
-        for _ in range(200):
-            if client.alive:
-                break
-            threading.Event().wait(0.05)
-        assert client.alive and client.model == MODEL
+        wait_until(lambda: client.alive, "the client to connect", 10.0, 0.05)
+        assert client.model == MODEL
         with client.submit(gen(f"g{generation}")) as stream:
             assert sum(len(d.token_ids) for d in stream) == 6
         loop.request_stop()
         thread.join(10)
-        for _ in range(200):
-            if not client.alive:
-                break
-            threading.Event().wait(0.05)
-        assert not client.alive
+        wait_until(lambda: not client.alive, "the client to notice the engine left", 10.0, 0.05)
     for p in runtime.iterdir():
         p.unlink()
     runtime.rmdir()
@@ -275,11 +265,7 @@ def test_request_timeout_aborts_and_raises(engine):
     with pytest.raises(RequestTimedOut):
         for _ in stream:
             threading.Event().wait(0.05)  # a slow reader: the deadline passes mid-stream
-    for _ in range(300):  # 30 s at most, for a loaded CI machine
-        if not scheduler.has_request("slowpoke"):
-            break
-        threading.Event().wait(0.1)
-    assert not scheduler.has_request("slowpoke")
+    wait_until(lambda: not scheduler.has_request("slowpoke"), "the engine to abort the timed-out request")
 
 
 class _SlowOnce(Scheduler):
