@@ -1,4 +1,4 @@
-"""OpenAI request models we accept and the response dicts we send.
+"""OpenAI request models we accept (the responses: ``frontend.openai_shapes``).
 
 Requests are validated strictly (a string is not a number) but ignore unknown
 fields, as OpenAI-compatible servers do. Fields OpenAI defines that we cannot
@@ -9,20 +9,13 @@ never a silently ignored field we claim to support (DESIGN rule 4).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from frontend.constraints import response_format_constraint
 from frontend.errors import APIError, invalid_request, unsupported
-from frontend.generation import FinishedChoice, Piece
-from frontend.logprobs import (
-    MAX_CHAT_TOP_LOGPROBS,
-    MAX_COMPLETION_LOGPROBS,
-    TokenEntry,
-    chat_logprobs,
-    completion_logprobs,
-)
+from frontend.logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from frontend.tools import ToolPlan, plan_tools
 from ipc.messages import Constraint, ModelInfo, SamplingParams
 
@@ -32,8 +25,6 @@ LOGIT_BIAS_LIMIT = 100.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # mlx's PRNG keys are unsigned 64-bit; OpenAI seeds are signed 64-bit.
 SEED_MODULUS = 2**64
-
-OWNED_BY = "mlx-server"
 
 
 class _Strict(BaseModel):
@@ -335,180 +326,3 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(prompt[0], int):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- responses
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def chat_completion(
-    response_id: str,
-    created: int,
-    model: str,
-    choices: Sequence[FinishedChoice],
-    usage_: dict[str, Any],
-    token_entry: TokenEntry,
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": _message(c),
-                "logprobs": chat_logprobs(c.logprobs, token_entry),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage_,
-    }
-
-
-def _message(choice: FinishedChoice) -> dict[str, Any]:
-    if not choice.tool_calls:
-        return {"role": "assistant", "content": choice.text, "refusal": None}
-    return {
-        "role": "assistant",
-        "content": choice.text or None,  # OpenAI: null when the answer is only calls
-        "refusal": None,
-        "tool_calls": [call.as_dict() for call in choice.tool_calls],
-    }
-
-
-def text_completion(
-    response_id: str,
-    created: int,
-    model: str,
-    choices: Sequence[FinishedChoice],
-    usage_: dict[str, Any],
-    token_entry: TokenEntry,
-) -> dict[str, Any]:
-    # Echo and logprobs never come together, so offsets start at 0.
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs, token_entry),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage_,
-    }
-
-
-class _Chunks:
-    """Builds the stream chunks of one response (same id, created, model)."""
-
-    object_name = ""
-
-    def __init__(
-        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
-    ) -> None:
-        self._head = {"id": response_id, "object": self.object_name, "created": created, "model": model}
-        self._include_usage = include_usage
-        self._token_entry = token_entry
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {**self._head, "choices": choices}
-        if self._include_usage:
-            chunk["usage"] = None  # OpenAI: null on every chunk but the last
-        return chunk
-
-    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head, "choices": [], "usage": usage_}
-
-
-class ChatChunks(_Chunks):
-    object_name = "chat.completion.chunk"
-
-    def __init__(
-        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
-    ) -> None:
-        super().__init__(response_id, created, model, include_usage, token_entry)
-        self._calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
-
-    def _choice(
-        self,
-        index: int,
-        delta: dict[str, Any],
-        finish_reason: Optional[str] = None,
-        logprobs: Optional[dict[str, Any]] = None,
-    ) -> dict[str, Any]:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
-
-    def start(self, index: int) -> list[dict[str, Any]]:
-        return [self._choice(index, {"role": "assistant", "content": ""})]
-
-    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": piece.text} if piece.text or not piece.tool_calls else {}
-        if piece.tool_calls:
-            # Each call whole in one delta (name and all arguments): clients
-            # that concatenate argument fragments get the same result.
-            first = self._calls_sent.get(index, 0)
-            delta["tool_calls"] = [{"index": first + k, **call.as_dict()} for k, call in enumerate(piece.tool_calls)]
-            self._calls_sent[index] = first + len(piece.tool_calls)
-        return self._choice(index, delta, None, chat_logprobs(piece.logprobs, self._token_entry))
-
-    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
-        return self._choice(index, {}, finish_reason)
-
-
-class CompletionChunks(_Chunks):
-    object_name = "text_completion"
-
-    def __init__(
-        self,
-        response_id: str,
-        created: int,
-        model: str,
-        include_usage: bool,
-        token_entry: TokenEntry,
-        echoes: Sequence[str] = (),
-    ) -> None:
-        super().__init__(response_id, created, model, include_usage, token_entry)
-        self._echoes = list(echoes)  # per choice index: the prompt text to echo, or ""
-
-    def _choice(
-        self, index: int, text: str, finish_reason: Optional[str] = None, logprobs: Optional[dict[str, Any]] = None
-    ) -> dict[str, Any]:
-        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
-
-    def start(self, index: int) -> list[dict[str, Any]]:
-        echo = self._echoes[index] if index < len(self._echoes) else ""
-        return [self._choice(index, echo)] if echo else []
-
-    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
-        return self._choice(index, piece.text, None, completion_logprobs(piece.logprobs, self._token_entry))
-
-    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
-        return self._choice(index, "", finish_reason)
-
-
-def model_card(model_id: str, created: int, context_length: int, adapter: Optional[str], path: str) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": OWNED_BY,
-        "context_length": context_length,
-        "max_model_len": context_length,  # vLLM's name for the same number
-        "adapter": adapter,
-        "path": path,
-    }

@@ -9,6 +9,7 @@ from typing import Any
 import falcon
 
 from frontend.context import AppContext
+from frontend.openapi import Operation
 from ipc.messages import EngineStatus
 
 
@@ -52,6 +53,8 @@ def status_body(ctx: AppContext, status: EngineStatus) -> dict[str, Any]:
 
 
 class StatusResource:
+    openapi = {"get": Operation("Model, engine state, queue and prefix cache", errors=(401, 503))}
+
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
 
