@@ -35,14 +35,76 @@ class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
 
-class ChatMessage(_Strict):
-    # Extra keys (name, tool_call_id, reasoning_content, ...) go to the chat
-    # template untouched, as mlx_lm.server passes message dicts.
+# ---------------------------------------------------------------- chat messages
+# One model per role, with the fields OpenAI's schema requires of that role;
+# content parts stay dicts, checked by _check_content (400 naming the part).
+
+_ContentInput = Union[str, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+
+
+def _content_shape(value: Any) -> Union[str, list[dict[str, Any]]]:
+    """One message for any wrong content (a pydantic union would report its first member's complaint)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(part, dict) for part in value):
+        return value
+    raise ValueError("content must be a string or a non-empty array of content parts")
+
+
+Content = Annotated[Any, PlainValidator(_content_shape, json_schema_input_type=_ContentInput)]
+
+
+class _Message(_Strict):
+    # Extra keys (reasoning_content, ...) go to the chat template untouched,
+    # as mlx_lm.server passes message dicts.
     model_config = ConfigDict(strict=True, extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
+    name: Optional[str] = None
+
+
+class ChatSystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class ChatDeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class ChatUserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class MessageFunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: MessageFunctionCall
+
+
+class ChatAssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Optional[Content] = None  # null only with tool_calls (checked in check_supported)
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None
+
+
+class ChatToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    Union[ChatSystemMessage, ChatDeveloperMessage, ChatUserMessage, ChatAssistantMessage, ChatToolMessage],
+    Field(discriminator="role"),
+]
 
 
 class _GenerationRequest(_Strict):
@@ -215,6 +277,10 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         for i, message in enumerate(self.messages):
+            if isinstance(message, ChatAssistantMessage) and message.content is None and not message.tool_calls:
+                raise invalid_request(
+                    "an assistant message needs content unless it has tool_calls", param=f"messages[{i}].content"
+                )
             _check_content(i, message.content)
 
     def tool_plan(self, model: ModelInfo, special_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
@@ -258,20 +324,20 @@ def _template_message(i: int, message: ChatMessage) -> dict[str, Any]:
     if isinstance(content, list):
         content = "".join(part["text"] for part in content)
     out["content"] = content or ""
-    if message.tool_calls:
-        out["tool_calls"] = [_parsed_tool_call(i, call) for call in message.tool_calls]
+    if out.get("tool_calls"):
+        out["tool_calls"] = [_parsed_tool_call(i, j, call) for j, call in enumerate(out["tool_calls"])]
     return out
 
 
-def _parsed_tool_call(i: int, call: dict[str, Any]) -> dict[str, Any]:
+def _parsed_tool_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
     """Templates iterate over arguments as a mapping; OpenAI sends a JSON string."""
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return call
+    function = call["function"]
     try:
         arguments = json.loads(function["arguments"])
     except ValueError:
-        raise invalid_request("tool call arguments must be a JSON string", param=f"messages[{i}].tool_calls") from None
+        raise invalid_request(
+            "tool call arguments must be a JSON string", param=f"messages[{i}].tool_calls[{j}].function.arguments"
+        ) from None
     return {**call, "function": {**function, "arguments": arguments}}
 
 

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 from frontend.errors import APIError, invalid_request
 
 _Model = TypeVar("_Model", bound=BaseModel)
+# pydantic's errors for a discriminator field that is missing or has no matching member.
+_TAG_ERRORS = frozenset({"union_tag_invalid", "union_tag_not_found"})
 
 
 def read_request(req: falcon.Request, model: type[_Model], max_bytes: int) -> _Model:
@@ -36,8 +38,11 @@ def read_request(req: falcon.Request, model: type[_Model], max_bytes: int) -> _M
 
 def _validation_error(exc: ValidationError, data: dict[str, Any]) -> APIError:
     first = exc.errors(include_url=False)[0]
-    param = _param(first["loc"], data)
-    if first["type"] == "missing":
+    loc = tuple(first["loc"])
+    if first["type"] in _TAG_ERRORS:  # a discriminated union (messages by role): name the tag field
+        loc += (first["ctx"]["discriminator"].strip("'"),)
+    param = _param(loc, data)
+    if first["type"] in ("missing", "union_tag_not_found"):
         return invalid_request(f"missing required parameter: {param!r}", param=param)
     message = first["msg"].removeprefix("Value error, ")  # our own validators' ValueErrors
     return invalid_request(f"invalid value for {param!r}: {message}", param=param)
@@ -45,10 +50,13 @@ def _validation_error(exc: ValidationError, data: dict[str, Any]) -> APIError:
 
 def _param(loc: Sequence[Any], data: Any) -> Optional[str]:
     """``messages[0].content`` from a pydantic location, following only the
-    steps that exist in the input (pydantic adds union member names)."""
+    steps that exist in the input (pydantic adds union member names and tags;
+    only a missing field's own name is kept)."""
     out = ""
     node = data
-    for step in loc:
+    for k, step in enumerate(loc):
+        if isinstance(node, dict) and isinstance(step, str) and step not in node and k < len(loc) - 1:
+            continue  # a union member's name or tag
         if isinstance(node, dict) and isinstance(step, str):
             out += f".{step}" if out else step
             node = node.get(step)

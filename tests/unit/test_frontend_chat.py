@@ -140,7 +140,7 @@ def test_list_content_and_roles(client, engine, tok):
     messages = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world!"}]},
-        {"role": "assistant", "content": None},
+        {"role": "assistant", "content": ""},
         {"role": "user", "content": "again", "name": "bob"},
     ]
     result = client.simulate_post(URL, json={"messages": messages})
@@ -361,6 +361,24 @@ def test_image_content_part_rejected(client):
         ({}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        # Message shapes as OpenAI's schema has them, per role.
+        ({"messages": [{"role": "tool"}], "stream": True}, "messages[0].content"),
+        ({"messages": [{"role": "tool", "content": "sunny"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "system", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant"}, *MESSAGES]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {}}]}]},
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "custom", "custom": {}}]}]},
+            "messages[0].tool_calls[0].type",
+        ),
         ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
         ({"messages": MESSAGES, "temperature": "0.5"}, "temperature"),
         ({"messages": MESSAGES, "top_p": 0}, "top_p"),
