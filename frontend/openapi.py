@@ -47,7 +47,7 @@ class Operation:
     media_type: str = "application/json"
     errors: tuple[int, ...] = ()
     same_body: tuple[int, ...] = ()  # other statuses whose body is ``response`` too
-    removed: bool = False  # answers only 410
+    removed: bool = False  # answers 410 (and ``errors``), never 200
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"summary": self.summary, "responses": {}}
@@ -56,7 +56,7 @@ class Operation:
         if not self.removed:
             for status in (200, *self.same_body):
                 out["responses"][str(status)] = self._success()
-        for status in (410,) if self.removed else self.errors:
+        for status in (410, *self.errors) if self.removed else self.errors:
             out["responses"][str(status)] = {
                 "description": _ERROR_DESCRIPTIONS[status],
                 "content": {"application/json": {"schema": _ref(ErrorResponse)}},

@@ -1,9 +1,9 @@
 """The request pipeline every generation API shares: prompt -> engine requests -> events.
 
 An API adapter (a resource) validates its own request model, builds the
-prompt token ids and maps its fields to a ``PipelineRequest``. ``start``
-checks the prompts against the model (vocabulary, context, n), submits one
-engine request per choice and returns a ``Generation``. The adapter answers
+prompt token ids and maps its fields to a ``PipelineRequest``. ``plan``
+checks the prompts against the model (vocabulary, context, n); ``start``
+submits one engine request per choice and returns a ``Generation``. The adapter answers
 with ``respond``: its ``StreamFormat`` turns the generation's events into
 SSE bytes (named events or ``data:`` chunks, a final ``[DONE]`` or not),
 its ``body_of`` turns the collected ``Outcome`` into one JSON body.
@@ -186,17 +186,31 @@ def _submit_all(engine: EngineClient, requests: Sequence[Generate]) -> list[Requ
     return streams
 
 
-def start(ctx: AppContext, request: PipelineRequest) -> "Generation":
-    """Check the prompts, submit one engine request per choice (EngineUnavailable -> 503)."""
+@dataclass(frozen=True)
+class Plan:
+    """A request whose prompts passed every check, with each prompt's max_tokens."""
+
+    request: PipelineRequest
+    max_tokens: list[int]
+
+
+def plan(ctx: AppContext, request: PipelineRequest) -> Plan:
+    """Check the prompts against the model and the settings (400 naming the field)."""
     model, settings = ctx.engine.model, ctx.settings
-    n = request.n
-    check_choices(ctx, n, len(request.prompts), request.prompt_param)
+    check_choices(ctx, request.n, len(request.prompts), request.prompt_param)
     max_tokens = []
     for ids in request.prompts:
         check_prompt_ids(ids, model.vocab_size, request.prompt_param)
         max_tokens.append(
             resolve_max_tokens(request.max_tokens, len(ids), model, settings.default_max_tokens, request.prompt_param)
         )
+    return Plan(request, max_tokens)
+
+
+def start(ctx: AppContext, checked: Plan) -> "Generation":
+    """Submit one engine request per choice (EngineUnavailable -> 503)."""
+    request, max_tokens, model = checked.request, checked.max_tokens, ctx.engine.model
+    n = request.n
     response_id = new_response_id(request.id_prefix)
     generates = [
         Generate(

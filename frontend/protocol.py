@@ -159,7 +159,7 @@ class _GenerationRequest(_Strict):
         given: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": None if self.top_k is None else max(self.top_k, 0),
+            "top_k": None if self.top_k is None else _top_k(self.top_k, vocab_size),
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty,
@@ -168,6 +168,11 @@ class _GenerationRequest(_Strict):
             "seed": None if self.seed is None else self.seed % SEED_MODULUS,
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _top_k(top_k: int, vocab_size: int) -> int:
+    # 0 is off; so is keeping the whole vocabulary or more (mlx-lm refuses top_k >= vocab_size).
+    return top_k if 0 < top_k < vocab_size else 0
 
 
 def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:

@@ -25,7 +25,7 @@ from frontend.openai_shapes import (
     Usage,
 )
 from frontend.openai_stream import OpenAIStream, head
-from frontend.openapi import Operation
+from frontend.openapi import GENERATION_ERRORS, Operation
 from frontend.protocol import TEMPLATE_VARIABLE_FIELDS, ChatCompletionRequest
 from frontend.request_body import read_request
 from frontend.tokenization import ChatTemplateError, Tokenization, reserved_template_kwargs
@@ -150,7 +150,11 @@ class ChatStream(OpenAIStream):
 class ChatCompletionsResource:
     openapi = {
         "post": Operation(
-            "Chat completion", request=ChatCompletionRequest, response=ChatCompletion, stream=ChatCompletionChunk
+            "Chat completion",
+            request=ChatCompletionRequest,
+            response=ChatCompletion,
+            stream=ChatCompletionChunk,
+            errors=GENERATION_ERRORS,
         )
     }
 
@@ -160,7 +164,7 @@ class ChatCompletionsResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx, tok = self._ctx, self._ctx.tokenization
         request = read_request(req, ChatCompletionRequest, ctx.settings.max_request_bytes)
-        generation = pipeline.start(ctx, pipeline_request(ctx, request))
+        generation = pipeline.start(ctx, pipeline.plan(ctx, pipeline_request(ctx, request)))
         pipeline.respond(
             req,
             resp,

@@ -11,7 +11,7 @@ from frontend.context import AppContext
 from frontend.logprobs import completion_logprobs
 from frontend.openai_shapes import Completion, CompletionChoice, CompletionFinishReason, CompletionLogprobs, Usage
 from frontend.openai_stream import OpenAIStream, head
-from frontend.openapi import Operation
+from frontend.openapi import GENERATION_ERRORS, Operation
 from frontend.protocol import CompletionRequest
 from frontend.request_body import read_request
 from frontend.tokenization import Tokenization
@@ -104,7 +104,11 @@ class CompletionStream(OpenAIStream):
 
 
 class CompletionsResource:
-    openapi = {"post": Operation("Text completion", request=CompletionRequest, response=Completion, stream=Completion)}
+    openapi = {
+        "post": Operation(
+            "Text completion", request=CompletionRequest, response=Completion, stream=Completion, errors=GENERATION_ERRORS
+        )
+    }
 
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
@@ -112,9 +116,9 @@ class CompletionsResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx, tok = self._ctx, self._ctx.tokenization
         request = read_request(req, CompletionRequest, ctx.settings.max_request_bytes)
-        planned = pipeline_request(ctx, request)
-        echo = echoes(request, planned.n, tok)
-        generation = pipeline.start(ctx, planned)
+        checked = pipeline.plan(ctx, pipeline_request(ctx, request))
+        echo = echoes(request, checked.request.n, tok)  # decodes token prompts: only checked ones
+        generation = pipeline.start(ctx, checked)
         pipeline.respond(
             req,
             resp,

@@ -53,7 +53,7 @@ class ModelManagementResource:
     """/v1/mlx/models/{rest}: load, DELETE {id}, {id}/reload (ids may hold slashes)."""
 
     openapi = {
-        "post": Operation("Removed: load or reload a model (one model per instance)", removed=True),
+        "post": Operation("Removed: load or reload a model (one model per instance)", removed=True, errors=(404,)),
         "delete": Operation("Removed: unload a model (stop the instance instead)", removed=True),
     }
 

@@ -115,6 +115,13 @@ def test_sampling_parameters_reach_the_engine(client, engine):
     assert sampling.seed == 2**64 - 1  # signed OpenAI seed -> unsigned PRNG key
 
 
+@pytest.mark.parametrize("top_k, wire", [(-1, 0), (0, 0), (511, 511), (512, 0), (426116714, 0)])
+def test_top_k_of_the_whole_vocabulary_is_off(client, engine, top_k, wire):
+    # The fake vocabulary has 512 tokens; mlx-lm refuses a top_k that keeps them all.
+    assert post(client, top_k=top_k).status_code == 200
+    assert engine.submitted[0].sampling.top_k == wire
+
+
 def test_defaults_leave_wire_defaults(client, engine):
     post(client)
     sampling = engine.submitted[0].sampling
