@@ -70,8 +70,7 @@ class Operation:
         content: dict[str, Any] = {self.media_type: {"schema": schema}}
         if self.stream is None:
             return {"description": self.summary, "content": content}
-        # A stream that fails after the headers ends with an error event (and no [DONE]).
-        content["text/event-stream"] = {"schema": {"anyOf": [_ref(self.stream), _ref(ErrorResponse)]}}
+        content["text/event-stream"] = {"schema": _sse_event(self.stream)}
         return {
             "description": "The answer; with stream=true, server-sent events of chunks ending in [DONE]",
             "content": content,
@@ -87,6 +86,25 @@ class Operation:
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1: ``schema`` of text/event-stream describes each event,
+    its fields as strings): ``data`` is [DONE] or JSON text of a chunk, or of the error
+    that ends a stream failing after its headers were sent."""
+    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+                ]
+            }
+        },
+    }
 
 
 _FALCON_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")

@@ -31,6 +31,72 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+# ---------------------------------------------------------------- what /openapi.json adds
+# Rules checked in code (with a 400 naming the field) that the document
+# states too, so that a client or a fuzzer generating from it sends what we accept.
+
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_ONLY_WITH = {
+    "stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    "top_logprobs": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
+_RESPONSE_FORMAT_DOC = {
+    "oneOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": _NAME, "strict": {"type": "boolean"}, "schema": {"type": "object"}},
+                },
+            },
+        },
+    ]
+}
+_LOGIT_BIAS_DOC = {
+    "propertyNames": {"pattern": "^[0-9]+$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+}
+_TOOLS_DOC = {
+    "items": {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": _NAME,
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "strict": {"type": "boolean"},
+                },
+            },
+        },
+    }
+}
+_TOOL_CHOICE_DOC = {
+    "anyOf": [
+        {"type": "null"},
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": _NAME}},
+            },
+        },
+    ]
+}
+
+
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
@@ -39,7 +105,15 @@ class StreamOptions(_Strict):
 # One model per role, with the fields OpenAI's schema requires of that role;
 # content parts stay dicts, checked by _check_content (400 naming the part).
 
-_ContentInput = Union[str, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+
+class TextContentPart(BaseModel):
+    """The one kind of content part this text model takes (the document's view)."""
+
+    type: Literal["text", "input_text"]
+    text: str
+
+
+_ContentInput = Union[str, Annotated[list[TextContentPart], Field(min_length=1)]]
 
 
 def _content_shape(value: Any) -> Union[str, list[dict[str, Any]]]:
@@ -89,6 +163,17 @@ class MessageToolCall(_Strict):
 
 
 class ChatAssistantMessage(_Message):
+    model_config = ConfigDict(
+        strict=True,
+        extra="allow",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}},
+            ]
+        },
+    )
+
     role: Literal["assistant"]
     content: Optional[Content] = None  # null only with tool_calls (checked in check_supported)
     refusal: Optional[str] = None
@@ -119,7 +204,7 @@ class _GenerationRequest(_Strict):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, json_schema_extra=_LOGIT_BIAS_DOC)
     seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
@@ -128,7 +213,7 @@ class _GenerationRequest(_Strict):
     user: Optional[str] = None
     # text, json_object or json_schema (enforced by the engine's grammar mask).
     # Completions take it too (as vLLM does).
-    response_format: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = Field(None, json_schema_extra=_RESPONSE_FORMAT_DOC)
 
     @property
     def choices_per_prompt(self) -> int:
@@ -242,6 +327,8 @@ def _first_unsupported(extra: dict[str, Any], table: dict[str, _Check]) -> Optio
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"dependentSchemas": _ONLY_WITH})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     # mlx_lm.server / vLLM extension: extra variables for the chat template.
@@ -251,13 +338,13 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     # Checked by frontend.tools.plan_tools (each tool, each choice, with a param path).
-    tools: Optional[list[Any]] = None
-    tool_choice: Any = None
+    tools: Optional[list[Any]] = Field(None, json_schema_extra=_TOOLS_DOC)
+    tool_choice: Any = Field(None, json_schema_extra=_TOOL_CHOICE_DOC)
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     function_call: Any = None
     audio: Any = None
-    modalities: Optional[list[str]] = None
+    modalities: Optional[list[str]] = Field(None, json_schema_extra={"items": {"const": "text"}})
     prediction: Any = None
     web_search_options: Any = None
     moderation: Any = None
@@ -349,6 +436,12 @@ def _parsed_tool_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- completions
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# What the document says of prompts: nothing empty, token ids from 0.
+_PromptDoc = Union[
+    _Text, Annotated[list[_Text], Field(min_length=1)], _TokenIds, Annotated[list[_TokenIds], Field(min_length=1)]
+]
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
@@ -367,7 +460,13 @@ def _prompt_shape(value: Any) -> PromptInput:
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=PromptInput)]
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        json_schema_extra={"dependentSchemas": {"stream_options": _ONLY_WITH["stream_options"]}},
+    )
+
+    prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=_PromptDoc)]
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)

@@ -106,7 +106,11 @@ class CompletionStream(OpenAIStream):
 class CompletionsResource:
     openapi = {
         "post": Operation(
-            "Text completion", request=CompletionRequest, response=Completion, stream=Completion, errors=GENERATION_ERRORS
+            "Text completion",
+            request=CompletionRequest,
+            response=Completion,
+            stream=Completion,
+            errors=GENERATION_ERRORS,
         )
     }
 
