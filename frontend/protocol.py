@@ -35,64 +35,41 @@ class _Strict(BaseModel):
 # Rules checked in code (with a 400 naming the field) that the document
 # states too, so that a client or a fuzzer generating from it sends what we accept.
 
+
+def _object(*required: str, **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
 _ONLY_WITH = {
-    "stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}},
-    "top_logprobs": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    "stream_options": _object("stream", stream={"const": True}),
+    "top_logprobs": _object("logprobs", logprobs={"const": True}),
 }
 _RESPONSE_FORMAT_DOC = {
     "oneOf": [
         {"type": "null"},
-        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
-        {
-            "type": "object",
-            "required": ["type", "json_schema"],
-            "properties": {
-                "type": {"const": "json_schema"},
-                "json_schema": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": _NAME, "strict": {"type": "boolean"}, "schema": {"type": "object"}},
-                },
-            },
-        },
+        _object("type", type={"enum": ["text", "json_object"]}),
+        _object(
+            "type",
+            "json_schema",
+            type={"const": "json_schema"},
+            json_schema=_object("name", name=_NAME, strict={"type": "boolean"}, schema={"type": "object"}),
+        ),
     ]
 }
 _LOGIT_BIAS_DOC = {
     "propertyNames": {"pattern": "^[0-9]+$"},
     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
 }
-_TOOLS_DOC = {
-    "items": {
-        "type": "object",
-        "required": ["type", "function"],
-        "properties": {
-            "type": {"const": "function"},
-            "function": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": _NAME,
-                    "description": {"type": "string"},
-                    "parameters": {"type": "object"},
-                    "strict": {"type": "boolean"},
-                },
-            },
-        },
-    }
-}
+_FUNCTION = _object(
+    "name", name=_NAME, description={"type": "string"}, parameters={"type": "object"}, strict={"type": "boolean"}
+)
+_TOOLS_DOC = {"items": _object("type", "function", type={"const": "function"}, function=_FUNCTION)}
 _TOOL_CHOICE_DOC = {
     "anyOf": [
         {"type": "null"},
         {"enum": ["none", "auto", "required"]},
-        {
-            "type": "object",
-            "required": ["type", "function"],
-            "properties": {
-                "type": {"const": "function"},
-                "function": {"type": "object", "required": ["name"], "properties": {"name": _NAME}},
-            },
-        },
+        _object("type", "function", type={"const": "function"}, function=_object("name", name=_NAME)),
     ]
 }
 
