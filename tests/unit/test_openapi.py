@@ -97,6 +97,9 @@ def test_real_responses_match_the_document(client, engine, tok):
     for chunk in sse_payloads(streamed.text)[:-1]:
         validator("Completion").validate(chunk)
     validator("ModelList").validate(client.simulate_get("/v1/models").json)
+    validator("Status").validate(client.simulate_get("/v1/mlx/status").json)
+    validator("Liveness").validate(client.simulate_get("/health").json)
+    validator("Readiness").validate(client.simulate_get("/health/ready").json)
     validator("ErrorResponse").validate(client.simulate_post("/v1/completions", json={}).json)
 
 
