@@ -104,7 +104,8 @@ class StreamFormat(Protocol):
     def failed(self, event: Failed) -> Iterable[bytes]: ...
 
 
-def encode(events: Iterable[Event], wire: StreamFormat) -> Iterator[bytes]:
+def encode(events: Iterator[Event], wire: StreamFormat) -> Iterator[bytes]:
+    """SSE bytes of ``events``; a wire format failing on an event ends the stream with its error event."""
     handlers: dict[type, Callable[[Event], Iterable[bytes]]] = {
         Started: wire.started,  # type: ignore[dict-item]
         Delta: wire.delta,  # type: ignore[dict-item]
@@ -112,8 +113,15 @@ def encode(events: Iterable[Event], wire: StreamFormat) -> Iterator[bytes]:
         Completed: wire.completed,  # type: ignore[dict-item]
         Failed: wire.failed,  # type: ignore[dict-item]
     }
-    for event in events:
-        yield from handlers[type(event)](event)
+    try:
+        for event in events:
+            yield from handlers[type(event)](event)
+    except Exception as exc:
+        yield from wire.failed(Failed(_as_api_error(exc)))
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # a generator's finally closes the engine streams
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,16 @@ def test_collect_runs_every_choice_to_its_end(engine, tok):
     assert [(c.index, c.text, c.finish_reason) for c in outcome.choices] == [(0, "Hi", "stop"), (1, "", "length")]
     assert outcome.usage.prompt == len(tok.encode_prompt("Hello"))  # counted once for both choices
     assert engine.all_closed()
+
+
+class BrokenDeltas(NamedEvents):
+    def delta(self, event: pipeline.Delta) -> Iterable[bytes]:
+        raise ValueError("a chunk its own schema refuses")
+
+
+def test_a_wire_format_failing_on_an_event_ends_with_its_error_event(engine, tok):
+    engine.script(Script(tok.hf.encode("Hi there", add_special_tokens=False)))
+    events = _events(b"".join(pipeline.encode(_generation(engine, tok, n=1).events(), BrokenDeltas())))
+    assert [name for name, _ in events] == ["block_start", "error"]
+    assert Note.model_validate_json(events[-1][1]).message == "internal server error"
+    assert engine.all_closed()
