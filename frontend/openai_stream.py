@@ -26,9 +26,10 @@ class OpenAIStream:
         self._include_usage = include_usage
 
     def chunk(self, choices: list[Any], usage: Optional[Usage] = None) -> bytes:
-        # With include_usage, usage is null on every chunk but the last (and absent without).
-        extra = {"usage": usage} if self._include_usage else {}
-        return sse.event(self.chunk_type(**head(self._generation), object=self.object_name, choices=choices, **extra))
+        fields: dict[str, Any] = {**head(self._generation), "object": self.object_name, "choices": choices}
+        if self._include_usage:
+            fields["usage"] = usage  # null on every chunk but the last (and absent without include_usage)
+        return sse.event(self.chunk_type(**fields))
 
     def completed(self, event: pipeline.Completed) -> Iterable[bytes]:
         if self._include_usage:

@@ -123,11 +123,12 @@ def document(routes: dict[str, type]) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [(ErrorResponse, "serialization")]
     for uri_template, resource in routes.items():
         path, parameters = _path(uri_template)
-        item: dict[str, Any] = {method: op.describe() for method, op in resource.openapi.items()}
+        operations: dict[str, Operation] = getattr(resource, "openapi")  # every route's resource declares them
+        item: dict[str, Any] = {method: op.describe() for method, op in operations.items()}
         if parameters:
             item["parameters"] = parameters
         paths[path] = item
-        for op in resource.openapi.values():
+        for op in operations.values():
             models += op.models()
     _, schemas = models_json_schema(list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}")
     return {

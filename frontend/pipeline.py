@@ -63,27 +63,32 @@ class TokenCounts(NamedTuple):
 # ---------------------------------------------------------------- events
 
 
-class Started(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Started:
     index: int
 
 
-class Delta(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Delta:
     """Text, logprobs and completed tool calls of one choice (any may be empty)."""
 
     index: int
     piece: Piece
 
 
-class Finished(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Finished:
     index: int
     reason: str  # "stop", "length" or "tool_calls"
 
 
-class Completed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Completed:
     usage: TokenCounts
 
 
-class Failed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Failed:
     error: APIError
 
 

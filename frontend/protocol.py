@@ -40,12 +40,12 @@ def _object(*required: str, **properties: Any) -> dict[str, Any]:
     return {"type": "object", "required": list(required), "properties": properties}
 
 
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-_ONLY_WITH = {
+_NAME: dict[str, Any] = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_ONLY_WITH: dict[str, Any] = {
     "stream_options": _object("stream", stream={"const": True}),
     "top_logprobs": _object("logprobs", logprobs={"const": True}),
 }
-_RESPONSE_FORMAT_DOC = {
+_RESPONSE_FORMAT_DOC: dict[str, Any] = {
     "oneOf": [
         {"type": "null"},
         _object("type", type={"enum": ["text", "json_object"]}),
@@ -57,15 +57,15 @@ _RESPONSE_FORMAT_DOC = {
         ),
     ]
 }
-_LOGIT_BIAS_DOC = {
+_LOGIT_BIAS_DOC: dict[str, Any] = {
     "propertyNames": {"pattern": "^[0-9]+$"},
     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
 }
-_FUNCTION = _object(
+_FUNCTION: dict[str, Any] = _object(
     "name", name=_NAME, description={"type": "string"}, parameters={"type": "object"}, strict={"type": "boolean"}
 )
-_TOOLS_DOC = {"items": _object("type", "function", type={"const": "function"}, function=_FUNCTION)}
-_TOOL_CHOICE_DOC = {
+_TOOLS_DOC: dict[str, Any] = {"items": _object("type", "function", type={"const": "function"}, function=_FUNCTION)}
+_TOOL_CHOICE_DOC: dict[str, Any] = {
     "anyOf": [
         {"type": "null"},
         {"enum": ["none", "auto", "required"]},

@@ -95,9 +95,8 @@ def _message(choice: FinishedChoice) -> AssistantMessage:
 
 def _choice(choice: FinishedChoice, tok: Tokenization) -> ChatChoice:
     logprobs = chat_logprobs(choice.logprobs, tok.token_entry)
-    return ChatChoice(
-        index=choice.index, message=_message(choice), logprobs=logprobs, finish_reason=choice.finish_reason
-    )  # type: ignore[arg-type]
+    reason: Any = choice.finish_reason  # the shape checks it is one of OpenAI's
+    return ChatChoice(index=choice.index, message=_message(choice), logprobs=logprobs, finish_reason=reason)
 
 
 def chat_completion(generation: pipeline.Generation, outcome: pipeline.Outcome, tok: Tokenization) -> ChatCompletion:
