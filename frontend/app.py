@@ -8,7 +8,7 @@ ZeroMQ client.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import falcon
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -32,9 +32,10 @@ __all__ = ["FrontendSettings", "ROUTES", "create_app"]
 
 log = logging.getLogger(__name__)
 
-# URI template -> resource factory. Falcon answers 404/405 for anything else
+# URI template -> resource class (built with the AppContext; its ``openapi``
+# operations make /openapi.json). Falcon answers 404/405 for anything else
 # (turned into OpenAI error JSON by the error handlers).
-ROUTES: dict[str, Callable[[AppContext], object]] = {
+ROUTES: dict[str, type] = {
     "/v1/chat/completions": ChatCompletionsResource,
     "/v1/completions": CompletionsResource,
     "/v1/models": ModelsResource,
@@ -44,8 +45,8 @@ ROUTES: dict[str, Callable[[AppContext], object]] = {
     "/health/ready": ReadinessResource,
     "/metrics": MetricsResource,
     # Removed in 0.2: 410 Gone with what to do instead.
-    "/v1/models/{model_id:path}": lambda ctx: RetrieveModelResource(),
-    "/v1/mlx/models/{rest:path}": lambda ctx: ModelManagementResource(),
+    "/v1/models/{model_id:path}": RetrieveModelResource,
+    "/v1/mlx/models/{rest:path}": ModelManagementResource,
 }
 
 
@@ -84,7 +85,7 @@ def create_app(
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
-    for uri_template, make_resource in ROUTES.items():
-        app.add_route(uri_template, make_resource(ctx))
+    for uri_template, resource in ROUTES.items():
+        app.add_route(uri_template, resource(ctx))
     log.info("frontend worker ready")
     return app

@@ -9,12 +9,12 @@ to the same shape by ``install_error_handlers``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import falcon
-import msgspec
 
 from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
+from frontend.shapes import Shape
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,21 @@ NOT_FOUND = "not_found_error"
 # Longest engine error text passed on to a client.
 ENGINE_ERROR_CHARS = 200
 
-_json = msgspec.json.Encoder()
 
 
-def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+class ErrorDetail(Shape):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(Shape):
+    error: ErrorDetail
+
+
+def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
 
 
 class APIError(Exception):
@@ -52,7 +62,7 @@ class APIError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorResponse:
         return error_body(self.message, self.type, self.param, self.code)
 
 
@@ -76,13 +86,17 @@ def generation_failed(detail: Optional[str]) -> APIError:
     return APIError(500, f"generation failed in the engine: {summary}", code="engine_error")
 
 
-def engine_unavailable_body(exc: BaseException) -> dict[str, Any]:
+def engine_unavailable(exc: BaseException, headers: Optional[Mapping[str, str]] = None) -> APIError:
     message = f"the engine is unavailable: {exc}" if str(exc) else "the engine is unavailable"
-    return error_body(message, SERVER_ERROR, None, "engine_unavailable")
+    return APIError(503, message, code="engine_unavailable", headers=headers)
+
+
+def internal_error() -> APIError:
+    return APIError(500, "internal server error", code="internal_error")
 
 
 def _write(
-    resp: falcon.Response, status: int, body: dict[str, Any], headers: Optional[Mapping[str, str]] = None
+    resp: falcon.Response, status: int, body: ErrorResponse, headers: Optional[Mapping[str, str]] = None
 ) -> None:
     # Replace whatever a half-run responder set. A streamed body that will
     # never be sent must still be closed: closing it aborts its engine requests.
@@ -95,7 +109,7 @@ def _write(
     resp.stream = None
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = _json.encode(body)
+    resp.data = body.dump()
     for name, value in (headers or {}).items():
         resp.set_header(name, value)
 
@@ -126,7 +140,7 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
 
     def on_engine_unavailable(req: falcon.Request, resp: falcon.Response, ex: EngineUnavailable, params: dict) -> None:
         log.warning("%s %s: engine unavailable: %s", req.method, req.path, ex)
-        _write(resp, 503, engine_unavailable_body(ex), {"Retry-After": str(retry_after_s)})
+        _write(resp, 503, engine_unavailable(ex).body(), {"Retry-After": str(retry_after_s)})
 
     def on_overloaded(req: falcon.Request, resp: falcon.Response, ex: EngineOverloaded, params: dict) -> None:
         log.warning("%s %s: %s", req.method, req.path, ex)
@@ -151,7 +165,7 @@ def install_error_handlers(app: falcon.App, *, retry_after_s: int) -> None:
     def on_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
         # The traceback goes to the log, never to the client.
         log.exception("%s %s: unexpected error", req.method, req.path)
-        _write(resp, 500, error_body("internal server error", SERVER_ERROR, None, "internal_error"))
+        _write(resp, 500, internal_error().body())
 
     app.add_error_handler(Exception, on_unexpected)
     app.add_error_handler(falcon.HTTPError, on_falcon_error)

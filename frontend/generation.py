@@ -1,137 +1,26 @@
-"""Driving engine requests into text: the logic chat and completions share.
+"""One engine request turned into the text of one choice.
 
 One ``ChoiceRun`` per engine request: it detokenizes the TokenDeltas
 incrementally, applies stop strings (the stop text never reaches the client,
 also when it is split across tokens), counts tokens and maps the engine's
-finish reason. ``stream_events`` turns runs into SSE bytes; ``collect`` into
-finished choices.
+finish reason. ``frontend.pipeline`` drives the runs of a request.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, TypeVar
+from typing import Iterator, NamedTuple, Optional, Sequence
 
-import falcon
 import msgspec
-from pydantic import BaseModel, ValidationError
 
-from frontend import sse
-from frontend.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, RequestStream
-from frontend.errors import (
-    SERVER_ERROR,
-    APIError,
-    engine_unavailable_body,
-    error_body,
-    generation_failed,
-    invalid_request,
-)
-from frontend.metrics import observe_stream
-from frontend.middleware import bind_request_id
+from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestStream
+from frontend.errors import generation_failed
 from frontend.tokenization import IncrementalDetokenizer
 from frontend.tools import ToolCall, ToolCallSplitter
-from ipc.messages import Generate, ModelInfo, SamplingParams, TokenDelta
-
-log = logging.getLogger(__name__)
-
-_Model = TypeVar("_Model", bound=BaseModel)
-_json = msgspec.json.Encoder()
+from ipc.messages import SamplingParams, TokenDelta
 
 
-# ---------------------------------------------------------------- reading requests
-
-
-def read_request(req: falcon.Request, model: type[_Model], max_bytes: int) -> _Model:
-    """Parse the JSON body into ``model``; any problem is a 4xx naming the field."""
-    if req.content_length is not None and req.content_length > max_bytes:
-        raise APIError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise APIError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
-    if not raw.strip():
-        raise invalid_request("the request body is empty; expected a JSON object")
-    try:
-        data = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise invalid_request(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise invalid_request("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc, data) from None
-
-
-def _validation_error(exc: ValidationError, data: dict[str, Any]) -> APIError:
-    first = exc.errors(include_url=False)[0]
-    param = _param(first["loc"], data)
-    if first["type"] == "missing":
-        return invalid_request(f"missing required parameter: {param!r}", param=param)
-    message = first["msg"].removeprefix("Value error, ")  # our own validators' ValueErrors
-    return invalid_request(f"invalid value for {param!r}: {message}", param=param)
-
-
-def _param(loc: Sequence[Any], data: Any) -> Optional[str]:
-    """``messages[0].content`` from a pydantic location, following only the
-    steps that exist in the input (pydantic adds union member names)."""
-    out = ""
-    node = data
-    for step in loc:
-        if isinstance(node, dict) and isinstance(step, str):
-            out += f".{step}" if out else step
-            node = node.get(step)
-        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
-            out += f"[{step}]"
-            node = node[step]
-        else:
-            break
-    return out or None
-
-
-# ---------------------------------------------------------------- planning
-
-
-def new_response_id(prefix: str) -> str:
-    return bind_request_id(f"{prefix}-{uuid.uuid4().hex}")
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def resolve_max_tokens(
-    requested: Optional[int], prompt_tokens: int, model: ModelInfo, default_max_tokens: int, prompt_param: str
-) -> int:
-    """max_tokens for one prompt; a prompt that cannot fit is the client's error."""
-    room = model.context_length - prompt_tokens
-    if requested is None:
-        if room < 1:
-            raise _context_exceeded(model.context_length, prompt_tokens, 1, prompt_param)
-        return min(room, default_max_tokens)
-    if requested > room:
-        raise _context_exceeded(model.context_length, prompt_tokens, requested, prompt_param)
-    return requested
-
-
-def _context_exceeded(context_length: int, prompt_tokens: int, max_tokens: int, param: str) -> APIError:
-    return invalid_request(
-        f"This model's maximum context length is {context_length} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} in the completion). "
-        f"Please reduce the length of the {param} or max_tokens.",
-        param=param,
-        code="context_length_exceeded",
-    )
-
-
-def check_prompt_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
-    if not token_ids:
-        raise invalid_request("the prompt is empty (no tokens)", param=param)
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise invalid_request(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param=param)
+# ---------------------------------------------------------------- sampling
 
 
 def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
@@ -140,32 +29,6 @@ def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
     if sampling.seed is None or choice == 0:
         return sampling
     return msgspec.structs.replace(sampling, seed=(sampling.seed + choice) % 2**64)
-
-
-def submit_all(engine: EngineClient, requests: Sequence[Generate]) -> list[RequestStream]:
-    """Submit every request or none: a failure closes those already submitted."""
-    streams: list[RequestStream] = []
-    try:
-        for request in requests:
-            streams.append(observe_stream(engine.submit(request), request))
-    except BaseException:
-        sse.close_all(streams)
-        raise
-    return streams
-
-
-def start_runs(
-    engine: EngineClient,
-    requests: Sequence[Generate],
-    make_run: Callable[[int, RequestStream], "ChoiceRun"],
-) -> list["ChoiceRun"]:
-    """Submit every request (EngineUnavailable -> 503) and wrap each stream."""
-    streams = submit_all(engine, requests)
-    try:
-        return [make_run(index, stream) for index, stream in enumerate(streams)]
-    except BaseException:
-        sse.close_all(streams)
-        raise
 
 
 # ---------------------------------------------------------------- stop strings
@@ -379,9 +242,9 @@ class ChoiceRun:
         """The text of ``parts()``."""
         return (part.text for part in self.parts())
 
-    def finish(self, prefix: str = "") -> FinishedChoice:
+    def finish(self) -> FinishedChoice:
         """Run to the end (non-streaming)."""
-        texts: list[str] = [prefix]
+        texts: list[str] = []
         logprobs: Optional[list[TokenLogprob]] = [] if self._want_logprobs else None
         calls: list[ToolCall] = []
         for part in self.parts():
@@ -396,11 +259,6 @@ class ChoiceRun:
         return "".join(self.pieces())
 
 
-def collect(runs: Sequence[ChoiceRun], prefixes: Sequence[str] = ()) -> list[FinishedChoice]:
-    """Run every choice to its end (non-streaming); ``prefixes``: echoed prompts."""
-    return [run.finish(prefixes[run.index] if run.index < len(prefixes) else "") for run in runs]
-
-
 def usage_counts(prompt_lengths: Sequence[int], runs: Sequence[ChoiceRun]) -> tuple[int, int, int]:
     """(prompt, completion, cached) tokens. A prompt counts once however many
     choices it has; its cached count is its first choice's."""
@@ -408,88 +266,3 @@ def usage_counts(prompt_lengths: Sequence[int], runs: Sequence[ChoiceRun]) -> tu
     for run in runs:
         cached.setdefault(run.prompt_group, run.cached_tokens)
     return sum(prompt_lengths), sum(r.completion_tokens for r in runs), sum(cached.values())
-
-
-# ---------------------------------------------------------------- streaming
-
-
-class ChunkShaper(Protocol):
-    def start(self, index: int) -> list[dict[str, Any]]: ...
-
-    def piece(self, index: int, piece: Piece) -> dict[str, Any]: ...
-
-    def finish(self, index: int, finish_reason: str) -> dict[str, Any]: ...
-
-    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]: ...
-
-
-def stream_events(
-    runs: Sequence[ChoiceRun],
-    shaper: ChunkShaper,
-    usage_of: Optional[Callable[[], dict[str, Any]]] = None,
-) -> Iterator[bytes]:
-    """SSE bytes for every choice in turn, then usage (if ``usage_of``), then [DONE].
-
-    Choices are read one after another: the engine runs them concurrently and
-    the client buffers each request's deltas, so later choices arrive in a burst.
-    Failures after the headers are sent become one error event (no [DONE]).
-    """
-    try:
-        for run in runs:
-            for chunk in shaper.start(run.index):
-                yield sse.event(chunk)
-            for piece in run.parts():
-                yield sse.event(shaper.piece(run.index, piece))
-            assert run.finish_reason is not None
-            yield sse.event(shaper.finish(run.index, run.finish_reason))
-        if usage_of is not None:
-            yield sse.event(shaper.usage(usage_of()))
-        yield sse.DONE
-    except EngineUnavailable as exc:
-        log.warning("stream failed: engine unavailable: %s", exc)
-        yield sse.event(engine_unavailable_body(exc))
-    except APIError as exc:
-        log.error("stream failed: %s", exc.message)
-        yield sse.event(exc.body())
-    except Exception:
-        log.exception("stream failed")
-        yield sse.event(error_body("internal server error", SERVER_ERROR, None, "internal_error"))
-    finally:
-        sse.close_all(run.stream for run in runs)
-
-
-def respond(
-    resp: falcon.Response,
-    runs: Sequence[ChoiceRun],
-    *,
-    stream: bool,
-    shaper: ChunkShaper,
-    usage_of: Callable[[], dict[str, Any]],
-    include_usage: bool,
-    body_of: Callable[[list[FinishedChoice]], dict[str, Any]],
-    prefixes: Sequence[str] = (),
-    client_gone: Optional[Callable[[], bool]] = None,
-) -> None:
-    """Answer with SSE (the body then owns the streams) or with one JSON body.
-
-    Whatever happens here, every stream ends closed: by the SSE body's close,
-    or in the ``finally`` below (DESIGN rule 3).
-    """
-    streams = [run.stream for run in runs]
-    handed_off = False
-    try:
-        if stream:
-            resp.content_type = sse.CONTENT_TYPE
-            resp.set_headers(sse.HEADERS)
-            resp.stream = sse.SSEBody(stream_events(runs, shaper, usage_of if include_usage else None), streams)
-            handed_off = True
-            return
-        if client_gone is not None:
-            for s in streams:
-                s.watch(client_gone)  # a client that hangs up aborts its request
-        choices = collect(runs, prefixes)
-    finally:
-        if not handed_off:
-            sse.close_all(streams)
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = _json.encode(body_of(choices))

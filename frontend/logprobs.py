@@ -7,46 +7,50 @@ Token strings and bytes come from the tokenizer (``Tokenization.token_entry``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from frontend.generation import TokenLogprob
+from frontend.openai_shapes import ChoiceLogprobs, CompletionLogprobs, TopLogprob
+from frontend.openai_shapes import TokenLogprob as TokenLogprobShape
 
 # OpenAI's limits: chat top_logprobs 0..20, completions logprobs 0..5.
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+# What OpenAI reports for a token that cannot be sampled (JSON has no -Infinity).
+IMPOSSIBLE_LOGPROB = -9999.0
 
 TokenEntry = Callable[[int], tuple[str, bytes]]
 
 
-def _chat_entry(token_id: int, logprob: float, entry: TokenEntry) -> dict[str, Any]:
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= IMPOSSIBLE_LOGPROB else IMPOSSIBLE_LOGPROB
+
+
+def _top(token_id: int, logprob: float, entry: TokenEntry) -> TopLogprob:
     token, raw = entry(token_id)
-    return {"token": token, "logprob": logprob, "bytes": list(raw)}
+    return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(raw))
 
 
-def chat_logprobs(tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry) -> Optional[dict[str, Any]]:
+def chat_logprobs(tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry) -> Optional[ChoiceLogprobs]:
     if tokens is None:
         return None
-    return {
-        "content": [
-            {**_chat_entry(t.token_id, t.logprob, entry), "top_logprobs": [_chat_entry(i, v, entry) for i, v in t.top]}
-            for t in tokens
-        ],
-        "refusal": None,
-    }
+    content = []
+    for t in tokens:
+        token, raw = entry(t.token_id)
+        top = [_top(i, v, entry) for i, v in t.top]
+        content.append(TokenLogprobShape(token=token, logprob=_finite(t.logprob), bytes=list(raw), top_logprobs=top))
+    return ChoiceLogprobs(content=content, refusal=None)
 
 
 def completion_logprobs(
     tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry, offset_base: int = 0
-) -> Optional[dict[str, Any]]:
+) -> Optional[CompletionLogprobs]:
     """``offset_base``: characters before the completion text (an echoed prompt)."""
     if tokens is None:
         return None
-    top: list[dict[str, float]] = []
-    for t in tokens:
-        top.append({entry(i)[0]: v for i, v in t.top})
-    return {
-        "tokens": [entry(t.token_id)[0] for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": top,
-        "text_offset": [offset_base + t.offset for t in tokens],
-    }
+    return CompletionLogprobs(
+        tokens=[entry(t.token_id)[0] for t in tokens],
+        token_logprobs=[_finite(t.logprob) for t in tokens],
+        top_logprobs=[{entry(i)[0]: _finite(v) for i, v in t.top} for t in tokens],
+        text_offset=[offset_base + t.offset for t in tokens],
+    )

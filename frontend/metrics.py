@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from frontend.context import AppContext
 from frontend.engine_client import EngineClient, EngineUnavailable, RequestStream
+from frontend.openapi import Operation
 from ipc.messages import EngineStatus, Generate, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ def scrape(engine: EngineClient) -> bytes:
 
 class MetricsResource:
     """GET /metrics in Prometheus' text format."""
+
+    openapi = {"get": Operation("Prometheus metrics", media_type=CONTENT_TYPE_LATEST)}
 
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx

@@ -1,217 +1,136 @@
-"""GET /openapi.json: the API this server speaks, generated from its pydantic models.
+"""GET /openapi.json: the API this server speaks, generated from its routes and models.
 
-Requests: the very models that validate them (frontend.protocol). Responses:
-the models below, which describe the dicts frontend.protocol builds (tests
-validate real responses against this document, so it cannot drift).
+Paths come from ``frontend.app.ROUTES``: each resource class declares its
+``openapi`` operations (method -> ``Operation``). Requests are the very models
+that validate them; responses the very ``Shape`` classes that serialise them,
+so the document cannot drift from what is served.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from frontend.protocol import ChatCompletionRequest, CompletionRequest
+from frontend.errors import ErrorResponse
 
 OPENAPI_VERSION = "3.1.0"
 API_TITLE = "MLX Engine Server"
 API_VERSION = "0.2.0"
 
-
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ErrorDetail(_Doc):
-    message: str
-    type: str
-    param: Optional[str]
-    code: Optional[str]
-
-
-class ErrorResponse(_Doc):
-    error: ErrorDetail
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (OpenAI error JSON naming the parameter)",
+    401: "Missing or wrong API key (when keys are configured)",
+    404: "Not found",
+    410: "Removed in 0.2 (the message says what to do instead)",
+    413: "Request body too large",
+    429: "The engine's queue is full (Retry-After)",
+    500: "Generation failed in the engine",
+    503: "Engine unavailable or shutting down (Retry-After)",
+}
+GENERATION_ERRORS = (400, 401, 413, 429, 500, 503)
 
 
-class TopLogprob(_Doc):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]]
+@dataclass(frozen=True)
+class Operation:
+    """One method of one route, as the document describes it."""
 
+    summary: str
+    request: Optional[type[BaseModel]] = None  # the JSON body's model
+    response: Optional[type[BaseModel]] = None  # the 200 body's model; None: some JSON object
+    stream: Optional[type[BaseModel]] = None  # with stream=true: each event's data
+    media_type: str = "application/json"
+    errors: tuple[int, ...] = ()
+    same_body: tuple[int, ...] = ()  # other statuses whose body is ``response`` too
+    removed: bool = False  # answers 410 (and ``errors``), never 200
 
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"summary": self.summary, "responses": {}}
+        if self.request is not None:
+            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(self.request)}}}
+        if not self.removed:
+            for status in (200, *self.same_body):
+                out["responses"][str(status)] = self._success()
+        for status in (410, *self.errors) if self.removed else self.errors:
+            out["responses"][str(status)] = {
+                "description": _ERROR_DESCRIPTIONS[status],
+                "content": {"application/json": {"schema": _ref(ErrorResponse)}},
+            }
+        return out
 
+    def _success(self) -> dict[str, Any]:
+        if not self.media_type.endswith("json"):
+            return {"description": self.summary, "content": {self.media_type: {"schema": {"type": "string"}}}}
+        schema = _ref(self.response) if self.response is not None else _ANY_OBJECT
+        content: dict[str, Any] = {self.media_type: {"schema": schema}}
+        if self.stream is None:
+            return {"description": self.summary, "content": content}
+        content["text/event-stream"] = {"schema": _sse_event(self.stream)}
+        return {
+            "description": "The answer; with stream=true, server-sent events of chunks ending in [DONE]",
+            "content": content,
+        }
 
-class ChoiceLogprobs(_Doc):
-    content: Optional[list[TokenLogprob]]
-    refusal: Optional[list[TokenLogprob]]
-
-
-class FunctionCall(_Doc):
-    name: str
-    arguments: str  # JSON text
-
-
-class ToolCall(_Doc):
-    id: str
-    type: Literal["function"]
-    function: FunctionCall
-
-
-class ToolCallDelta(ToolCall):
-    index: int
-
-
-class PromptTokensDetails(_Doc):
-    cached_tokens: int
-
-
-class Usage(_Doc):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class AssistantMessage(_Doc):
-    role: Literal["assistant"]
-    content: Optional[str]
-    refusal: Optional[str]
-    tool_calls: Optional[list[ToolCall]] = None
-
-
-class ChatChoice(_Doc):
-    index: int
-    message: AssistantMessage
-    logprobs: Optional[ChoiceLogprobs]
-    finish_reason: Literal["stop", "length", "tool_calls"]
-
-
-class ChatCompletion(_Doc):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(_Doc):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-    tool_calls: Optional[list[ToolCallDelta]] = None
-
-
-class ChatChunkChoice(_Doc):
-    index: int
-    delta: ChatDelta
-    logprobs: Optional[ChoiceLogprobs]
-    finish_reason: Optional[Literal["stop", "length", "tool_calls"]]
-
-
-class ChatCompletionChunk(_Doc):
-    """One server-sent event of a streamed chat completion (the last: usage, no choices)."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-
-
-class CompletionLogprobs(_Doc):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(_Doc):
-    index: int
-    text: str
-    logprobs: Optional[CompletionLogprobs]
-    finish_reason: Optional[Literal["stop", "length"]]  # null in stream chunks before the last
-
-
-class Completion(_Doc):
-    """A text completion, or one server-sent event of a streamed one."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
-
-
-class ModelCard(_Doc):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    context_length: int
-    max_model_len: int
-    adapter: Optional[str]
-    path: str
-
-
-class ModelList(_Doc):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-_REQUESTS = (ChatCompletionRequest, CompletionRequest)
-_RESPONSES = (ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, ModelList)
-
-
-_ANY_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+    def models(self) -> list[tuple[type[BaseModel], Literal["validation", "serialization"]]]:
+        out: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
+        if self.request is not None:
+            out.append((self.request, "validation"))
+        out += [(m, "serialization") for m in (self.response, self.stream) if m is not None]
+        return out
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _errors() -> dict[str, Any]:
-    body = {"application/json": {"schema": _ref(ErrorResponse)}}
+def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1: ``schema`` of text/event-stream describes each event,
+    its fields as strings): ``data`` is [DONE] or JSON text of a chunk, or of the error
+    that ends a stream failing after its headers were sent."""
+    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
     return {
-        "400": {"description": "Invalid request (OpenAI error JSON naming the parameter)", "content": body},
-        "401": {"description": "Missing or wrong API key (when keys are configured)", "content": body},
-        "413": {"description": "Request body too large", "content": body},
-        "500": {"description": "Generation failed in the engine", "content": body},
-        "503": {"description": "Engine unavailable or shutting down (Retry-After)", "content": body},
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+                ]
+            }
+        },
     }
 
 
-def _generation(summary: str, request: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-            "responses": {
-                "200": {
-                    "description": "The answer; with stream=true, server-sent events of chunks ending in [DONE]",
-                    "content": {
-                        "application/json": {"schema": _ref(answer)},
-                        "text/event-stream": {"schema": _ref(chunk)},
-                    },
-                },
-                **_errors(),
-            },
-        }
-    }
+_FALCON_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
 
-@functools.lru_cache(maxsize=1)
-def openapi_document() -> dict[str, Any]:
-    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
-        *((m, "validation") for m in _REQUESTS),
-        *((m, "serialization") for m in _RESPONSES),
-    ]
-    _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")
+def _path(uri_template: str) -> tuple[str, list[dict[str, Any]]]:
+    """Falcon's ``/v1/models/{model_id:path}`` as OpenAPI's ``/v1/models/{model_id}`` and its parameters."""
+    names = _FALCON_PARAM.findall(uri_template)
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in names]
+    return _FALCON_PARAM.sub(r"{\1}", uri_template), parameters
+
+
+def document(routes: dict[str, type]) -> dict[str, Any]:
+    """The OpenAPI document of ``routes`` (URI template -> resource class with ``openapi``)."""
+    paths: dict[str, Any] = {}
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [(ErrorResponse, "serialization")]
+    for uri_template, resource in routes.items():
+        path, parameters = _path(uri_template)
+        operations: dict[str, Operation] = getattr(resource, "openapi")  # every route's resource declares them
+        item: dict[str, Any] = {method: op.describe() for method, op in operations.items()}
+        if parameters:
+            item["parameters"] = parameters
+        paths[path] = item
+        for op in operations.values():
+            models += op.models()
+    _, schemas = models_json_schema(list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}")
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -219,33 +138,13 @@ def openapi_document() -> dict[str, Any]:
             "version": API_VERSION,
             "description": "OpenAI-compatible API for one MLX model (see README.md for the fields honoured).",
         },
-        "paths": {
-            "/v1/chat/completions": _generation(
-                "Chat completion", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk
-            ),
-            "/v1/completions": _generation("Text completion", CompletionRequest, Completion, Completion),
-            "/v1/models": {
-                "get": {
-                    "summary": "The one loaded model",
-                    "responses": {"200": {"description": "Model list", "content": _json(ModelList)}},
-                }
-            },
-            "/v1/mlx/status": {
-                "get": {
-                    "summary": "Model, engine state, queue and prefix cache",
-                    "responses": {"200": {"description": "Status", "content": _ANY_OBJECT}},
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1", "content": _ANY_OBJECT}},
-                }
-            },
-        },
+        "paths": paths,
         "components": {"schemas": schemas["$defs"]},
     }
 
 
-def _json(model: type[BaseModel]) -> dict[str, Any]:
-    return {"application/json": {"schema": _ref(model)}}
+@functools.lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    from frontend.app import ROUTES  # here, not above: the routes' resources import this module
+
+    return document(ROUTES)

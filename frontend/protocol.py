@@ -1,4 +1,4 @@
-"""OpenAI request models we accept and the response dicts we send.
+"""OpenAI request models we accept (the responses: ``frontend.openai_shapes``).
 
 Requests are validated strictly (a string is not a number) but ignore unknown
 fields, as OpenAI-compatible servers do. Fields OpenAI defines that we cannot
@@ -9,20 +9,13 @@ never a silently ignored field we claim to support (DESIGN rule 4).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from frontend.constraints import response_format_constraint
 from frontend.errors import APIError, invalid_request, unsupported
-from frontend.generation import FinishedChoice, Piece
-from frontend.logprobs import (
-    MAX_CHAT_TOP_LOGPROBS,
-    MAX_COMPLETION_LOGPROBS,
-    TokenEntry,
-    chat_logprobs,
-    completion_logprobs,
-)
+from frontend.logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from frontend.tools import ToolPlan, plan_tools
 from ipc.messages import Constraint, ModelInfo, SamplingParams
 
@@ -33,25 +26,147 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # mlx's PRNG keys are unsigned 64-bit; OpenAI seeds are signed 64-bit.
 SEED_MODULUS = 2**64
 
-OWNED_BY = "mlx-server"
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# ---------------------------------------------------------------- what /openapi.json adds
+# Rules checked in code (with a 400 naming the field) that the document
+# states too, so that a client or a fuzzer generating from it sends what we accept.
+
+
+def _object(*required: str, **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+_NAME: dict[str, Any] = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_ONLY_WITH: dict[str, Any] = {
+    "stream_options": _object("stream", stream={"const": True}),
+    "top_logprobs": _object("logprobs", logprobs={"const": True}),
+}
+_RESPONSE_FORMAT_DOC: dict[str, Any] = {
+    "oneOf": [
+        {"type": "null"},
+        _object("type", type={"enum": ["text", "json_object"]}),
+        _object(
+            "type",
+            "json_schema",
+            type={"const": "json_schema"},
+            json_schema=_object("name", name=_NAME, strict={"type": "boolean"}, schema={"type": "object"}),
+        ),
+    ]
+}
+_LOGIT_BIAS_DOC: dict[str, Any] = {
+    "propertyNames": {"pattern": "^[0-9]+$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+}
+_FUNCTION: dict[str, Any] = _object(
+    "name", name=_NAME, description={"type": "string"}, parameters={"type": "object"}, strict={"type": "boolean"}
+)
+_TOOLS_DOC: dict[str, Any] = {"items": _object("type", "function", type={"const": "function"}, function=_FUNCTION)}
+_TOOL_CHOICE_DOC: dict[str, Any] = {
+    "anyOf": [
+        {"type": "null"},
+        {"enum": ["none", "auto", "required"]},
+        _object("type", "function", type={"const": "function"}, function=_object("name", name=_NAME)),
+    ]
+}
 
 
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
 
-class ChatMessage(_Strict):
-    # Extra keys (name, tool_call_id, reasoning_content, ...) go to the chat
-    # template untouched, as mlx_lm.server passes message dicts.
+# ---------------------------------------------------------------- chat messages
+# One model per role, with the fields OpenAI's schema requires of that role;
+# content parts stay dicts, checked by _check_content (400 naming the part).
+
+
+class TextContentPart(BaseModel):
+    """The one kind of content part this text model takes (the document's view)."""
+
+    type: Literal["text", "input_text"]
+    text: str
+
+
+_ContentInput = Union[str, Annotated[list[TextContentPart], Field(min_length=1)]]
+
+
+def _content_shape(value: Any) -> Union[str, list[dict[str, Any]]]:
+    """One message for any wrong content (a pydantic union would report its first member's complaint)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(part, dict) for part in value):
+        return value
+    raise ValueError("content must be a string or a non-empty array of content parts")
+
+
+Content = Annotated[Any, PlainValidator(_content_shape, json_schema_input_type=_ContentInput)]
+
+
+class _Message(_Strict):
+    # Extra keys (reasoning_content, ...) go to the chat template untouched,
+    # as mlx_lm.server passes message dicts.
     model_config = ConfigDict(strict=True, extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
+    name: Optional[str] = None
+
+
+class ChatSystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class ChatDeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class ChatUserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class MessageFunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: MessageFunctionCall
+
+
+class ChatAssistantMessage(_Message):
+    model_config = ConfigDict(
+        strict=True,
+        extra="allow",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}},
+            ]
+        },
+    )
+
+    role: Literal["assistant"]
+    content: Optional[Content] = None  # null only with tool_calls (checked in check_supported)
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None
+
+
+class ChatToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    Union[ChatSystemMessage, ChatDeveloperMessage, ChatUserMessage, ChatAssistantMessage, ChatToolMessage],
+    Field(discriminator="role"),
+]
 
 
 class _GenerationRequest(_Strict):
@@ -66,7 +181,7 @@ class _GenerationRequest(_Strict):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, json_schema_extra=_LOGIT_BIAS_DOC)
     seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
@@ -75,7 +190,7 @@ class _GenerationRequest(_Strict):
     user: Optional[str] = None
     # text, json_object or json_schema (enforced by the engine's grammar mask).
     # Completions take it too (as vLLM does).
-    response_format: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = Field(None, json_schema_extra=_RESPONSE_FORMAT_DOC)
 
     @property
     def choices_per_prompt(self) -> int:
@@ -106,7 +221,7 @@ class _GenerationRequest(_Strict):
         given: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": None if self.top_k is None else max(self.top_k, 0),
+            "top_k": None if self.top_k is None else _top_k(self.top_k, vocab_size),
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty,
@@ -115,6 +230,11 @@ class _GenerationRequest(_Strict):
             "seed": None if self.seed is None else self.seed % SEED_MODULUS,
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _top_k(top_k: int, vocab_size: int) -> int:
+    # 0 is off; so is keeping the whole vocabulary or more (mlx-lm refuses top_k >= vocab_size).
+    return top_k if 0 < top_k < vocab_size else 0
 
 
 def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:
@@ -184,6 +304,8 @@ def _first_unsupported(extra: dict[str, Any], table: dict[str, _Check]) -> Optio
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"dependentSchemas": _ONLY_WITH})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     # mlx_lm.server / vLLM extension: extra variables for the chat template.
@@ -193,13 +315,13 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     # Checked by frontend.tools.plan_tools (each tool, each choice, with a param path).
-    tools: Optional[list[Any]] = None
-    tool_choice: Any = None
+    tools: Optional[list[Any]] = Field(None, json_schema_extra=_TOOLS_DOC)
+    tool_choice: Any = Field(None, json_schema_extra=_TOOL_CHOICE_DOC)
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     function_call: Any = None
     audio: Any = None
-    modalities: Optional[list[str]] = None
+    modalities: Optional[list[str]] = Field(None, json_schema_extra={"items": {"const": "text"}})
     prediction: Any = None
     web_search_options: Any = None
     moderation: Any = None
@@ -224,6 +346,10 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         for i, message in enumerate(self.messages):
+            if isinstance(message, ChatAssistantMessage) and message.content is None and not message.tool_calls:
+                raise invalid_request(
+                    "an assistant message needs content unless it has tool_calls", param=f"messages[{i}].content"
+                )
             _check_content(i, message.content)
 
     def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
@@ -267,26 +393,32 @@ def _template_message(i: int, message: ChatMessage) -> dict[str, Any]:
     if isinstance(content, list):
         content = "".join(part["text"] for part in content)
     out["content"] = content or ""
-    if message.tool_calls:
-        out["tool_calls"] = [_parsed_tool_call(i, call) for call in message.tool_calls]
+    if out.get("tool_calls"):
+        out["tool_calls"] = [_parsed_tool_call(i, j, call) for j, call in enumerate(out["tool_calls"])]
     return out
 
 
-def _parsed_tool_call(i: int, call: dict[str, Any]) -> dict[str, Any]:
+def _parsed_tool_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
     """Templates iterate over arguments as a mapping; OpenAI sends a JSON string."""
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return call
+    function = call["function"]
     try:
         arguments = json.loads(function["arguments"])
     except ValueError:
-        raise invalid_request("tool call arguments must be a JSON string", param=f"messages[{i}].tool_calls") from None
+        raise invalid_request(
+            "tool call arguments must be a JSON string", param=f"messages[{i}].tool_calls[{j}].function.arguments"
+        ) from None
     return {**call, "function": {**function, "arguments": arguments}}
 
 
 # ---------------------------------------------------------------- completions
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# What the document says of prompts: nothing empty, token ids from 0.
+_PromptDoc = Union[
+    _Text, Annotated[list[_Text], Field(min_length=1)], _TokenIds, Annotated[list[_TokenIds], Field(min_length=1)]
+]
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
@@ -305,7 +437,13 @@ def _prompt_shape(value: Any) -> PromptInput:
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=PromptInput)]
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        json_schema_extra={"dependentSchemas": {"stream_options": _ONLY_WITH["stream_options"]}},
+    )
+
+    prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=_PromptDoc)]
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -335,180 +473,3 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(prompt[0], int):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- responses
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def chat_completion(
-    response_id: str,
-    created: int,
-    model: str,
-    choices: Sequence[FinishedChoice],
-    usage_: dict[str, Any],
-    token_entry: TokenEntry,
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": _message(c),
-                "logprobs": chat_logprobs(c.logprobs, token_entry),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage_,
-    }
-
-
-def _message(choice: FinishedChoice) -> dict[str, Any]:
-    if not choice.tool_calls:
-        return {"role": "assistant", "content": choice.text, "refusal": None}
-    return {
-        "role": "assistant",
-        "content": choice.text or None,  # OpenAI: null when the answer is only calls
-        "refusal": None,
-        "tool_calls": [call.as_dict() for call in choice.tool_calls],
-    }
-
-
-def text_completion(
-    response_id: str,
-    created: int,
-    model: str,
-    choices: Sequence[FinishedChoice],
-    usage_: dict[str, Any],
-    token_entry: TokenEntry,
-) -> dict[str, Any]:
-    # Echo and logprobs never come together, so offsets start at 0.
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs, token_entry),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage_,
-    }
-
-
-class _Chunks:
-    """Builds the stream chunks of one response (same id, created, model)."""
-
-    object_name = ""
-
-    def __init__(
-        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
-    ) -> None:
-        self._head = {"id": response_id, "object": self.object_name, "created": created, "model": model}
-        self._include_usage = include_usage
-        self._token_entry = token_entry
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {**self._head, "choices": choices}
-        if self._include_usage:
-            chunk["usage"] = None  # OpenAI: null on every chunk but the last
-        return chunk
-
-    def usage(self, usage_: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head, "choices": [], "usage": usage_}
-
-
-class ChatChunks(_Chunks):
-    object_name = "chat.completion.chunk"
-
-    def __init__(
-        self, response_id: str, created: int, model: str, include_usage: bool, token_entry: TokenEntry
-    ) -> None:
-        super().__init__(response_id, created, model, include_usage, token_entry)
-        self._calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
-
-    def _choice(
-        self,
-        index: int,
-        delta: dict[str, Any],
-        finish_reason: Optional[str] = None,
-        logprobs: Optional[dict[str, Any]] = None,
-    ) -> dict[str, Any]:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
-
-    def start(self, index: int) -> list[dict[str, Any]]:
-        return [self._choice(index, {"role": "assistant", "content": ""})]
-
-    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": piece.text} if piece.text or not piece.tool_calls else {}
-        if piece.tool_calls:
-            # Each call whole in one delta (name and all arguments): clients
-            # that concatenate argument fragments get the same result.
-            first = self._calls_sent.get(index, 0)
-            delta["tool_calls"] = [{"index": first + k, **call.as_dict()} for k, call in enumerate(piece.tool_calls)]
-            self._calls_sent[index] = first + len(piece.tool_calls)
-        return self._choice(index, delta, None, chat_logprobs(piece.logprobs, self._token_entry))
-
-    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
-        return self._choice(index, {}, finish_reason)
-
-
-class CompletionChunks(_Chunks):
-    object_name = "text_completion"
-
-    def __init__(
-        self,
-        response_id: str,
-        created: int,
-        model: str,
-        include_usage: bool,
-        token_entry: TokenEntry,
-        echoes: Sequence[str] = (),
-    ) -> None:
-        super().__init__(response_id, created, model, include_usage, token_entry)
-        self._echoes = list(echoes)  # per choice index: the prompt text to echo, or ""
-
-    def _choice(
-        self, index: int, text: str, finish_reason: Optional[str] = None, logprobs: Optional[dict[str, Any]] = None
-    ) -> dict[str, Any]:
-        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
-
-    def start(self, index: int) -> list[dict[str, Any]]:
-        echo = self._echoes[index] if index < len(self._echoes) else ""
-        return [self._choice(index, echo)] if echo else []
-
-    def piece(self, index: int, piece: Piece) -> dict[str, Any]:
-        return self._choice(index, piece.text, None, completion_logprobs(piece.logprobs, self._token_entry))
-
-    def finish(self, index: int, finish_reason: str) -> dict[str, Any]:
-        return self._choice(index, "", finish_reason)
-
-
-def model_card(model_id: str, created: int, context_length: int, adapter: Optional[str], path: str) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": OWNED_BY,
-        "context_length": context_length,
-        "max_model_len": context_length,  # vLLM's name for the same number
-        "adapter": adapter,
-        "path": path,
-    }

@@ -1,18 +1,18 @@
 """Server-sent events framing and the WSGI body that carries them.
 
-Each event is one ``data:`` line holding compact JSON, then a blank line, as
-OpenAI streams; the stream ends with ``data: [DONE]`` (or with an error event
-and no [DONE] when it fails midway).
+Each event is one ``data:`` line holding compact JSON, then a blank line,
+optionally after an ``event: NAME`` line (Anthropic and OpenAI Responses name
+their events). Whether a stream ends with ``data: [DONE]`` is the API's choice:
+OpenAI's chat and completions do, except after an error event.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
-
-import msgspec
+from typing import Iterable, Iterator, Optional
 
 from frontend.engine_client import RequestStream
+from frontend.shapes import Shape
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +21,11 @@ CONTENT_TYPE = "text/event-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
-_json = msgspec.json.Encoder()
 
-
-def event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
+def event(payload: Shape, name: Optional[str] = None) -> bytes:
+    """One event: ``[event: NAME\n]data: JSON\n\n``."""
+    head = b"event: " + name.encode() + b"\n" if name else b""
+    return head + b"data: " + payload.dump() + b"\n\n"
 
 
 class SSEBody:

@@ -1,113 +1,174 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: OpenAI chat over the request pipeline."""
 
 from __future__ import annotations
 
-import logging
+from typing import Any, Iterable, Optional
 
 import falcon
 
-from frontend import protocol
+from frontend import pipeline
 from frontend.context import AppContext
-from frontend.disconnect import client_gone_check
 from frontend.errors import invalid_request, unsupported
-from frontend.generation import (
-    ChoiceRun,
-    check_prompt_ids,
-    choice_sampling,
-    new_response_id,
-    now,
-    read_request,
-    resolve_max_tokens,
-    respond,
-    start_runs,
-    usage_counts,
+from frontend.generation import FinishedChoice
+from frontend.logprobs import chat_logprobs
+from frontend.openai_shapes import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatFinishReason,
+    ChoiceLogprobs,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
 )
-from frontend.tokenization import ChatTemplateError, reserved_template_kwargs
-from ipc.messages import Generate
+from frontend.openai_stream import OpenAIStream, head
+from frontend.openapi import GENERATION_ERRORS, Operation
+from frontend.protocol import TEMPLATE_VARIABLE_FIELDS, ChatCompletionRequest
+from frontend.request_body import read_request
+from frontend.tokenization import ChatTemplateError, Tokenization, reserved_template_kwargs
+from frontend.tools import ToolCall as ParsedCall
 
-log = logging.getLogger(__name__)
+
+def _template_kwargs(request: ChatCompletionRequest, tok: Tokenization) -> dict:
+    template_kwargs = request.chat_template_kwargs or {}
+    reserved = sorted(set(template_kwargs) & reserved_template_kwargs())
+    if reserved:
+        raise invalid_request(
+            f"chat_template_kwargs may only set template variables, not {', '.join(reserved)}",
+            param="chat_template_kwargs",
+        )
+    for name in TEMPLATE_VARIABLE_FIELDS:
+        value = getattr(request, name)
+        if value is None:
+            continue
+        if not tok.template_mentions(name):
+            raise unsupported(name, f"{name} is not supported: this model's chat template does not use it")
+        template_kwargs = {name: value, **template_kwargs}
+    return template_kwargs
+
+
+def pipeline_request(ctx: AppContext, request: ChatCompletionRequest) -> pipeline.PipelineRequest:
+    model, tok = ctx.engine.model, ctx.tokenization
+    request.check_supported()
+    stops = request.stop_strings()
+    sampling = request.sampling(model.vocab_size)
+    tools = request.tool_plan(model, tok.marker_token_id)
+    constraint = request.constraint(tools)
+    template_kwargs = _template_kwargs(request, tok)
+    try:
+        prompt = tok.render_chat(
+            request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs
+        )
+    except ChatTemplateError as exc:
+        raise invalid_request(str(exc), param="messages") from None
+    return pipeline.PipelineRequest(
+        prompts=[prompt],
+        prompt_param="messages",
+        id_prefix="chatcmpl",
+        sampling=sampling,
+        max_tokens=request.requested_max_tokens,
+        n=request.choices_per_prompt,
+        stops=stops,
+        constraint=constraint,
+        logprobs=request.engine_logprobs,
+        tools=tools,
+    )
+
+
+def _tool_call(call: ParsedCall) -> ToolCall:
+    return ToolCall.model_validate(call.as_dict())
+
+
+def _message(choice: FinishedChoice) -> AssistantMessage:
+    if not choice.tool_calls:
+        return AssistantMessage(role="assistant", content=choice.text, refusal=None)
+    return AssistantMessage(
+        role="assistant",
+        content=choice.text or None,  # OpenAI: null when the answer is only calls
+        refusal=None,
+        tool_calls=[_tool_call(call) for call in choice.tool_calls],
+    )
+
+
+def _choice(choice: FinishedChoice, tok: Tokenization) -> ChatChoice:
+    logprobs = chat_logprobs(choice.logprobs, tok.token_entry)
+    reason: Any = choice.finish_reason  # the shape checks it is one of OpenAI's
+    return ChatChoice(index=choice.index, message=_message(choice), logprobs=logprobs, finish_reason=reason)
+
+
+def chat_completion(generation: pipeline.Generation, outcome: pipeline.Outcome, tok: Tokenization) -> ChatCompletion:
+    choices = [_choice(c, tok) for c in outcome.choices]
+    return ChatCompletion(**head(generation), object="chat.completion", choices=choices, usage=Usage.of(*outcome.usage))
+
+
+class ChatStream(OpenAIStream):
+    """Pipeline events as chat.completion.chunk events."""
+
+    chunk_type = ChatCompletionChunk
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, generation: pipeline.Generation, include_usage: bool, tok: Tokenization) -> None:
+        super().__init__(generation, include_usage)
+        self._tok = tok
+        self._calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
+
+    def _choice(
+        self,
+        index: int,
+        delta: ChatDelta,
+        finish_reason: Optional[ChatFinishReason] = None,
+        logprobs: Optional[ChoiceLogprobs] = None,
+    ) -> bytes:
+        return self.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+
+    def started(self, event: pipeline.Started) -> Iterable[bytes]:
+        return [self._choice(event.index, ChatDelta(role="assistant", content=""))]
+
+    def delta(self, event: pipeline.Delta) -> Iterable[bytes]:
+        piece, index = event.piece, event.index
+        fields: dict[str, Any] = {"content": piece.text} if piece.text or not piece.tool_calls else {}
+        if piece.tool_calls:
+            # Each call whole in one delta (name and all arguments): clients
+            # that concatenate argument fragments get the same result.
+            first = self._calls_sent.get(index, 0)
+            fields["tool_calls"] = [
+                ToolCallDelta.model_validate({"index": first + k, **call.as_dict()})
+                for k, call in enumerate(piece.tool_calls)
+            ]
+            self._calls_sent[index] = first + len(piece.tool_calls)
+        logprobs = chat_logprobs(piece.logprobs, self._tok.token_entry)
+        return [self._choice(index, ChatDelta(**fields), None, logprobs)]
+
+    def finished(self, event: pipeline.Finished) -> Iterable[bytes]:
+        return [self._choice(event.index, ChatDelta(), event.reason)]  # type: ignore[arg-type]
 
 
 class ChatCompletionsResource:
+    openapi = {
+        "post": Operation(
+            "Chat completion",
+            request=ChatCompletionRequest,
+            response=ChatCompletion,
+            stream=ChatCompletionChunk,
+            errors=GENERATION_ERRORS,
+        )
+    }
+
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ctx = self._ctx
-        settings, model, tok = ctx.settings, ctx.engine.model, ctx.tokenization
-        request = read_request(req, protocol.ChatCompletionRequest, settings.max_request_bytes)
-        request.check_supported()
-        n = request.choices_per_prompt
-        if n > settings.max_n:
-            raise invalid_request(f"n must be at most {settings.max_n}", param="n")
-        stops = request.stop_strings()
-        sampling = request.sampling(model.vocab_size)
-        tools = request.tool_plan(model, tok.marker_token_id)
-        constraint = request.constraint(tools)
-        template_kwargs = request.chat_template_kwargs or {}
-        reserved = sorted(set(template_kwargs) & reserved_template_kwargs())
-        if reserved:
-            raise invalid_request(
-                f"chat_template_kwargs may only set template variables, not {', '.join(reserved)}",
-                param="chat_template_kwargs",
-            )
-        for name in protocol.TEMPLATE_VARIABLE_FIELDS:
-            value = getattr(request, name)
-            if value is None:
-                continue
-            if not tok.template_mentions(name):
-                raise unsupported(name, f"{name} is not supported: this model's chat template does not use it")
-            template_kwargs = {name: value, **template_kwargs}
-        try:
-            prompt = tok.render_chat(
-                request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs
-            )
-        except ChatTemplateError as exc:
-            raise invalid_request(str(exc), param="messages") from None
-        check_prompt_ids(prompt, model.vocab_size, "messages")
-        max_tokens = resolve_max_tokens(
-            request.requested_max_tokens, len(prompt), model, settings.default_max_tokens, "messages"
-        )
-
-        response_id, created = new_response_id("chatcmpl"), now()
-        generates = [
-            Generate(
-                request_id=f"{response_id}-{i}",
-                prompt_token_ids=prompt,
-                max_tokens=max_tokens,
-                sampling=choice_sampling(sampling, i),
-                constraint=constraint,
-                logprobs=request.engine_logprobs,
-            )
-            for i in range(n)
-        ]
-        want_logprobs = request.engine_logprobs is not None
-        runs = start_runs(
-            ctx.engine,
-            generates,
-            lambda i, stream: ChoiceRun(
-                i,
-                stream,
-                tok.detokenizer(keep_token_ids=tools.marker_ids),
-                stops,
-                logprobs=want_logprobs,
-                tools=tools.splitter(),
-            ),
-        )
-        log.debug("%s: %d prompt tokens, max_tokens %d, n %d", response_id, len(prompt), max_tokens, n)
-
-        def usage() -> dict:
-            return protocol.usage(*usage_counts([len(prompt)], runs))
-
-        respond(
+        ctx, tok = self._ctx, self._ctx.tokenization
+        request = read_request(req, ChatCompletionRequest, ctx.settings.max_request_bytes)
+        generation = pipeline.start(ctx, pipeline.plan(ctx, pipeline_request(ctx, request)))
+        pipeline.respond(
+            req,
             resp,
-            runs,
+            generation,
             stream=bool(request.stream),
-            shaper=protocol.ChatChunks(response_id, created, model.model_id, request.include_usage, tok.token_entry),
-            usage_of=usage,
-            include_usage=request.include_usage,
-            body_of=lambda choices: protocol.chat_completion(
-                response_id, created, model.model_id, choices, usage(), tok.token_entry
-            ),
-            client_gone=client_gone_check(req),
+            wire=ChatStream(generation, request.include_usage, tok),
+            body_of=lambda outcome: chat_completion(generation, outcome, tok),
         )

@@ -1,32 +1,20 @@
-"""POST /v1/completions (the legacy text completion API)."""
+"""POST /v1/completions (the legacy text completion API) over the request pipeline."""
 
 from __future__ import annotations
 
-import logging
-from typing import Union
+from typing import Iterable, Optional, Sequence, Union
 
 import falcon
 
-from frontend import protocol
+from frontend import pipeline
 from frontend.context import AppContext
-from frontend.disconnect import client_gone_check
-from frontend.errors import invalid_request
-from frontend.generation import (
-    ChoiceRun,
-    check_prompt_ids,
-    choice_sampling,
-    new_response_id,
-    now,
-    read_request,
-    resolve_max_tokens,
-    respond,
-    start_runs,
-    usage_counts,
-)
+from frontend.logprobs import completion_logprobs
+from frontend.openai_shapes import Completion, CompletionChoice, CompletionFinishReason, CompletionLogprobs, Usage
+from frontend.openai_stream import OpenAIStream, head
+from frontend.openapi import GENERATION_ERRORS, Operation
+from frontend.protocol import CompletionRequest
+from frontend.request_body import read_request
 from frontend.tokenization import Tokenization
-from ipc.messages import Generate
-
-log = logging.getLogger(__name__)
 
 
 def _prompt_ids(item: Union[str, list[int]], tok: Tokenization) -> list[int]:
@@ -38,78 +26,109 @@ def _echo_text(item: Union[str, list[int]], tok: Tokenization) -> str:
     return item if isinstance(item, str) else tok.decode(item)
 
 
+def pipeline_request(ctx: AppContext, request: CompletionRequest) -> pipeline.PipelineRequest:
+    model, tok = ctx.engine.model, ctx.tokenization
+    request.check_supported()
+    items = request.prompt_items()
+    pipeline.check_choices(ctx, request.choices_per_prompt, len(items), "prompt")  # before encoding them all
+    stops = request.stop_strings()
+    sampling = request.sampling(model.vocab_size)
+    constraint = request.response_constraint()
+    return pipeline.PipelineRequest(
+        prompts=[_prompt_ids(item, tok) for item in items],
+        prompt_param="prompt",
+        id_prefix="cmpl",
+        stops=stops,
+        sampling=sampling,
+        constraint=constraint,
+        max_tokens=request.max_tokens,
+        n=request.choices_per_prompt,
+        logprobs=request.logprobs,
+        trim_leading_space=False,
+    )
+
+
+def echoes(request: CompletionRequest, n: int, tok: Tokenization) -> list[str]:
+    """Per choice index, the prompt text echoed before the completion ("" without echo)."""
+    items = request.prompt_items()
+    return [_echo_text(items[i // n], tok) if request.echo else "" for i in range(len(items) * n)]
+
+
+def text_completion(
+    generation: pipeline.Generation, outcome: pipeline.Outcome, echo: Sequence[str], tok: Tokenization
+) -> Completion:
+    # Echo and logprobs never come together, so offsets start at 0.
+    choices = [
+        CompletionChoice(
+            index=c.index,
+            text=echo[c.index] + c.text,
+            logprobs=completion_logprobs(c.logprobs, tok.token_entry),
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        )
+        for c in outcome.choices
+    ]
+    return Completion(**head(generation), object="text_completion", choices=choices, usage=Usage.of(*outcome.usage))
+
+
+class CompletionStream(OpenAIStream):
+    """Pipeline events as text_completion chunks (an echoed prompt first)."""
+
+    chunk_type = Completion
+    object_name = "text_completion"
+
+    def __init__(
+        self, generation: pipeline.Generation, include_usage: bool, echo: Sequence[str], tok: Tokenization
+    ) -> None:
+        super().__init__(generation, include_usage)
+        self._echo = echo
+        self._tok = tok
+
+    def _choice(
+        self,
+        index: int,
+        text: str,
+        finish_reason: Optional[CompletionFinishReason] = None,
+        logprobs: Optional[CompletionLogprobs] = None,
+    ) -> bytes:
+        return self.chunk([CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
+
+    def started(self, event: pipeline.Started) -> Iterable[bytes]:
+        echo = self._echo[event.index]
+        return [self._choice(event.index, echo)] if echo else []
+
+    def delta(self, event: pipeline.Delta) -> Iterable[bytes]:
+        logprobs = completion_logprobs(event.piece.logprobs, self._tok.token_entry)
+        return [self._choice(event.index, event.piece.text, None, logprobs)]
+
+    def finished(self, event: pipeline.Finished) -> Iterable[bytes]:
+        return [self._choice(event.index, "", event.reason)]  # type: ignore[arg-type]
+
+
 class CompletionsResource:
+    openapi = {
+        "post": Operation(
+            "Text completion",
+            request=CompletionRequest,
+            response=Completion,
+            stream=Completion,
+            errors=GENERATION_ERRORS,
+        )
+    }
+
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ctx = self._ctx
-        settings, model, tok = ctx.settings, ctx.engine.model, ctx.tokenization
-        request = read_request(req, protocol.CompletionRequest, settings.max_request_bytes)
-        request.check_supported()
-        n = request.choices_per_prompt
-        if n > settings.max_n:
-            raise invalid_request(f"n must be at most {settings.max_n}", param="n")
-        items = request.prompt_items()
-        if len(items) * n > settings.max_choices:
-            raise invalid_request(
-                f"{len(items)} prompts x n={n} is more than {settings.max_choices} choices per request", param="prompt"
-            )
-        stops = request.stop_strings()
-        sampling = request.sampling(model.vocab_size)
-        constraint = request.response_constraint()
-        prompts = [_prompt_ids(item, tok) for item in items]
-        max_tokens = []
-        for ids in prompts:
-            check_prompt_ids(ids, model.vocab_size, "prompt")
-            max_tokens.append(
-                resolve_max_tokens(request.max_tokens, len(ids), model, settings.default_max_tokens, "prompt")
-            )
-
-        response_id, created = new_response_id("cmpl"), now()
-        # OpenAI orders choices prompt by prompt: index = prompt * n + choice.
-        generates = [
-            Generate(
-                request_id=f"{response_id}-{p * n + j}",
-                prompt_token_ids=ids,
-                max_tokens=max_tokens[p],
-                sampling=choice_sampling(sampling, j),
-                constraint=constraint,
-                logprobs=request.logprobs,
-            )
-            for p, ids in enumerate(prompts)
-            for j in range(n)
-        ]
-        echoes = [_echo_text(items[i // n], tok) for i in range(len(generates))] if request.echo else []
-        runs = start_runs(
-            ctx.engine,
-            generates,
-            lambda index, stream: ChoiceRun(
-                index,
-                stream,
-                tok.detokenizer(trim_leading_space=False),  # text = its tokens, leading space too (as OpenAI)
-                stops,
-                prompt_group=index // n,
-                logprobs=request.logprobs is not None,
-            ),
-        )
-        log.debug("%s: %d prompts, n %d", response_id, len(prompts), n)
-
-        def usage() -> dict:
-            return protocol.usage(*usage_counts([len(ids) for ids in prompts], runs))
-
-        respond(
+        ctx, tok = self._ctx, self._ctx.tokenization
+        request = read_request(req, CompletionRequest, ctx.settings.max_request_bytes)
+        checked = pipeline.plan(ctx, pipeline_request(ctx, request))
+        echo = echoes(request, checked.request.n, tok)  # decodes token prompts: only checked ones
+        generation = pipeline.start(ctx, checked)
+        pipeline.respond(
+            req,
             resp,
-            runs,
+            generation,
             stream=bool(request.stream),
-            shaper=protocol.CompletionChunks(
-                response_id, created, model.model_id, request.include_usage, tok.token_entry, echoes
-            ),
-            usage_of=usage,
-            include_usage=request.include_usage,
-            body_of=lambda choices: protocol.text_completion(
-                response_id, created, model.model_id, choices, usage(), tok.token_entry
-            ),
-            prefixes=echoes,
-            client_gone=client_gone_check(req),
+            wire=CompletionStream(generation, request.include_usage, echo, tok),
+            body_of=lambda outcome: text_completion(generation, outcome, echo, tok),
         )

@@ -6,10 +6,12 @@ import falcon
 import msgspec
 
 from frontend.context import AppContext
-from frontend.openapi import openapi_document
+from frontend.openapi import Operation, openapi_document
 
 
 class OpenAPIResource:
+    openapi = {"get": Operation("This document (OpenAPI 3.1)")}
+
     def __init__(self, ctx: AppContext) -> None:
         self._body = msgspec.json.encode(openapi_document())
 

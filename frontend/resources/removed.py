@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import falcon
 
+from frontend.context import AppContext
 from frontend.errors import APIError
+from frontend.openapi import Operation
 
 _ONE_MODEL = "mlx-server 0.2 serves one model, fixed at startup."
 _ANOTHER_INSTANCE = (
@@ -38,12 +40,25 @@ def gone(method: str, action: str) -> APIError:
 class RetrieveModelResource:
     """GET /v1/models/{model_id} (any id, slashes included)."""
 
+    openapi = {"get": Operation("Removed: retrieve a model (GET /v1/models lists it)", removed=True)}
+
+    def __init__(self, ctx: AppContext) -> None:
+        pass
+
     def on_get(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
         raise gone("GET", "retrieve")
 
 
 class ModelManagementResource:
     """/v1/mlx/models/{rest}: load, DELETE {id}, {id}/reload (ids may hold slashes)."""
+
+    openapi = {
+        "post": Operation("Removed: load or reload a model (one model per instance)", removed=True, errors=(404,)),
+        "delete": Operation("Removed: unload a model (stop the instance instead)", removed=True),
+    }
+
+    def __init__(self, ctx: AppContext) -> None:
+        pass
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
         if rest == "load":

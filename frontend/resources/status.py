@@ -4,58 +4,109 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Literal, Optional
 
 import falcon
 
 from frontend.context import AppContext
+from frontend.openapi import Operation
+from frontend.shapes import Shape
 from ipc.messages import EngineStatus
 
 
-def status_body(ctx: AppContext, status: EngineStatus) -> dict[str, Any]:
+class StatusModel(Shape):
+    id: str
+    path: str
+    adapter: Optional[str]
+    context_length: int
+    vocab_size: int
+    created: int
+
+
+class StatusEngine(Shape):
+    state: str  # "ready" | "draining"
+    uptime_s: float
+    restarts: int
+    running_requests: int
+    queued_requests: int
+    requests_finished: int
+    tokens_generated: int
+    prompt_tokens_processed: int
+    steps: int
+    step_seconds: float
+
+
+class StatusPromptCache(Shape):
+    entries: int
+    bytes: int
+    hits: int
+    hit_tokens: int
+
+
+class StatusMemory(Shape):
+    active_bytes: int
+    peak_bytes: int
+
+
+class StatusFrontend(Shape):
+    """The gunicorn worker that answered."""
+
+    pid: int
+    uptime_s: float
+
+
+class Status(Shape):
+    object: Literal["mlx.status"]
+    model: StatusModel
+    engine: StatusEngine
+    prompt_cache: StatusPromptCache
+    memory: StatusMemory
+    frontend: StatusFrontend
+
+
+def status_body(ctx: AppContext, status: EngineStatus) -> Status:
     model = ctx.engine.model
-    return {
-        "object": "mlx.status",
-        "model": {
-            "id": model.model_id,
-            "path": model.model_path,
-            "adapter": model.adapter_path,
-            "context_length": model.context_length,
-            "vocab_size": model.vocab_size,
-            "created": model.created,
-        },
-        "engine": {
-            "state": status.state,
-            "uptime_s": round(status.uptime_s, 3),
-            "restarts": status.restarts,
-            "running_requests": status.running_requests,
-            "queued_requests": status.queued_requests,
-            "requests_finished": status.requests_finished,
-            "tokens_generated": status.tokens_generated,
-            "prompt_tokens_processed": status.prompt_tokens_processed,
-            "steps": status.steps,
-            "step_seconds": round(status.step_seconds, 6),
-        },
-        "prompt_cache": {
-            "entries": status.prompt_cache_entries,
-            "bytes": status.prompt_cache_bytes,
-            "hits": status.prompt_cache_hits,
-            "hit_tokens": status.prompt_cache_hit_tokens,
-        },
-        "memory": {
-            "active_bytes": status.active_memory_bytes,
-            "peak_bytes": status.peak_memory_bytes,
-        },
-        # This answer came from one gunicorn worker; say which.
-        "frontend": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - ctx.started_at, 3)},
-    }
+    return Status(
+        object="mlx.status",
+        model=StatusModel(
+            id=model.model_id,
+            path=model.model_path,
+            adapter=model.adapter_path,
+            context_length=model.context_length,
+            vocab_size=model.vocab_size,
+            created=model.created,
+        ),
+        engine=StatusEngine(
+            state=status.state,
+            uptime_s=round(status.uptime_s, 3),
+            restarts=status.restarts,
+            running_requests=status.running_requests,
+            queued_requests=status.queued_requests,
+            requests_finished=status.requests_finished,
+            tokens_generated=status.tokens_generated,
+            prompt_tokens_processed=status.prompt_tokens_processed,
+            steps=status.steps,
+            step_seconds=round(status.step_seconds, 6),
+        ),
+        prompt_cache=StatusPromptCache(
+            entries=status.prompt_cache_entries,
+            bytes=status.prompt_cache_bytes,
+            hits=status.prompt_cache_hits,
+            hit_tokens=status.prompt_cache_hit_tokens,
+        ),
+        memory=StatusMemory(active_bytes=status.active_memory_bytes, peak_bytes=status.peak_memory_bytes),
+        frontend=StatusFrontend(pid=os.getpid(), uptime_s=round(time.monotonic() - ctx.started_at, 3)),
+    )
 
 
 class StatusResource:
+    openapi = {"get": Operation("Model, engine state, queue and prefix cache", response=Status, errors=(401, 503))}
+
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         # EngineUnavailable propagates to the 503 handler (with Retry-After).
         status = self._ctx.engine.status(timeout_s=self._ctx.settings.status_timeout_s)
-        resp.media = status_body(self._ctx, status)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = status_body(self._ctx, status).dump()

@@ -111,6 +111,13 @@ def test_sampling_parameters_reach_the_engine(client, engine):
     assert sampling.seed == 2**64 - 1  # signed OpenAI seed -> unsigned PRNG key
 
 
+@pytest.mark.parametrize("top_k, wire", [(-1, 0), (0, 0), (511, 511), (512, 0), (426116714, 0)])
+def test_top_k_of_the_whole_vocabulary_is_off(client, engine, top_k, wire):
+    # The fake vocabulary has 512 tokens; mlx-lm refuses a top_k that keeps them all.
+    assert post(client, top_k=top_k).status_code == 200
+    assert engine.submitted[0].sampling.top_k == wire
+
+
 def test_defaults_leave_wire_defaults(client, engine):
     post(client)
     sampling = engine.submitted[0].sampling
@@ -136,7 +143,7 @@ def test_list_content_and_roles(client, engine, tok):
     messages = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world!"}]},
-        {"role": "assistant", "content": None},
+        {"role": "assistant", "content": ""},
         {"role": "user", "content": "again", "name": "bob"},
     ]
     result = client.simulate_post(URL, json={"messages": messages})
@@ -357,6 +364,24 @@ def test_image_content_part_rejected(client):
         ({}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        # Message shapes as OpenAI's schema has them, per role.
+        ({"messages": [{"role": "tool"}], "stream": True}, "messages[0].content"),
+        ({"messages": [{"role": "tool", "content": "sunny"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "system", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant"}, *MESSAGES]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {}}]}]},
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "custom", "custom": {}}]}]},
+            "messages[0].tool_calls[0].type",
+        ),
         ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
         ({"messages": MESSAGES, "temperature": "0.5"}, "temperature"),
         ({"messages": MESSAGES, "top_p": 0}, "top_p"),

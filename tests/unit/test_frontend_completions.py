@@ -158,3 +158,10 @@ def test_engine_unavailable(client, engine):
     engine.available = False
     result = client.simulate_post(URL, json={"prompt": "x"})
     assert result.status_code == 503 and "retry-after" in result.headers
+
+
+def test_echo_of_token_ids_outside_the_vocabulary_is_400(client, engine):
+    result = client.simulate_post("/v1/completions", json={"prompt": [[-160, 6223]], "echo": True})
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["param"] == "prompt"
+    assert engine.submitted == []

@@ -8,6 +8,7 @@ from frontend.generation import ChoiceRun
 from frontend.tokenization import Tokenization, token_display
 from ipc.messages import Generate
 from tests.openai_schema import validate, validate_completion_chunk
+from tests.unit import fakes
 from tests.unit.fakes import FakeEngineClient, Script, fake_logprob
 from tests.unit.test_frontend_chat import sse_payloads
 
@@ -235,3 +236,18 @@ def test_choice_run_releases_held_tokens_with_their_text(tok):
     assert "".join(p.text for p in parts) == "🙂🚀"
     for part in parts:
         assert b"".join(tok.token_bytes(t.token_id) for t in part.logprobs) == part.text.encode()
+
+
+def test_tokens_a_grammar_forbids_get_openais_impossible_logprob(client, engine, tok, monkeypatch):
+    # A grammar mask leaves -inf logprobs in the top list; JSON has no -Infinity
+    # (it was encoded as null, which the chunk schema refuses).
+    monkeypatch.setattr(fakes, "fake_top_logprobs", lambda token_id, position, k: [(token_id, float("-inf"))] * k)
+    engine.script(Script(ids(tok, "Hello")))
+    payloads = sse_payloads(chat(client, stream=True, logprobs=True, top_logprobs=2).text)
+    entries = [e for p in payloads[:-1] for c in p["choices"] if c["logprobs"] for e in c["logprobs"]["content"]]
+    assert entries and all(top["logprob"] == -9999.0 for e in entries for top in e["top_logprobs"])
+    for chunk in payloads[:-1]:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    engine.script(Script(ids(tok, "Hello")))
+    body = client.simulate_post(COMPLETIONS, json={"prompt": "x", "logprobs": 2}).json
+    assert set(body["choices"][0]["logprobs"]["top_logprobs"][0].values()) == {-9999.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import falcon.testing
 import jsonschema
@@ -10,7 +11,7 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from frontend.app import create_app
+from frontend.app import ROUTES, create_app
 from frontend.openapi import openapi_document
 from frontend.tokenization import Tokenization
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
@@ -96,4 +97,32 @@ def test_real_responses_match_the_document(client, engine, tok):
     for chunk in sse_payloads(streamed.text)[:-1]:
         validator("Completion").validate(chunk)
     validator("ModelList").validate(client.simulate_get("/v1/models").json)
+    validator("Status").validate(client.simulate_get("/v1/mlx/status").json)
+    validator("Liveness").validate(client.simulate_get("/health").json)
+    validator("Readiness").validate(client.simulate_get("/health/ready").json)
     validator("ErrorResponse").validate(client.simulate_post("/v1/completions", json={}).json)
+
+
+def test_every_route_and_method_is_in_the_document():
+    paths = openapi_document()["paths"]
+    for uri_template, resource in ROUTES.items():
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", uri_template)
+        assert path in paths, uri_template
+        methods = {name.removeprefix("on_") for name in dir(resource) if name.startswith("on_")}
+        assert methods and methods == set(paths[path]) - {"parameters"}, (uri_template, methods)
+
+
+def test_streamed_events_are_declared_as_events_of_chunks(client, engine, tok):
+    """text/event-stream's schema describes each event (OpenAPI 3.1): data is [DONE] or a chunk's JSON."""
+    doc = openapi_document()
+    engine.script(Script(ids(tok, "Hello")))
+    stream = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
+    event_schema = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    data = event_schema["schema"]["properties"]["data"]["anyOf"]
+    assert data[0] == {"const": "[DONE]"}
+    payload = data[1]["contentSchema"]
+    assert payload["anyOf"][0] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    events = sse_payloads(stream.text)
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        validator("ChatCompletionChunk").validate(event)

@@ -1,0 +1,171 @@
+"""OpenAI's response shapes (chat, completions, models): each class serialises the
+bodies we send and is their schema in /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from frontend.shapes import Shape
+
+# Why a choice ended, as OpenAI names it.
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+CompletionFinishReason = Literal["stop", "length"]
+OWNED_BY = "mlx-server"
+
+
+class PromptTokensDetails(Shape):
+    cached_tokens: int
+
+
+class Usage(Shape):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> "Usage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+class TopLogprob(Shape):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class TokenLogprob(Shape):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Shape):
+    content: Optional[list[TokenLogprob]]
+    refusal: Optional[list[TokenLogprob]]
+
+
+class CompletionLogprobs(Shape):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class FunctionCall(Shape):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Shape):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(Shape):
+    """A whole call in one stream delta (clients that join argument fragments get the same)."""
+
+    index: int
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(Shape):
+    role: Literal["assistant"]
+    content: Optional[str]
+    refusal: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+class ChatChoice(Shape):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChoiceLogprobs]
+    finish_reason: ChatFinishReason
+
+
+class ChatCompletion(Shape):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Shape):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
+
+
+class ChatChunkChoice(Shape):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChoiceLogprobs]
+    finish_reason: Optional[ChatFinishReason]
+
+
+class ChatCompletionChunk(Shape):
+    """One server-sent event of a streamed chat completion (the last: usage, no choices)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+# ---------------------------------------------------------------- completions
+
+
+class CompletionChoice(Shape):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[CompletionFinishReason]  # null in stream chunks before the last
+
+
+class Completion(Shape):
+    """A text completion, or one server-sent event of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+# ---------------------------------------------------------------- models
+
+
+class ModelCard(Shape):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int
+    max_model_len: int  # vLLM's name for context_length
+    adapter: Optional[str]
+    path: str
+
+
+class ModelList(Shape):
+    object: Literal["list"]
+    data: list[ModelCard]
