@@ -22,10 +22,19 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
+# Line separators that JSON leaves raw but clients that split lines like
+# str.splitlines (httpx's iter_lines) break on: sent escaped, the same JSON.
+_LINE_SEPARATORS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\u2028\u2029\u0085")
+
+
 def event(payload: Shape, name: Optional[str] = None) -> bytes:
     """One event: ``[event: NAME\n]data: JSON\n\n``."""
     head = b"event: " + name.encode() + b"\n" if name else b""
-    return head + b"data: " + payload.dump() + b"\n\n"
+    data = payload.dump()
+    for raw, escaped in _LINE_SEPARATORS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return head + b"data: " + data + b"\n\n"
 
 
 class SSEBody:
