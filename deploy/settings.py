@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field("text", description="text lines, or json (one object per line)")
+    # Without a cap one request could hold a batch slot for a whole long context;
+    # 4096 fits any ordinary answer (mlx_lm.server's own default is 512).
     default_max_tokens: int = Field(
         4096, ge=1, description="max_tokens of a request that does not set it"
     )

@@ -8,7 +8,7 @@ ZeroMQ client.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Union
 
 import falcon
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -67,14 +67,13 @@ def create_app(
     engine: EngineClient,
     tokenizer: Union[Tokenization, PreTrainedTokenizerBase, None] = None,
     *,
-    settings: Optional[FrontendSettings] = None,
+    settings: FrontendSettings,
 ) -> falcon.App:
     """A WSGI app serving ``engine``'s model.
 
     ``tokenizer``: a ``Tokenization``, a transformers tokenizer, or None to
     load it from ``engine.model.model_path``.
     """
-    settings = settings or FrontendSettings()
     ctx = AppContext(engine=engine, tokenization=_tokenization(engine, tokenizer, settings), settings=settings)
     middleware: list[object] = [ctx.drain_gate]
     if settings.api_keys:

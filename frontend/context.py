@@ -17,10 +17,8 @@ MIB = 1024 * 1024
 class FrontendSettings:
     """HTTP-side limits and defaults (deploy settings fill these in)."""
 
-    # max_tokens when a request omits it: the rest of the context, capped here.
-    # Without a cap one request could hold a batch slot for a whole long
-    # context; 4096 fits any ordinary answer (mlx_lm.server's own default is 512).
-    default_max_tokens: int = 4096
+    # max_tokens when a request omits it: the rest of the context, capped by this.
+    default_max_tokens: int
     # Largest `n` (choices per prompt) and largest prompts x n per request:
     # each choice is one engine request, i.e. one batch slot.
     max_n: int = 16

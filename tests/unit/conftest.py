@@ -8,6 +8,7 @@ import pytest
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.unit.fakes import FakeEngineClient, write_tokenizer_dir
+from tests.unit.defaults import frontend_settings
 
 
 @pytest.fixture(scope="session")
@@ -22,4 +23,4 @@ def engine() -> FakeEngineClient:
 
 @pytest.fixture
 def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
+    return falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))

@@ -3,9 +3,12 @@ build an engine Scheduler or a ZmqEngineClient directly instead of through mlx-s
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from deploy.settings import Settings
+from frontend.context import FrontendSettings
 
 DEFAULTS = Settings.model_construct()  # every default; no model directory needed
 # SchedulerConfig's limits, by their names in ipc.runtime.EngineConfig.
@@ -15,3 +18,8 @@ CLIENT_LIMITS: dict[str, float] = {
     "request_timeout_s": DEFAULTS.request_timeout_s,
     "max_queued_requests": DEFAULTS.max_queued_requests,
 }
+
+
+def frontend_settings(**overrides: Any) -> FrontendSettings:
+    """The HTTP side's settings as mlx-server would make them, with ``overrides``."""
+    return FrontendSettings(**{"default_max_tokens": DEFAULTS.default_max_tokens, **overrides})

@@ -11,6 +11,7 @@ from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.unit.scheduler_client import SchedulerClient
 from tests.unit.test_frontend_chat import sse_payloads
+from tests.unit.defaults import frontend_settings
 
 COMPLETIONS = "/v1/completions"
 # Greedy, the first one starts its answer with a space token (" remembers") on this model.
@@ -25,7 +26,7 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture
 def client(loaded, tiny_model_dir) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(SchedulerClient(loaded), Tokenization.from_pretrained(tiny_model_dir)))
+    return falcon.testing.TestClient(create_app(SchedulerClient(loaded), Tokenization.from_pretrained(tiny_model_dir), settings=frontend_settings()))
 
 
 @pytest.fixture(scope="module")

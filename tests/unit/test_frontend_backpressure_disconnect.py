@@ -10,6 +10,7 @@ from frontend.app import create_app
 from frontend.disconnect import peer_closed
 from tests.openai_schema import validate
 from tests.unit.fakes import FakeEngineClient, Script
+from tests.unit.defaults import frontend_settings
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
@@ -17,7 +18,7 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
 def test_engine_overloaded_finish_is_429_with_retry_after(tok):
     engine = FakeEngineClient()
     engine.script(Script([], finish_reason="overloaded", error="300 requests are already waiting"))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES})
     assert r.status_code == 429 and r.headers["Retry-After"]
     validate(r.json, "ErrorResponse")
@@ -40,7 +41,7 @@ def test_peer_closed_sees_eof_but_not_pipelined_bytes():
 def test_non_streaming_request_of_a_vanished_client_is_aborted(tok):
     engine = FakeEngineClient()
     engine.script(Script(list(range(5, 40)), finish_reason="length"))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     a, b = socket.socketpair()
     b.close()  # the client hung up before the answer was ready
     try:

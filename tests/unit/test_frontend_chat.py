@@ -7,11 +7,12 @@ import json
 import falcon.testing
 import pytest
 
-from frontend.app import FrontendSettings, create_app
+from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.sse import sse_events
 from tests.unit.fakes import Script, created_recently, make_model_info, write_tokenizer_dir
+from tests.unit.defaults import frontend_settings
 
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello world!"}]
@@ -79,10 +80,10 @@ def test_max_completion_tokens_alias_wins(client, engine):
 
 def test_default_max_tokens_is_rest_of_context_capped(engine, tok):
     prompt_len = len(tok.render_chat(MESSAGES))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     post(client)
     assert engine.submitted[-1].max_tokens == 256 - prompt_len  # fake context is 256
-    capped = falcon.testing.TestClient(create_app(engine, tok, settings=FrontendSettings(default_max_tokens=10)))
+    capped = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings(default_max_tokens=10)))
     post(capped)
     assert engine.submitted[-1].max_tokens == 10
 
@@ -290,7 +291,7 @@ def _raw_call(app, body: dict):
 
 def test_client_disconnect_aborts(engine, tok):
     engine.script(Script(ids(tok, "The quick brown fox jumps over the lazy dog.")))
-    body_iter, started = _raw_call(create_app(engine, tok), {"messages": MESSAGES, "stream": True})
+    body_iter, started = _raw_call(create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True})
     assert started["status"].startswith("200")
     it = iter(body_iter)
     next(it), next(it)  # role chunk, first content
@@ -301,7 +302,7 @@ def test_client_disconnect_aborts(engine, tok):
 
 
 def test_close_before_first_read_aborts(engine, tok):
-    body_iter, _ = _raw_call(create_app(engine, tok), {"messages": MESSAGES, "stream": True, "n": 2})
+    body_iter, _ = _raw_call(create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True, "n": 2})
     body_iter.close()  # a generator never started would not run its finally
     assert [kind for kind, _ in engine.events].count("abort") == 2
 
@@ -412,14 +413,14 @@ def test_context_overflow(client, engine, tok):
 
 def test_prompt_alone_overflows(engine, tok):
     engine.model_info = make_model_info(context_length=5)
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     _error(post(client), 400, "messages")
 
 
 def test_template_error_is_400(engine, tmp_path):
     template = "{{ raise_exception('roles must alternate') }}"
     tok = Tokenization.from_pretrained(write_tokenizer_dir(tmp_path / "t", chat_template=template))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     error = _error(post(client), 400, "messages")
     assert "roles must alternate" in error["message"]
 
@@ -431,7 +432,7 @@ def test_bad_json_body(client, raw):
 
 
 def test_body_too_large(engine, tok):
-    client = falcon.testing.TestClient(create_app(engine, tok, settings=FrontendSettings(max_request_bytes=100)))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings(max_request_bytes=100)))
     result = post(client, user="x" * 200)
     assert result.status_code == 413
     validate(result.json, "ErrorResponse")
@@ -474,7 +475,7 @@ def test_engine_dies_non_streaming_is_503(client, engine, tok):
 def test_chat_template_kwargs_reach_the_template(engine, tmp_path):
     template = "{{ messages[0]['content'] }}|{{ greeting | default('none') }}"
     tok = Tokenization.from_pretrained(write_tokenizer_dir(tmp_path / "t", chat_template=template))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     assert post(client, chat_template_kwargs={"greeting": "hi"}).status_code == 200
     assert tok.decode(engine.submitted[-1].prompt_token_ids) == "Hello world!|hi"
 
@@ -493,7 +494,7 @@ def test_streams_closed_if_the_response_fails_after_the_responder(engine, tok):
             if resp.stream is not None:
                 raise RuntimeError("middleware failed")
 
-    app = create_app(engine, tok)
+    app = create_app(engine, tok, settings=frontend_settings())
     app.add_middleware(Boom())
     result = falcon.testing.TestClient(app).simulate_post(URL, json={"messages": MESSAGES, "stream": True})
     assert result.status_code == 500

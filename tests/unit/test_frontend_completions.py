@@ -5,11 +5,12 @@ from __future__ import annotations
 import falcon.testing
 import pytest
 
-from frontend.app import FrontendSettings, create_app
+from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.sse import sse_events
 from tests.unit.fakes import Script
+from tests.unit.defaults import frontend_settings
 
 URL = "/v1/completions"
 
@@ -149,7 +150,7 @@ def test_context_overflow_names_both_numbers(client, engine):
 
 
 def test_too_many_choices(engine, tok):
-    client = falcon.testing.TestClient(create_app(engine, tok, settings=FrontendSettings(max_choices=3)))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings(max_choices=3)))
     result = client.simulate_post(URL, json={"prompt": ["a", "b"], "n": 2})
     assert result.status_code == 400 and result.json["error"]["param"] == "prompt"
 

@@ -9,6 +9,7 @@ from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
+from tests.unit.defaults import frontend_settings
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def engine() -> FakeEngineClient:
 
 @pytest.fixture
 def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
+    return falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
 
 
 def test_models(client):
@@ -119,7 +120,7 @@ def test_unexpected_exception_is_500_json_without_traceback(engine, tok, caplog)
         raise RuntimeError("secret internals")
 
     engine.status = broken_status  # type: ignore[method-assign]
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     result = client.simulate_get("/v1/mlx/status")
     assert result.status_code == 500
     validate(result.json, "ErrorResponse")
@@ -131,6 +132,6 @@ def test_unexpected_exception_is_500_json_without_traceback(engine, tok, caplog)
 def test_create_app_loads_tokenizer_from_model_path(tmp_path):
     path = write_tokenizer_dir(tmp_path / "model")
     engine = FakeEngineClient(model_info=make_model_info(model_path=str(path)))
-    client = falcon.testing.TestClient(create_app(engine))
+    client = falcon.testing.TestClient(create_app(engine, settings=frontend_settings()))
     result = client.simulate_post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
     assert result.status_code == 200, result.text

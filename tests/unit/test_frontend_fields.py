@@ -9,6 +9,7 @@ from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.unit.fakes import CHATML_TEMPLATE, write_tokenizer_dir
+from tests.unit.defaults import frontend_settings
 
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -55,7 +56,7 @@ def test_unsupported_fields_are_refused(client, engine, extra, param):
 
 def test_reasoning_effort_reaches_a_template_that_uses_it(engine, tmp_path):
     tok = Tokenization.from_pretrained(write_tokenizer_dir(tmp_path / "t", chat_template=EFFORT_TEMPLATE))
-    client = falcon.testing.TestClient(create_app(engine, tok))
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
     result = client.simulate_post(URL, json={"messages": MESSAGES, "reasoning_effort": "low"})
     assert result.status_code == 200, result.text
     assert tok.decode(engine.submitted[0].prompt_token_ids).endswith("effort: low")

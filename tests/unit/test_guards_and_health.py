@@ -6,9 +6,9 @@ import falcon.testing
 import pytest
 
 from frontend.app import create_app
-from frontend.context import FrontendSettings
 from tests.openai_schema import validate
 from tests.unit.fakes import FakeEngineClient, write_tokenizer_dir
+from tests.unit.defaults import frontend_settings
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def client_for(tokenizer_dir, engine=None, **settings) -> falcon.testing.TestCli
     from frontend.tokenization import Tokenization
 
     engine = engine or FakeEngineClient()
-    app = create_app(engine, Tokenization.from_pretrained(str(tokenizer_dir)), settings=FrontendSettings(**settings))
+    app = create_app(engine, Tokenization.from_pretrained(str(tokenizer_dir)), settings=frontend_settings(**settings))
     return falcon.testing.TestClient(app)
 
 

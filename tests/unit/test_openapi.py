@@ -17,6 +17,7 @@ from frontend.tokenization import Tokenization
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
 from tests.unit.fakes import FakeEngineClient, Script, make_model_info, write_tokenizer_dir
 from tests.unit.test_frontend_chat import sse_payloads
+from tests.unit.defaults import frontend_settings
 
 TOOL_MODEL = make_model_info(
     context_length=4096, tool_parser="json_tools", tool_call_start="<tool_call>", tool_call_end="</tool_call>"
@@ -38,7 +39,7 @@ def engine() -> FakeEngineClient:
 
 @pytest.fixture
 def client(engine, tok) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(engine, tok))
+    return falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
 
 
 def ids(tok: Tokenization, text: str) -> list[int]:

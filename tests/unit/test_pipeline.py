@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Iterable
 
 from frontend import pipeline, sse
-from frontend.context import AppContext, FrontendSettings
+from frontend.context import AppContext
 from frontend.shapes import Shape
 from frontend.tokenization import Tokenization
 from ipc.messages import SamplingParams
 from tests.unit.fakes import FakeEngineClient, Script
+from tests.unit.defaults import frontend_settings
 
 
 class Note(Shape):
@@ -48,7 +49,7 @@ def _events(raw: bytes) -> list[tuple[str, str]]:
 
 
 def _generation(engine: FakeEngineClient, tok: Tokenization, n: int) -> pipeline.Generation:
-    ctx = AppContext(engine=engine, tokenization=tok, settings=FrontendSettings())
+    ctx = AppContext(engine=engine, tokenization=tok, settings=frontend_settings())
     request = pipeline.PipelineRequest(
         prompts=[tok.encode_prompt("Hello")],
         prompt_param="prompt",

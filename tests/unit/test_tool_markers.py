@@ -23,6 +23,7 @@ from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
 from tests.unit.scheduler_client import SchedulerClient
 from tests.unit.test_frontend_chat import sse_payloads
+from tests.unit.defaults import frontend_settings
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -59,7 +60,7 @@ def make_client(loaded, rewrite=None, skip_special_tokens=False) -> tuple[falcon
     _, path, model = loaded
     engine = SchedulerClient(model, rewrite)
     tok = Tokenization.from_pretrained(path, skip_special_tokens=skip_special_tokens)
-    return falcon.testing.TestClient(create_app(engine, tok)), engine
+    return falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings())), engine
 
 
 def chat(client, **body):
