@@ -51,8 +51,12 @@ def run_scheduler(model, prompts, max_tokens, arrivals_per_step, config) -> tupl
     bias = {e: -100.0 for e in EOS_IDS}
     sched = Scheduler(model, config)
     pending = [
-        Generate(request_id=f"r{i}", prompt_token_ids=p, max_tokens=max_tokens,
-                 sampling=SamplingParams(temperature=0.0, logit_bias=bias))
+        Generate(
+            request_id=f"r{i}",
+            prompt_token_ids=p,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=0.0, logit_bias=bias),
+        )
         for i, p in enumerate(prompts)
     ]
     steps: list[Step] = []
@@ -76,10 +80,17 @@ def run_scheduler(model, prompts, max_tokens, arrivals_per_step, config) -> tupl
 def run_raw(model, prompts, max_tokens, prefill_batch) -> tuple[float, int, list[Step]]:
     bias = {e: -100.0 for e in EOS_IDS}
     n = len(prompts)
-    gen = BatchGenerator(model, completion_batch_size=max(n, prefill_batch), prefill_batch_size=prefill_batch,
-                         stop_tokens=[[e] for e in EOS_IDS])
-    gen.insert(prompts, max_tokens=[max_tokens] * n,
-               logits_processors=[make_logits_processors(logit_bias=bias) for _ in prompts])
+    gen = BatchGenerator(
+        model,
+        completion_batch_size=max(n, prefill_batch),
+        prefill_batch_size=prefill_batch,
+        stop_tokens=[[e] for e in EOS_IDS],
+    )
+    gen.insert(
+        prompts,
+        max_tokens=[max_tokens] * n,
+        logits_processors=[make_logits_processors(logit_bias=bias) for _ in prompts],
+    )
     steps: list[Step] = []
     tokens, done = 0, 0
     start = time.perf_counter()
@@ -100,13 +111,17 @@ def report(name: str, wall: float, tokens: int, steps: list[Step], slow_ms: floa
     times = [s.seconds * 1e3 for s in steps]
     decode_only = [s.seconds * 1e3 for s in steps if not s.prefill_tokens]
     slow = [s for s in steps if s.seconds * 1e3 > slow_ms]
-    print(f"{name}: {tokens / wall:,.0f} tok/s, {wall:.2f} s, {len(steps)} steps, step ms p50 "
-          f"{statistics.median(times):.2f} max {max(times):.1f}; decode-only p50 "
-          f"{statistics.median(decode_only) if decode_only else 0:.2f}; {len(slow)} steps > {slow_ms:g} ms "
-          f"({sum(s.seconds for s in slow):.2f} s)")
+    print(
+        f"{name}: {tokens / wall:,.0f} tok/s, {wall:.2f} s, {len(steps)} steps, step ms p50 "
+        f"{statistics.median(times):.2f} max {max(times):.1f}; decode-only p50 "
+        f"{statistics.median(decode_only) if decode_only else 0:.2f}; {len(slow)} steps > {slow_ms:g} ms "
+        f"({sum(s.seconds for s in slow):.2f} s)"
+    )
     for s in slow[:12]:
-        print(f"    {s.seconds * 1e3:8.1f} ms  decode {s.decode_rows:3d}  prefill rows {s.prefill_rows:2d} "
-              f"tokens {s.prefill_tokens}")
+        print(
+            f"    {s.seconds * 1e3:8.1f} ms  decode {s.decode_rows:3d}  prefill rows {s.prefill_rows:2d} "
+            f"tokens {s.prefill_tokens}"
+        )
 
 
 def main() -> None:
@@ -118,30 +133,45 @@ def main() -> None:
     p.add_argument("--arrivals", default="64,8,3", help="requests added per step, one scenario each")
     p.add_argument("--prefill-batch", default="8,64", help="the engine's prefill_batch_size, one scenario each")
     p.add_argument("--slow-ms", type=float, default=50.0)
-    p.add_argument("--prompt-cache-bytes", type=int, default=0,
-                   help="the engine's prefix cache (0: off; the server's default is 2 GiB)")
-    p.add_argument("--no-clear-cache", action="store_true",
-                   help="make mx.clear_cache a no-op (mlx-lm calls it after every prefill chunk) to see its cost")
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=0,
+        help="the engine's prefix cache (0: off; the server's default is 2 GiB)",
+    )
+    p.add_argument(
+        "--no-clear-cache",
+        action="store_true",
+        help="make mx.clear_cache a no-op (mlx-lm calls it after every prefill chunk) to see its cost",
+    )
     args = p.parse_args()
     if args.no_clear_cache:
         mx.clear_cache = lambda: None
     model, tok = load(args.model)
     vocab = model.args.vocab_size if hasattr(model, "args") else 32000
     prompts = _prompts(args.streams, args.prompt_tokens, vocab)
-    print(f"device {mx.default_device()}, {args.streams} streams, prompt {args.prompt_tokens}, "
-          f"max_tokens {args.max_tokens}")
+    print(
+        f"device {mx.default_device()}, {args.streams} streams, prompt {args.prompt_tokens}, "
+        f"max_tokens {args.max_tokens}"
+    )
     for rep in (1, 2):
         wall, tokens, steps = run_raw(model, prompts, args.max_tokens, args.streams)
         report(f"[{rep}] raw all-at-once", wall, tokens, steps, args.slow_ms)
         for pb in (int(x) for x in args.prefill_batch.split(",")):
             for per_step in (int(x) for x in args.arrivals.split(",")):
-                limits = msgspec.structs.replace(DEFAULTS.engine_config(), max_batch_size=64, prefill_batch_size=pb,
-                                                 prompt_cache_bytes=args.prompt_cache_bytes)
-                config = SchedulerConfig(eos_token_ids=EOS_IDS, vocab_size=vocab, context_length=1 << 17,
-                                         **msgspec.structs.asdict(limits))
+                limits = msgspec.structs.replace(
+                    DEFAULTS.engine_config(),
+                    max_batch_size=64,
+                    prefill_batch_size=pb,
+                    prompt_cache_bytes=args.prompt_cache_bytes,
+                )
+                config = SchedulerConfig(
+                    eos_token_ids=EOS_IDS, vocab_size=vocab, context_length=1 << 17, **msgspec.structs.asdict(limits)
+                )
                 wall, tokens, steps = run_scheduler(model, prompts, args.max_tokens, per_step, config)
-                report(f"[{rep}] engine prefill_batch {pb}, {per_step} arrivals/step", wall, tokens, steps,
-                       args.slow_ms)
+                report(
+                    f"[{rep}] engine prefill_batch {pb}, {per_step} arrivals/step", wall, tokens, steps, args.slow_ms
+                )
 
 
 if __name__ == "__main__":

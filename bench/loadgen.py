@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -62,7 +63,7 @@ async def _stream_once(
     session: aiohttp.ClientSession, body: dict[str, Any], result: RequestResult, start: float
 ) -> None:
     """Fill `result` in place, so a timeout or cancellation keeps what was measured."""
-    last: Optional[float] = None
+    last: float | None = None
     splitter = LineSplitter()
     try:
         resp = await session.post(CHAT_PATH, json=body)

@@ -11,8 +11,9 @@ mlx is imported only here, so the HTTP runs never load it into the load generato
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench.servers import GpuBusy, busy_cpu_seconds
 from bench.stats import CpuUse, RequestResult, RunResult
@@ -94,7 +95,11 @@ class RawEngine:
         return RunResult(name, n, max_tokens, wall, list(results.values()), cpu, steps, step_s)
 
     def run_single(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int, eos_ids: Sequence[int], deadline_s: float,
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        eos_ids: Sequence[int],
+        deadline_s: float,
     ) -> RunResult:
         """Each prompt through mlx_lm.stream_generate, one after the other."""
         from mlx_lm.generate import stream_generate
@@ -111,8 +116,13 @@ class RawEngine:
                     r.error = "cut by the overall deadline"
                     continue
                 sent = last = time.perf_counter()
-                for _ in stream_generate(self.model, self.tokenizer, list(prompt), max_tokens=max_tokens,
-                                         logits_processors=make_logits_processors(logit_bias=bias)):
+                for _ in stream_generate(
+                    self.model,
+                    self.tokenizer,
+                    list(prompt),
+                    max_tokens=max_tokens,
+                    logits_processors=make_logits_processors(logit_bias=bias),
+                ):
                     now = time.perf_counter()
                     if r.chunks == 0:
                         r.ttft_s = now - sent
@@ -124,6 +134,7 @@ class RawEngine:
         finally:
             gpu.__exit__()
         engine_s = time.process_time() - cpu0
-        cpu = CpuUse(server_s={"engine": engine_s}, other_s=max(busy_cpu_seconds() - busy0 - engine_s, 0.0),
-                     gpu_busy_pct=gpu.pct)
+        cpu = CpuUse(
+            server_s={"engine": engine_s}, other_s=max(busy_cpu_seconds() - busy0 - engine_s, 0.0), gpu_busy_pct=gpu.pct
+        )
         return RunResult("stream_generate", 1, max_tokens, wall, results, cpu)

@@ -15,9 +15,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bench.stats import Summary
 
@@ -93,14 +93,16 @@ def failure_line(message: str) -> str:
     return f"{lines[0]} ... {errors[-1]}" if errors else lines[0]
 
 
-def single_stream_line(summaries: Sequence[Summary]) -> Optional[str]:
+def single_stream_line(summaries: Sequence[Summary]) -> str | None:
     """ours' one-stream inter-token latency against mlx-lm's stream_generate, when both ran."""
     at_one = {s.target: s for s in summaries if s.concurrency == 1}
     ours, ref = at_one.get("ours"), at_one.get("stream_generate")
     if ours is None or ref is None or not ref.itl_p50_ms:
         return None
-    return (f"single-stream ITL p50: ours {ours.itl_p50_ms:.2f} ms, stream_generate {ref.itl_p50_ms:.2f} ms "
-            f"(ours/stream_generate {ours.itl_p50_ms / ref.itl_p50_ms:.3f})")
+    return (
+        f"single-stream ITL p50: ours {ours.itl_p50_ms:.2f} ms, stream_generate {ref.itl_p50_ms:.2f} ms "
+        f"(ours/stream_generate {ours.itl_p50_ms / ref.itl_p50_ms:.3f})"
+    )
 
 
 def terminal_report(summaries: Sequence[Summary], failures: dict[str, str]) -> str:
@@ -123,7 +125,7 @@ class SectionInfo:
     command: str
     machine: dict[str, str]
     settings: dict[str, str]  # load and target settings, shown as a list
-    chart: Optional[str] = None  # path relative to the Markdown file
+    chart: str | None = None  # path relative to the Markdown file
     notes: tuple[str, ...] = ()
 
 
@@ -239,7 +241,7 @@ def _versions() -> str:
     return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
 
 
-def _gpu() -> Optional[str]:
+def _gpu() -> str | None:
     """'NVIDIA H100 80GB HBM3, 81559 MiB, driver 580.159.04' per GPU; None without nvidia-smi."""
     exe = shutil.which("nvidia-smi")
     if not exe:

@@ -20,7 +20,6 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -40,7 +39,7 @@ def long_text(words: int, seed: int) -> str:
 
 
 def stream_chat(
-    base: str, messages: list[dict], max_tokens: int, no_eos: dict, stop: Optional[threading.Event] = None
+    base: str, messages: list[dict], max_tokens: int, no_eos: dict, stop: threading.Event | None = None
 ) -> dict:
     """One streamed chat: TTFT, token arrival times, usage. Setting ``stop``
     closes the stream after the next chunk (the server aborts the request)."""
@@ -102,12 +101,14 @@ def chunked_prefill(base: str, no_eos: dict, streams: int, long_words: int, roun
         quiet, busy, big = _prefill_round(base, no_eos, streams, long_words, seed=3 + round_no)
         quiet_gaps += quiet
         busy_gaps += busy
-        per_round.append({
-            "long_prompt_tokens": big["usage"]["prompt_tokens"],
-            "long_prompt_ttft_ms": big["ttft"] * 1000,
-            "ratio": p95(busy) / p95(quiet) if busy and quiet else float("nan"),
-            "windows": big["windows"],  # perf_counter: the monotonic clock every process shares
-        })
+        per_round.append(
+            {
+                "long_prompt_tokens": big["usage"]["prompt_tokens"],
+                "long_prompt_ttft_ms": big["ttft"] * 1000,
+                "ratio": p95(busy) / p95(quiet) if busy and quiet else float("nan"),
+                "windows": big["windows"],  # perf_counter: the monotonic clock every process shares
+            }
+        )
     ratios = [r["ratio"] for r in per_round]
     return {
         "streams": streams,
@@ -190,12 +191,15 @@ def render(info: dict, cache: dict, prefill: dict, mem: dict, command: str, args
         SECTION_BEGIN.format(name=SECTION) + "\n"
         f"## Prefix cache, chunked prefill, memory ({args.model} model)\n\n"
         f"{machine}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(["scenario", "measured", "ratio / notes"], rows) + "\n"
-        + SECTION_END.format(name=SECTION) + "\n"
+        f"Command: `{command}`\n\n"
+        + markdown_table(["scenario", "measured", "ratio / notes"], rows)
+        + "\n"
+        + SECTION_END.format(name=SECTION)
+        + "\n"
     )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=["tiny", "bench"])
     p.add_argument("--prefix-words", type=int, default=715, help="~2,000 tokens with the generated tokenizer")
@@ -203,7 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5, help="long prompts, one per round; ITL gaps pooled")
     p.add_argument("--prefill-step-size", type=int, default=512)
-    p.add_argument("--out", type=lambda s: Path(s) if s else None, help="Markdown file to update ('' or none: print only)")
+    p.add_argument(
+        "--out", type=lambda s: Path(s) if s else None, help="Markdown file to update ('' or none: print only)"
+    )
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mlx-scenarios-"))
     model = build_tiny_model(work / f"{args.model}-model", size=args.model)

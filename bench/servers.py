@@ -14,9 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
 import psutil
@@ -40,7 +40,7 @@ class ServerSpec:
     name: str
     argv: Callable[[int], list[str]]  # port -> command line
     # The "model" field to send; None: the first id that GET /v1/models lists.
-    model_field: Optional[str] = None
+    model_field: str | None = None
     ready_path: str = "/v1/models"  # answers 200 once the server takes requests
     # process -> label for the CPU breakdown (engine vs HTTP workers, ...)
     label: Callable[[psutil.Process], str] = lambda p: "server"
@@ -62,8 +62,17 @@ def mlx_lm_spec(model_dir: Path, max_concurrency: int, extra: list[str]) -> Serv
     return ServerSpec(
         name="mlx_lm",
         argv=lambda port: [
-            sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-            "--host", HOST, "--port", str(port), *flags,
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model_dir),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *flags,
         ],  # fmt: skip
         model_field="default_model",  # the id mlx_lm.server maps to --model
         # Its /v1/models scans the Hugging Face cache and fails where there is none.
@@ -202,7 +211,7 @@ class ServerProcess:
                 pass
         self._log.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -230,9 +239,7 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float, window_s: float = 
             return cores
 
 
-def cpu_delta(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
-) -> dict[str, float]:
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
     """CPU seconds per label between two readings; processes born in between count from zero."""
     out: dict[str, float] = {}
     for pid, (label, secs) in after.items():
@@ -241,9 +248,7 @@ def cpu_delta(
     return out
 
 
-def busiest_thread(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
-) -> dict[str, float]:
+def busiest_thread(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
     """Per label, the CPU seconds of its busiest single thread between two readings."""
     out: dict[str, float] = {}
     for tid, (label, secs) in after.items():
@@ -262,10 +267,10 @@ class GpuBusy:
     PERIOD_MS = 200
 
     def __init__(self) -> None:
-        self.pct: Optional[float] = None
-        self._proc: Optional[subprocess.Popen] = None
+        self.pct: float | None = None
+        self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "GpuBusy":
+    def __enter__(self) -> GpuBusy:
         exe = shutil.which("nvidia-smi")
         if exe:
             try:
@@ -305,11 +310,11 @@ class Profiler:
 
     RATE_HZ = 250
 
-    def __init__(self, pid: Optional[int], path: Path) -> None:
+    def __init__(self, pid: int | None, path: Path) -> None:
         self._pid, self._path = pid, path
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         exe = os.environ.get("PY_SPY") or shutil.which("py-spy")
         if exe and self._pid:
             self._path.parent.mkdir(parents=True, exist_ok=True)

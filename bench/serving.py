@@ -18,10 +18,11 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from contextlib import nullcontext
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import httpx
 
@@ -115,34 +116,59 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_csv_ints, default=_csv_ints("1,8,32,64"), help="comma-separated")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request, exactly (eos is banned)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="templated prompt length, exact")
-    p.add_argument("--targets", type=_targets, default=_targets("ours,mlx_lm,raw"),
-                   help=f"comma-separated, run in this order: {','.join(ALL_TARGETS)}")
+    p.add_argument(
+        "--targets",
+        type=_targets,
+        default=_targets("ours,mlx_lm,raw"),
+        help=f"comma-separated, run in this order: {','.join(ALL_TARGETS)}",
+    )
     # 3 rounds: one round of the tiny model lasts well under a second, too short to measure steadily.
     p.add_argument("--rounds", type=int, default=3, help="requests per client, one after the other")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; the table shows the median")
     p.add_argument("--warmup-tokens", type=int, default=32, help="max_tokens of the warm-up requests")
-    p.add_argument("--warmup-tries", type=int, default=1,
-                   help="warm up again (after a pause) while some warm-up requests fail, up to this many times")
-    p.add_argument("--profile", default="", metavar="DIR",
-                   help="py-spy (if installed) records the engine process of each timed run here: "
-                   "ours' engine, mlx_lm's server, raw's own process")
-    p.add_argument("--prewarm-sweep", action="store_true",
-                   help="before all targets, run every batch size 1..max concurrency once in-process "
-                   "(fills mlx's kernel cache on a GPU)")
+    p.add_argument(
+        "--warmup-tries",
+        type=int,
+        default=1,
+        help="warm up again (after a pause) while some warm-up requests fail, up to this many times",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="py-spy (if installed) records the engine process of each timed run here: "
+        "ours' engine, mlx_lm's server, raw's own process",
+    )
+    p.add_argument(
+        "--prewarm-sweep",
+        action="store_true",
+        help="before all targets, run every batch size 1..max concurrency once in-process "
+        "(fills mlx's kernel cache on a GPU)",
+    )
     p.add_argument("--ramp-s", type=float, default=0.0, help="spread client starts over this long (0: burst)")
-    p.add_argument("--quiet-wait-s", type=float, default=30.0,
-                   help="before each timed run, wait up to this long for the machine to be idle (0: don't)")
+    p.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=30.0,
+        help="before each timed run, wait up to this long for the machine to be idle (0: don't)",
+    )
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="per server, until /v1/models answers")
     p.add_argument("--deadline-s", type=float, default=1800.0, help="the whole benchmark; later runs are skipped")
-    p.add_argument("--ours-args", default="", help="extra flags for deploy.cli, e.g. '--workers 2 --worker-connections 64'")
+    p.add_argument(
+        "--ours-args", default="", help="extra flags for deploy.cli, e.g. '--workers 2 --worker-connections 64'"
+    )
     p.add_argument("--mlx-lm-args", default="", help="extra flags for mlx_lm server")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to update ('' for none)")
     p.add_argument("--section", default=None, help="section name in --out (default: from the model)")
     p.add_argument("--chart", default="bench/throughput.png", help="PNG to write ('' for none)")
     p.add_argument("--json", default="", help="also dump every request's measurements here")
-    p.add_argument("--replot", default="", metavar="JSON",
-                   help="run nothing: write --out's section and --chart again from a --json dump")
+    p.add_argument(
+        "--replot",
+        default="",
+        metavar="JSON",
+        help="run nothing: write --out's section and --chart again from a --json dump",
+    )
     p.add_argument("--cache-dir", default=os.environ.get("MLX_SERVER_BENCH_CACHE", "~/.cache/mlx-server-bench"))
     p.add_argument("--log-dir", default="", help="server logs (default: CACHE_DIR/logs)")
     args = p.parse_args(argv)
@@ -196,7 +222,7 @@ def _split(prompts: list[Prompt], clients: int) -> list[list[Prompt]]:
 
 def run_http_target(
     spec: ServerSpec, load: Load, tokenizer: Any, bias: dict[int, float], log_dir: Path, deadline: Deadline,
-    start_timeout_s: float, runs: list[RunResult], events: list[str], profile_dir: Optional[Path] = None,
+    start_timeout_s: float, runs: list[RunResult], events: list[str], profile_dir: Path | None = None,
 ) -> None:  # fmt: skip
     """Append each timed run to `runs` as it ends, so a later failure keeps the earlier ones;
     anything worth a note in the report (failed warm-ups) to `events`."""
@@ -251,7 +277,7 @@ def run_http_target(
                 _log_run(runs[-1])
 
 
-def engine_steps(base_url: str) -> Optional[tuple[int, float]]:
+def engine_steps(base_url: str) -> tuple[int, float] | None:
     """(steps, their wall seconds) so far from ours' /v1/mlx/status; None from a
     server without it (mlx_lm)."""
     try:
@@ -264,7 +290,7 @@ def engine_steps(base_url: str) -> Optional[tuple[int, float]]:
 
 def run_raw_target(
     name: str, model_dir: Path, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline,
-    runs: list[RunResult], profile_dir: Optional[Path] = None,
+    runs: list[RunResult], profile_dir: Path | None = None,
 ) -> None:  # fmt: skip
     from bench.raw import RawEngine
 
@@ -301,8 +327,9 @@ def run_raw_target(
             _log_run(merged)
 
 
-def _run_single(engine: Any, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline,
-                runs: list[RunResult]) -> None:
+def _run_single(
+    engine: Any, load: Load, tokenizer: Any, eos: list[int], deadline: Deadline, runs: list[RunResult]
+) -> None:
     """mlx-lm's single-request path: the ceiling for one stream's inter-token latency."""
     warm = [p.ids for p in make_prompts(tokenizer, 1, load.prompt_tokens, "warm-1")]
     engine.run_single(warm, min(load.warmup_tokens, load.max_tokens), eos, deadline.remaining())
@@ -423,7 +450,9 @@ def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
                 cell += f" (busiest thread {busiest[label] / r.wall_s:.2f})"
             cells.append(cell)
         gpu = "" if r.cpu.gpu_busy_pct is None else f"; GPU busy {r.cpu.gpu_busy_pct:.0f}%"
-        step = "" if r.engine_step_ms is None else f"; engine {r.engine_step_ms:.2f} ms per step ({r.engine_steps} steps)"
+        step = (
+            "" if r.engine_step_ms is None else f"; engine {r.engine_step_ms:.2f} ms per step ({r.engine_steps} steps)"
+        )
         notes.append(f"{r.target} at {r.concurrency} stream(s), server CPU by process: {', '.join(cells)}{gpu}{step}")
     return tuple(notes) + engine_step_notes(medians)
 
@@ -437,8 +466,10 @@ def engine_step_notes(medians: Sequence[RunResult]) -> tuple[str, ...]:
         raw = by_key.get(("raw", n))
         if target != "ours" or raw is None or ours.engine_step_ms is None or raw.engine_step_ms is None:
             continue
-        notes.append(f"engine time per step at {n} stream(s): ours {ours.engine_step_ms:.2f} ms, raw "
-                     f"{raw.engine_step_ms:.2f} ms (raw/ours {raw.engine_step_ms / ours.engine_step_ms:.2f})")
+        notes.append(
+            f"engine time per step at {n} stream(s): ours {ours.engine_step_ms:.2f} ms, raw "
+            f"{raw.engine_step_ms:.2f} ms (raw/ours {raw.engine_step_ms / ours.engine_step_ms:.2f})"
+        )
     return tuple(notes)
 
 
@@ -450,9 +481,7 @@ def section_info(
         f"temperature 0; eos ids {eos} banned with logit_bias {EOS_BIAS:g}; warm-up of the same size first "
         f"({args.warmup_tokens} tokens); "
         + (f"client starts spread over {args.ramp_s:g} s" if args.ramp_s else "all clients start at once"),
-        "targets": ", ".join(
-            f"{t} ({specs[t].settings['flags']})" if t in specs else t for t in args.targets
-        ),
+        "targets": ", ".join(f"{t} ({specs[t].settings['flags']})" if t in specs else t for t in args.targets),
         "columns": "tok/s = tokens streamed / wall time of the run; TTFT = request sent to first content chunk; "
         "ITL = gap between content chunks as the client reads them (chunks read together give 0); "
         "short = finished with fewer tokens than asked; retries = connections reset before any response, "

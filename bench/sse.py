@@ -9,16 +9,16 @@ writes each event as a single `data:` line, so multi-line events are not joined.
 from __future__ import annotations
 
 import json
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 DONE = b"[DONE]"
 
 
 class Event(NamedTuple):
     content: bool = False  # the chunk carried non-empty generated text
-    usage_tokens: Optional[int] = None  # usage.completion_tokens, if the chunk has usage
+    usage_tokens: int | None = None  # usage.completion_tokens, if the chunk has usage
     done: bool = False  # the `[DONE]` sentinel
-    error: Optional[str] = None  # an error object sent inside the stream
+    error: str | None = None  # an error object sent inside the stream
 
 
 class LineSplitter:
@@ -41,7 +41,7 @@ class LineSplitter:
         return [tail] if tail else []
 
 
-def parse_line(line: bytes) -> Optional[Event]:
+def parse_line(line: bytes) -> Event | None:
     """The event a line carries, or None for comments, blank lines and other fields."""
     if not line.startswith(b"data:"):
         return None

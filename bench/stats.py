@@ -6,20 +6,20 @@ Pure code (no I/O, no clocks) so the unit tests can check the arithmetic.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 
 @dataclass
 class RequestResult:
     """What one streaming request measured. Times are seconds (perf_counter deltas)."""
 
-    ttft_s: Optional[float] = None  # request sent -> first content chunk
+    ttft_s: float | None = None  # request sent -> first content chunk
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive content chunks
     chunks: int = 0  # SSE chunks (or raw steps) that carried content
-    usage_tokens: Optional[int] = None  # usage.completion_tokens, when the target reports it
+    usage_tokens: int | None = None  # usage.completion_tokens, when the target reports it
     retries: int = 0  # connections refused or reset before any response (see loadgen)
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -46,7 +46,7 @@ class CpuUse:
     busiest_thread_s: dict[str, float] = field(default_factory=dict)
     # Mean GPU utilization over the run (nvidia-smi's utilization.gpu, 0..100:
     # share of time a kernel was running); None where there is no NVIDIA GPU.
-    gpu_busy_pct: Optional[float] = None
+    gpu_busy_pct: float | None = None
 
 
 @dataclass
@@ -63,7 +63,7 @@ class RunResult:
     engine_step_s: float = 0.0
 
     @property
-    def engine_step_ms(self) -> Optional[float]:
+    def engine_step_ms(self) -> float | None:
         return self.engine_step_s / self.engine_steps * 1000 if self.engine_steps else None
 
 

@@ -151,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", help=f"launchd label [default: {LABEL_PREFIX}<model dir name>]")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="[default: %(default)s]")
     parser.add_argument("--adapter-path", metavar="PATH", help="LoRA adapter directory")
-    parser.add_argument(
-        "--log-dir", default=DEFAULT_LOG_DIR, metavar="DIR", help="[default: %(default)s]"
-    )
+    parser.add_argument("--log-dir", default=DEFAULT_LOG_DIR, metavar="DIR", help="[default: %(default)s]")
     parser.add_argument(
         "--mlx-server",
         metavar="PATH",

@@ -20,7 +20,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from deploy.settings import PROG, Settings, SettingsError, env_var, load_settings
 from deploy.supervisor import child_environment, engine_command, web_command
@@ -55,7 +55,7 @@ def command(role: str, settings: Settings, environ: Mapping[str, str]) -> tuple[
     return (engine_command() if role == "engine" else web_command(settings)), env
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.procfile", description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=ROLES)
     role = parser.parse_args(argv).role

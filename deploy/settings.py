@@ -42,22 +42,15 @@ ADAPTER_LAYOUT: dict[str, str] = {
 }
 
 NO_MODEL_PATH = (
-    f"no model path: pass it as `{PROG} /path/to/model`, set {ENV_PREFIX}MODEL_PATH, "
-    "or `model_path` in the config file"
+    f"no model path: pass it as `{PROG} /path/to/model`, set {ENV_PREFIX}MODEL_PATH, or `model_path` in the config file"
 )
 
 # 0.1 settings that 0.2 removed -> what to do instead. Looked up for config keys, env vars and
 # flags alike, so an old deployment fails loudly at start instead of silently changing behaviour.
 REMOVED_SETTINGS: dict[str, str] = {
-    "max_loaded_models": (
-        "mlx-server serves one model per process; run one instance per model on its own port"
-    ),
-    "model_cache_size_gb": (
-        "mlx-server holds one model per process; bound the prefix cache with prompt_cache_bytes"
-    ),
-    "auto_unload_timeout": (
-        "the model stays loaded for the process lifetime; stop the instance to free its memory"
-    ),
+    "max_loaded_models": ("mlx-server serves one model per process; run one instance per model on its own port"),
+    "model_cache_size_gb": ("mlx-server holds one model per process; bound the prefix cache with prompt_cache_bytes"),
+    "auto_unload_timeout": ("the model stays loaded for the process lifetime; stop the instance to free its memory"),
     "models_cache_dir": f"pass the model directory path directly: {PROG} /path/to/model",
 }
 # Every 0.1 spelling (config key / env suffix / flag) -> the removed setting it meant.
@@ -148,24 +141,22 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field("text", description="text lines, or json (one object per line)")
     # Without a cap one request could hold a batch slot for a whole long context;
     # 4096 fits any ordinary answer (mlx_lm.server's own default is 512).
-    default_max_tokens: int = Field(
-        4096, ge=1, description="max_tokens of a request that does not set it"
-    )
-    prompt_cache_bytes: int = Field(
-        2 * GIB, ge=0, description="byte cap of the engine's prefix cache; 0 disables it"
-    )
+    default_max_tokens: int = Field(4096, ge=1, description="max_tokens of a request that does not set it")
+    prompt_cache_bytes: int = Field(2 * GIB, ge=0, description="byte cap of the engine's prefix cache; 0 disables it")
     max_batch_size: int = Field(64, ge=1, description="sequences the engine decodes together")
-    prefill_batch_size: int = Field(64, ge=1, description="prompts the engine prefills together (one forward for a whole burst)")
+    prefill_batch_size: int = Field(
+        64, ge=1, description="prompts the engine prefills together (one forward for a whole burst)"
+    )
     # Chunked prefill: a long prompt is fed in steps so the running streams keep getting tokens.
     prefill_step_size: int = Field(
-        512, ge=1, description="prompt tokens per prefill step (while streams decode: fewer, sized to about one decode step)"
+        512,
+        ge=1,
+        description="prompt tokens per prefill step (while streams decode: fewer, sized to about one decode step)",
     )
     engine_startup_timeout_s: float = Field(
         600.0, gt=0, description="seconds the engine may take to load the model (big ones are slow)"
     )
-    request_timeout_s: float = Field(
-        600.0, gt=0, description="seconds a request may run before it is aborted"
-    )
+    request_timeout_s: float = Field(600.0, gt=0, description="seconds a request may run before it is aborted")
     # Backpressure: beyond this many waiting requests, new ones get 429 at once
     # instead of queueing for minutes.
     max_queued_requests: int = Field(
@@ -174,13 +165,9 @@ class Settings(BaseSettings):
     # Security: off by default, like any local tool; set a key before binding beyond 127.0.0.1.
     api_key: str | None = Field(None, description="API key clients must send as `Authorization: Bearer KEY`")
     api_key_file: Path | None = Field(None, description="file with accepted API keys, one per line")
-    cors_origins: str | None = Field(
-        None, description="comma-separated origins allowed by CORS (default: CORS off)"
-    )
+    cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS (default: CORS off)")
     # Graceful stop: new requests get 503 while running ones may finish this long.
-    drain_timeout_s: float = Field(
-        30.0, ge=0, description="seconds running requests may take to finish on SIGTERM"
-    )
+    drain_timeout_s: float = Field(30.0, ge=0, description="seconds running requests may take to finish on SIGTERM")
     # A crash loop (bad weights, out of memory at load) must end, not spin forever.
     max_engine_restarts: int = Field(
         5, ge=0, description="engine restarts (with backoff) before mlx-server gives up and exits"
@@ -349,9 +336,7 @@ class _RemovedFlag(argparse.Action):
 class _ModelFlag(argparse.Action):
     def __call__(self, parser: Any, namespace: Any, values: Any, option: str | None = None) -> None:
         path = values or "/path/to/model"
-        raise SettingsError(
-            f"--model was removed in 0.2: the model path is now positional: {PROG} {path}"
-        )
+        raise SettingsError(f"--model was removed in 0.2: the model path is now positional: {PROG} {path}")
 
 
 # Flag metavars by value type; others show their name (HOST, LOG_LEVEL, IPC_ADDRESS).
@@ -396,9 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag(name), dest=name, metavar=_metavar(name, field), help=help_text)
     for spelling in REMOVED_SPELLINGS:
         spellings = dict.fromkeys([flag(spelling), "--" + spelling])  # 0.1 took both forms
-        parser.add_argument(
-            *spellings, dest=f"removed_{spelling}", nargs="?", action=_RemovedFlag, help=HIDDEN
-        )
+        parser.add_argument(*spellings, dest=f"removed_{spelling}", nargs="?", action=_RemovedFlag, help=HIDDEN)
     parser.add_argument("--model", dest="removed_model", nargs="?", action=_ModelFlag, help=HIDDEN)
     return parser
 
@@ -422,9 +405,7 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
             raise SettingsError(removed_message(env_var(spelling), name))
     # Empty counts as unset: launchd plists and Procfiles often carry empty placeholders.
     return {
-        name: (environ[env_var(name)], env_var(name))
-        for name in Settings.model_fields
-        if environ.get(env_var(name))
+        name: (environ[env_var(name)], env_var(name)) for name in Settings.model_fields if environ.get(env_var(name))
     }
 
 
@@ -492,9 +473,7 @@ def _describe(error: ValidationError, origins: Mapping[str, str]) -> str:
     return f"{name}: {text}{where}{more}"
 
 
-def load_settings(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> Settings:
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Resolve argv (default sys.argv[1:]) > environ (default os.environ) > config file > defaults.
 
     Raises SettingsError (one line) on any bad or removed setting. `--help` and `--version`

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 import zmq
 
@@ -45,7 +44,7 @@ class StartupError(Exception):
 
 class _StopFlag:
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
 
     def __call__(self, signum: int, _frame: object) -> None:
         self.signum = signum
@@ -86,9 +85,7 @@ def child_environment(config: runtime.RuntimeConfig, environ: Mapping[str, str])
     }
 
 
-def wait_for_engine(
-    address: str, engine: subprocess.Popen, timeout_s: float, stop: _StopFlag
-) -> ModelInfo:
+def wait_for_engine(address: str, engine: subprocess.Popen, timeout_s: float, stop: _StopFlag) -> ModelInfo:
     """Handshake with the engine; fail fast if it exits or we are told to stop."""
     ctx = zmq.Context()
     sock = connect_dealer(ctx, address, f"supervisor-{os.getpid()}".encode())
@@ -100,8 +97,7 @@ def wait_for_engine(
                 raise StartupError("stopped by signal during startup")
             if engine.poll() is not None:
                 raise StartupError(
-                    f"the engine exited with code {engine.returncode} while starting "
-                    "(its error is printed above)"
+                    f"the engine exited with code {engine.returncode} while starting (its error is printed above)"
                 )
             if sock.poll(int(SUPERVISE_INTERVAL_S * 1000)):
                 reply = codec.decode_engine_message(sock.recv())
@@ -115,7 +111,7 @@ def wait_for_engine(
         ctx.term()
 
 
-def stop_process(proc: Optional[subprocess.Popen], name: str, timeout_s: float) -> None:
+def stop_process(proc: subprocess.Popen | None, name: str, timeout_s: float) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -137,8 +133,8 @@ class Supervisor:
         self.stop = stop
         config = settings.runtime_config(address, drain_flag=str(self.drain_flag), supervisor_pid=os.getpid())
         self.environment = child_environment(config, os.environ)
-        self.engine: Optional[subprocess.Popen] = None
-        self.web: Optional[subprocess.Popen] = None
+        self.engine: subprocess.Popen | None = None
+        self.web: subprocess.Popen | None = None
         self._engine_started_at = 0.0
         self._restarts = 0  # in a row: reset once an engine stays up
         self._total_restarts = 0
@@ -167,7 +163,7 @@ class Supervisor:
         log.info("received %s; stopping", signal.Signals(self.stop.signum).name)
         return 0
 
-    def _restart_engine(self) -> Optional[int]:
+    def _restart_engine(self) -> int | None:
         """Restart a dead engine after a backoff; an exit code when we give up."""
         assert self.engine is not None
         code = self.engine.returncode
@@ -221,7 +217,7 @@ class Supervisor:
         stop_process(self.engine, "engine", ENGINE_STOP_TIMEOUT_S)
 
 
-def engine_busy(address: str, timeout_s: float = 2.0) -> Optional[int]:
+def engine_busy(address: str, timeout_s: float = 2.0) -> int | None:
     """Running + queued requests in the engine, or None if it does not answer."""
     ctx = zmq.Context()
     sock = connect_dealer(ctx, address, f"supervisor-probe-{os.getpid()}".encode())

@@ -8,7 +8,8 @@ only this module names them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 
@@ -27,7 +28,7 @@ class StepCosts(NamedTuple):
     prompt_tokens: int = 0
     prompt_s: float = 0.0
 
-    def since(self, before: "StepCosts") -> "StepCosts":
+    def since(self, before: StepCosts) -> StepCosts:
         return StepCosts(
             self.decode_steps - before.decode_steps,
             self.decode_s - before.decode_s,
@@ -64,10 +65,10 @@ class Batch:
         self,
         tokens: list[int],
         max_tokens: int,
-        cache: Optional[list[Any]],
+        cache: list[Any] | None,
         cached_tokens: list[int],
         sampler: Callable[[Any], Any],
-        processors: Optional[list[Callable[[Any, Any], Any]]],
+        processors: list[Callable[[Any, Any], Any]] | None,
         stops: StopSequences,
     ) -> int:
         """Queue one prompt (``tokens`` still to prefill after ``cache``); its uid."""
@@ -92,7 +93,7 @@ class Batch:
         # _find_uids' stage index is the position in this list.
         counts = [len(gen._unprocessed_sequences), len(gen._prompt_batch), len(gen._generation_batch)]
         uids = list(without)
-        for stage, _ in (gen._find_uids(uids).values() if uids else ()):
+        for stage, _ in gen._find_uids(uids).values() if uids else ():
             counts[stage] -= 1
         return BatchRows(*counts)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -64,7 +65,7 @@ class GrammarCompiler:
         self._hf = getattr(tokenizer, "_tokenizer", tokenizer)
         self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
-        self._ll_tokenizer: Optional[llguidance.LLTokenizer] = None
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._prototypes: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
@@ -105,7 +106,7 @@ class GrammarCompiler:
             self._prototypes.move_to_end(key)
         return prototype.deep_copy()
 
-    def processor(self, constraint: Constraint) -> "GrammarProcessor":
+    def processor(self, constraint: Constraint) -> GrammarProcessor:
         return GrammarProcessor(self.matcher(constraint), self._eos)
 
 
@@ -116,7 +117,7 @@ class GrammarProcessor:
         self._matcher = matcher
         self._eos = list(eos_token_ids)
         self._started = False
-        self.error: Optional[str] = None  # set once the matcher failed; the scheduler ends the request
+        self.error: str | None = None  # set once the matcher failed; the scheduler ends the request
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started and self.error is None:

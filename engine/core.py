@@ -16,8 +16,9 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
@@ -66,8 +67,8 @@ class _Active:
     cached_prompt_tokens: int
     first_sent: bool = False
     # None: no logprobs wanted; k: sampled logprob plus the top k.
-    logprobs: Optional[int] = None
-    grammar: Optional[GrammarProcessor] = None
+    logprobs: int | None = None
+    grammar: GrammarProcessor | None = None
 
 
 @dataclass
@@ -98,7 +99,7 @@ class StepResult:
 
 # Test-only seam (never reachable from settings or the wire): given a request,
 # an extra logits processor to run for it, e.g. one that raises.
-FaultInjector = Callable[[Generate], Optional[Callable[[Any, Any], Any]]]
+FaultInjector = Callable[[Generate], Callable[[Any, Any], Any] | None]
 
 
 class _Guarded:
@@ -127,8 +128,8 @@ class EngineCore:
         self,
         model: Any,
         config: SchedulerConfig,
-        grammars: Optional[GrammarCompiler] = None,
-        fault_injector: Optional[FaultInjector] = None,
+        grammars: GrammarCompiler | None = None,
+        fault_injector: FaultInjector | None = None,
     ) -> None:
         self._config = config
         self._grammars = grammars  # None: constrained requests are refused
@@ -215,7 +216,7 @@ class EngineCore:
             log.exception("could not start request %s", request.request_id)
             deltas.append(TokenDelta(request.request_id, [], "error", error=f"{type(exc).__name__}: {exc}"))
 
-    def _sampling(self, request: Generate) -> tuple[RequestSampling, Optional[GrammarProcessor]]:
+    def _sampling(self, request: Generate) -> tuple[RequestSampling, GrammarProcessor | None]:
         """Sampler and sampling processors, then the grammar mask last (nothing may lift it)."""
         sampling = build_request_sampling(request.sampling, wants_logprobs=request.logprobs is not None)
         if request.constraint is None:
@@ -225,7 +226,7 @@ class EngineCore:
         grammar = self._grammars.processor(request.constraint)
         return sampling._replace(processors=[*(sampling.processors or []), grammar]), grammar
 
-    def _guarded(self, request: Generate, processors: Optional[list[Any]]) -> Optional[list[Any]]:
+    def _guarded(self, request: Generate, processors: list[Any] | None) -> list[Any] | None:
         processors = list(processors or [])
         injected = self._fault_injector(request) if self._fault_injector else None
         if injected is not None:
@@ -254,7 +255,7 @@ class EngineCore:
             self.stats.prompt_cache_hits += 1
             self.stats.prompt_cache_hit_tokens += cached
 
-    def _fetch_prefix(self, prompt: list[int]) -> tuple[Optional[list[Any]], list[int]]:
+    def _fetch_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """The longest cached prefix of ``prompt`` and the tokens still to prefill."""
         if self._config.prompt_cache_bytes <= 0:
             return None, prompt
@@ -343,8 +344,8 @@ class Scheduler:
         self,
         model: Any,
         config: SchedulerConfig,
-        grammars: Optional[GrammarCompiler] = None,
-        fault_injector: Optional[FaultInjector] = None,
+        grammars: GrammarCompiler | None = None,
+        fault_injector: FaultInjector | None = None,
     ) -> None:
         self._config = config
         self.core = EngineCore(model, config, grammars, fault_injector)
@@ -476,7 +477,7 @@ class Scheduler:
         plan = self.plan()
         return self.collect(self.core.execute(plan) if plan is not None else None)
 
-    def plan(self) -> Optional[StepPlan]:
+    def plan(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to execute.
 
         Holding arrivals back while a burst is still coming, and the prefill
@@ -500,7 +501,7 @@ class Scheduler:
             seed=self._seeds.getrandbits(32),
         )
 
-    def collect(self, result: Optional[StepResult]) -> Outputs:
+    def collect(self, result: StepResult | None) -> Outputs:
         """The finals decided here, then the step's deltas, grouped by worker;
         the step's measured costs size later prefill chunks."""
         outputs, self._pending = self._pending, defaultdict(list)

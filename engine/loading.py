@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -81,14 +81,14 @@ def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
     return int(size) if size else len(tokenizer)
 
 
-def _tool_parser_name(tokenizer: Any) -> Optional[str]:
+def _tool_parser_name(tokenizer: Any) -> str | None:
     """mlx-lm's inferred tool-call parser (a module of mlx_lm.tool_parsers), by name."""
     parser = getattr(tokenizer, "tool_parser", None)
     module = getattr(parser, "__module__", "") or ""
     return module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
 
 
-def load_model(model_path: str, adapter_path: Optional[str] = None) -> LoadedModel:
+def load_model(model_path: str, adapter_path: str | None = None) -> LoadedModel:
     path = Path(model_path).resolve()
     log.info("loading model %s%s", path, f" with adapter {adapter_path}" if adapter_path else "")
     started = time.monotonic()

@@ -20,7 +20,6 @@ prefill forward stalls all running streams by at least its fixed cost.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 # A chunk fed while streams decode should cost about this share of a decode step:
 # it buys running streams' smoothness with the long prompt's wait (the trade at
@@ -61,7 +60,7 @@ class LinearCost:
         self._nt += a * (tokens * seconds - self._nt)
         self.samples += 1
 
-    def fit(self) -> Optional[tuple[float, float]]:
+    def fit(self) -> tuple[float, float] | None:
         """(fixed seconds, seconds per token), or None before any sample."""
         if not self.samples or self._n <= 0:
             return None
@@ -83,8 +82,8 @@ class PrefillPolicy:
         # The latest prefill forward: (tokens, seconds). A prompt's chunks cost
         # more per token as its context grows (attention), which a fit over
         # every forward averages away; consecutive chunks have nearly the same context.
-        self._latest: Optional[tuple[int, float]] = None
-        self._held_since: Optional[float] = None
+        self._latest: tuple[int, float] | None = None
+        self._held_since: float | None = None
 
     # ---------------------------------------------------------------- costs
 
@@ -100,8 +99,11 @@ class PrefillPolicy:
         costs the step's whole time less one decode step."""
         if decode_steps and not prompt_tokens:
             sample = decode_s / decode_steps
-            self.decode_step_s = sample if not self.decode_step_s else (
-                self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))
+            self.decode_step_s = (
+                sample
+                if not self.decode_step_s
+                else (self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))
+            )
         if prompt_tokens:
             if decode_steps and self.decode_step_s:
                 prompt_s = max(decode_s + prompt_s - self.decode_step_s, 0.0)

@@ -18,18 +18,17 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
 
 _NONE = 1 << 62  # `shortest` of a subtree without entries
 
 
 @dataclass(eq=False, slots=True)
 class _Node:
-    children: dict[int, "_Node"] = field(default_factory=dict)
-    entry: Optional["_Entry"] = None
+    children: dict[int, _Node] = field(default_factory=dict)
+    entry: _Entry | None = None
     # Token count of the shortest entry in this subtree (this node's own included):
     # the cheapest one to copy when any of them will do.
     shortest: int = _NONE
@@ -51,7 +50,7 @@ class PrefixCache:
         # copy would cost about what prefilling it does).
         self.min_reuse = max(min_reuse, 1)
         self._root = _Node()
-        self._lru: "OrderedDict[tuple[int, ...], _Entry]" = OrderedDict()  # oldest first
+        self._lru: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # oldest first
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -59,7 +58,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ lookup
 
-    def fetch(self, tokens: list[int]) -> tuple[Optional[list[Any]], list[int]]:
+    def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the cache of the longest usable shared prefix, and the tokens left to prefill.
 
         At least one token is always left: the model must see the prompt's last
@@ -67,7 +66,7 @@ class PrefixCache:
         least ``min_reuse`` tokens is shared.
         """
         node, depth = self._root, 0
-        prefix: Optional[_Entry] = None  # deepest entry whose tokens all start the prompt
+        prefix: _Entry | None = None  # deepest entry whose tokens all start the prompt
         for token in tokens:
             child = node.children.get(token)
             if child is None:
@@ -81,11 +80,11 @@ class PrefixCache:
         if deeper is not None and deeper.trimmable and usable >= self.min_reuse:
             return self._copy(deeper, usable), tokens[usable:]
         if prefix is not None and len(prefix.tokens) >= self.min_reuse:
-            return self._copy(prefix, len(prefix.tokens)), tokens[len(prefix.tokens):]
+            return self._copy(prefix, len(prefix.tokens)), tokens[len(prefix.tokens) :]
         return None, tokens
 
     @staticmethod
-    def _shortest_entry_below(node: _Node) -> Optional[_Entry]:
+    def _shortest_entry_below(node: _Node) -> _Entry | None:
         # One descent, always into the child whose subtree holds the shortest entry.
         target = node.shortest
         while node.entry is None or len(node.entry.tokens) != target:
@@ -128,7 +127,7 @@ class PrefixCache:
                 self._remove(prefix)
         self.trim_to(self.max_bytes, self.max_entries)
 
-    def trim_to(self, n_bytes: int, n_entries: Optional[int] = None) -> None:
+    def trim_to(self, n_bytes: int, n_entries: int | None = None) -> None:
         """Evict least recently used entries until both limits hold."""
         limit = len(self._lru) if n_entries is None else max(n_entries, 0)
         while self._lru and (self.nbytes > max(n_bytes, 0) or len(self._lru) > limit):

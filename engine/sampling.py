@@ -17,8 +17,9 @@ bias in a processor and its reported logprobs include the bias.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -46,7 +47,7 @@ class RequestSampling(NamedTuple):
     """What one request hands BatchGenerator: its sampler and its processors."""
 
     sampler: Sampler
-    processors: Optional[list[LogitsProcessor]]
+    processors: list[LogitsProcessor] | None
 
 
 def _filters(params: SamplingParams) -> list[Callable[[mx.array], mx.array]]:
@@ -120,7 +121,7 @@ def _sampler(params: SamplingParams, bias: BiasKey = ()) -> Sampler:
     return _shared_sampler(params.temperature, params.top_p, params.min_p, params.top_k, bias)
 
 
-def _processors(params: SamplingParams, with_bias: bool = True) -> Optional[list[LogitsProcessor]]:
+def _processors(params: SamplingParams, with_bias: bool = True) -> list[LogitsProcessor] | None:
     """Processors keep per-request state (token history), so never shared."""
     processors = make_logits_processors(
         logit_bias=(params.logit_bias or None) if with_bias else None,

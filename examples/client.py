@@ -67,14 +67,10 @@ def complete(client: openai.OpenAI, model: str, max_tokens: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="[default: %(default)s]")
-    parser.add_argument(
-        "--api-key", default="not-needed", help="sent as a bearer token [default: %(default)s]"
-    )
+    parser.add_argument("--api-key", default="not-needed", help="sent as a bearer token [default: %(default)s]")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="[default: %(default)s]")
     args = parser.parse_args(argv)
-    client = openai.OpenAI(
-        base_url=args.base_url, api_key=args.api_key, timeout=TIMEOUT_S, max_retries=1
-    )
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=TIMEOUT_S, max_retries=1)
     try:
         model = show_model(client)
         chat(client, model, args.max_tokens)
@@ -84,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no answer within {TIMEOUT_S:.0f} s from {args.base_url}", file=sys.stderr)
         return 1
     except openai.APIConnectionError:
-        print(
-            f"error: no server answers at {args.base_url}: is mlx-server running?", file=sys.stderr
-        )
+        print(f"error: no server answers at {args.base_url}: is mlx-server running?", file=sys.stderr)
         return 1
     except openai.APIStatusError as exc:
         print(f"error: HTTP {exc.status_code}: {exc.message}", file=sys.stderr)

@@ -8,7 +8,6 @@ ZeroMQ client.
 from __future__ import annotations
 
 import logging
-from typing import Union
 
 import falcon
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -16,10 +15,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from frontend.context import AppContext, FrontendSettings
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
-from frontend.resources.chat import ChatCompletionsResource
 from frontend.guards import ApiKeyGate
 from frontend.metrics import MetricsResource
 from frontend.middleware import RequestObserver
+from frontend.resources.chat import ChatCompletionsResource
 from frontend.resources.completions import CompletionsResource
 from frontend.resources.health import LivenessResource, ReadinessResource
 from frontend.resources.models import ModelsResource
@@ -52,7 +51,7 @@ ROUTES: dict[str, type] = {
 
 def _tokenization(
     engine: EngineClient,
-    tokenizer: Union[Tokenization, PreTrainedTokenizerBase, None],
+    tokenizer: Tokenization | PreTrainedTokenizerBase | None,
     settings: FrontendSettings,
 ) -> Tokenization:
     if isinstance(tokenizer, Tokenization):
@@ -65,7 +64,7 @@ def _tokenization(
 
 def create_app(
     engine: EngineClient,
-    tokenizer: Union[Tokenization, PreTrainedTokenizerBase, None] = None,
+    tokenizer: Tokenization | PreTrainedTokenizerBase | None = None,
     *,
     settings: FrontendSettings,
 ) -> falcon.App:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 import llguidance
 
@@ -52,7 +52,7 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
     return check_constraint(Constraint(kind="json_schema", text=json.dumps(schema, separators=(",", ":"))), param)
 
 
-def response_format_constraint(response_format: Optional[dict[str, Any]]) -> Optional[Constraint]:
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
     """None for free text; a Constraint for json_object / json_schema; 400 otherwise."""
     if response_format is None:
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from frontend.engine_client import EngineClient
 from frontend.guards import DrainGate
@@ -36,7 +35,7 @@ class FrontendSettings:
     # Origins allowed by CORS; empty: CORS off (browsers can't call us cross-origin).
     cors_origins: tuple[str, ...] = ()
     # The supervisor creates this file when a graceful stop begins.
-    drain_flag: Optional[str] = None
+    drain_flag: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_n", "max_choices", "max_request_bytes", "retry_after_s"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import falcon
 
@@ -29,7 +29,7 @@ def peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def client_gone_check(req: falcon.Request) -> Optional[Callable[[], bool]]:
+def client_gone_check(req: falcon.Request) -> Callable[[], bool] | None:
     sock = req.env.get(GUNICORN_SOCKET_KEY)
     if not isinstance(sock, socket.socket):
         return None  # not under gunicorn (unit tests): nothing to watch

@@ -6,7 +6,8 @@ client (``frontend.zmq_client``), unit tests pass a fake.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
 
@@ -43,11 +44,11 @@ class RequestStream(Protocol):
 
     def close(self) -> None: ...
 
-    def watch(self, cancelled: "Callable[[], bool]") -> None:
+    def watch(self, cancelled: Callable[[], bool]) -> None:
         """While iterating, poll ``cancelled``; when true, close (abort) and raise ClientDisconnected."""
         ...
 
-    def __enter__(self) -> "RequestStream": ...
+    def __enter__(self) -> RequestStream: ...
 
     def __exit__(self, *exc: object) -> None: ...
 

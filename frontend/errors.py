@@ -9,7 +9,7 @@ to the same shape by ``install_error_handlers``.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import falcon
 
@@ -25,19 +25,18 @@ NOT_FOUND = "not_found_error"
 ENGINE_ERROR_CHARS = 200
 
 
-
 class ErrorDetail(Shape):
     message: str
     type: str
-    param: Optional[str]
-    code: Optional[str]
+    param: str | None
+    code: str | None
 
 
 class ErrorResponse(Shape):
     error: ErrorDetail
 
 
-def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> ErrorResponse:
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
 
 
@@ -49,10 +48,10 @@ class APIError(Exception):
         status: int,
         message: str,
         *,
-        type_: Optional[str] = None,
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,7 +65,7 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def invalid_request(message: str, *, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -74,7 +73,7 @@ def unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
-def generation_failed(detail: Optional[str]) -> APIError:
+def generation_failed(detail: str | None) -> APIError:
     """The engine reported an error for one request (finish_reason "error").
 
     The client gets one line of it: whatever the engine attaches beyond
@@ -86,7 +85,7 @@ def generation_failed(detail: Optional[str]) -> APIError:
     return APIError(500, f"generation failed in the engine: {summary}", code="engine_error")
 
 
-def engine_unavailable(exc: BaseException, headers: Optional[Mapping[str, str]] = None) -> APIError:
+def engine_unavailable(exc: BaseException, headers: Mapping[str, str] | None = None) -> APIError:
     message = f"the engine is unavailable: {exc}" if str(exc) else "the engine is unavailable"
     return APIError(503, message, code="engine_unavailable", headers=headers)
 
@@ -95,9 +94,7 @@ def internal_error() -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-def _write(
-    resp: falcon.Response, status: int, body: ErrorResponse, headers: Optional[Mapping[str, str]] = None
-) -> None:
+def _write(resp: falcon.Response, status: int, body: ErrorResponse, headers: Mapping[str, str] | None = None) -> None:
     # Replace whatever a half-run responder set. A streamed body that will
     # never be sent must still be closed: closing it aborts its engine requests.
     close = getattr(resp.stream, "close", None)

@@ -8,8 +8,9 @@ finish reason. ``frontend.pipeline`` drives the runs of a request.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import msgspec
 
@@ -18,7 +19,6 @@ from frontend.errors import generation_failed
 from frontend.tokenization import IncrementalDetokenizer
 from frontend.tools import ToolCall, ToolCallSplitter
 from ipc.messages import SamplingParams, TokenDelta
-
 
 # ---------------------------------------------------------------- sampling
 
@@ -107,9 +107,9 @@ class TokenLogprob:
 class Piece(NamedTuple):
     text: str
     # Tokens whose text this piece completes; None when logprobs were not asked for.
-    logprobs: Optional[list[TokenLogprob]] = None
+    logprobs: list[TokenLogprob] | None = None
     # Tool calls completed in this piece (chat with tools).
-    tool_calls: Optional[list[ToolCall]] = None
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ class FinishedChoice:
     index: int
     text: str
     finish_reason: str
-    logprobs: Optional[list[TokenLogprob]] = None
-    tool_calls: Optional[list[ToolCall]] = None
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChoiceRun:
@@ -138,7 +138,7 @@ class ChoiceRun:
         prompt_group: int = 0,
         *,
         logprobs: bool = False,
-        tools: Optional[ToolCallSplitter] = None,
+        tools: ToolCallSplitter | None = None,
     ) -> None:
         self.index = index
         self.prompt_group = prompt_group  # completions: which prompt this choice answers
@@ -151,7 +151,7 @@ class ChoiceRun:
         self._ends: list[int] = []  # end offset of each held token's text
         self._produced = 0  # characters detokenized so far
         self._emitted = 0  # characters released to the client so far
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
         self._seen_first = False
@@ -171,7 +171,7 @@ class ChoiceRun:
             texts.append(text)
         return "".join(texts)
 
-    def _release(self, *, upto_start: Optional[int] = None, all_: bool = False) -> Optional[list[TokenLogprob]]:
+    def _release(self, *, upto_start: int | None = None, all_: bool = False) -> list[TokenLogprob] | None:
         """Logprobs of held tokens whose text is out (or, after a stop string,
         that contributed text before it); None when logprobs are off."""
         if not self._want_logprobs:
@@ -224,7 +224,7 @@ class ChoiceRun:
                     return
         raise EngineUnavailable(f"request {self.stream.request_id} ended without a final message")
 
-    def _pieces(self, text: str, released: Optional[list[TokenLogprob]], *, final: bool) -> Iterator[Piece]:
+    def _pieces(self, text: str, released: list[TokenLogprob] | None, *, final: bool) -> Iterator[Piece]:
         calls: list[ToolCall] = []
         if self._tools is not None:
             text, calls = self._tools.feed(text)
@@ -245,7 +245,7 @@ class ChoiceRun:
     def finish(self) -> FinishedChoice:
         """Run to the end (non-streaming)."""
         texts: list[str] = []
-        logprobs: Optional[list[TokenLogprob]] = [] if self._want_logprobs else None
+        logprobs: list[TokenLogprob] | None = [] if self._want_logprobs else None
         calls: list[ToolCall] = []
         for part in self.parts():
             texts.append(part.text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import falcon
 
@@ -43,7 +43,7 @@ class ApiKeyGate:
 class DrainGate:
     """While the supervisor's drain flag exists, new API requests get 503."""
 
-    def __init__(self, flag_path: Optional[str], retry_after_s: int) -> None:
+    def __init__(self, flag_path: str | None, retry_after_s: int) -> None:
         self._flag = flag_path
         self._retry_after_s = retry_after_s
 

@@ -26,7 +26,6 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Optional
 
 from ipc import runtime
 from ipc.logging_setup import dict_config
@@ -50,7 +49,7 @@ logconfig_dict = dict_config(LOG_ROLE, _config.log_format) if _config else {}
 
 PARENT_CHECK_INTERVAL_S = 1.0
 # The metrics directory this master created (None: the user's own, left in place).
-_own_metrics_dir: Optional[str] = None
+_own_metrics_dir: str | None = None
 
 
 def _exit_when_supervisor_dies(server) -> None:

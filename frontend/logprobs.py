@@ -7,7 +7,7 @@ Token strings and bytes come from the tokenizer (``Tokenization.token_entry``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from frontend.generation import TokenLogprob
 from frontend.openai_shapes import ChoiceLogprobs, CompletionLogprobs, TopLogprob
@@ -31,7 +31,7 @@ def _top(token_id: int, logprob: float, entry: TokenEntry) -> TopLogprob:
     return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(raw))
 
 
-def chat_logprobs(tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry) -> Optional[ChoiceLogprobs]:
+def chat_logprobs(tokens: Sequence[TokenLogprob] | None, entry: TokenEntry) -> ChoiceLogprobs | None:
     if tokens is None:
         return None
     content = []
@@ -43,8 +43,8 @@ def chat_logprobs(tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry) -
 
 
 def completion_logprobs(
-    tokens: Optional[Sequence[TokenLogprob]], entry: TokenEntry, offset_base: int = 0
-) -> Optional[CompletionLogprobs]:
+    tokens: Sequence[TokenLogprob] | None, entry: TokenEntry, offset_base: int = 0
+) -> CompletionLogprobs | None:
     """``offset_base``: characters before the completion text (an echoed prompt)."""
     if tokens is None:
         return None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -87,7 +87,7 @@ class ObservedStream:
     def __init__(self, stream: RequestStream, prompt_tokens: int) -> None:
         self._stream = stream
         self.request_id = stream.request_id
-        self._last: Optional[float] = None
+        self._last: float | None = None
         self._generated = 0
         self._submitted_at = time.perf_counter()
         PROMPT_TOKENS.inc(prompt_tokens)
@@ -122,7 +122,7 @@ class ObservedStream:
                 GENERATED_TOKENS.inc(self._generated)
                 self._generated = 0
 
-    def __enter__(self) -> "ObservedStream":
+    def __enter__(self) -> ObservedStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,7 +180,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         try:
-            status: Optional[EngineStatus] = self._engine.status(timeout_s=self._timeout_s)
+            status: EngineStatus | None = self._engine.status(timeout_s=self._timeout_s)
             created = float(self._engine.model.created)
         except EngineUnavailable as exc:
             log.debug("metrics: engine status unavailable: %s", exc)

@@ -3,7 +3,7 @@ bodies we send and is their schema in /openapi.json."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from frontend.shapes import Shape
 
@@ -24,7 +24,7 @@ class Usage(Shape):
     prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -39,19 +39,19 @@ class Usage(Shape):
 class TopLogprob(Shape):
     token: str
     logprob: float
-    bytes: Optional[list[int]]
+    bytes: list[int] | None
 
 
 class TokenLogprob(Shape):
     token: str
     logprob: float
-    bytes: Optional[list[int]]
+    bytes: list[int] | None
     top_logprobs: list[TopLogprob]
 
 
 class ChoiceLogprobs(Shape):
-    content: Optional[list[TokenLogprob]]
-    refusal: Optional[list[TokenLogprob]]
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None
 
 
 class CompletionLogprobs(Shape):
@@ -86,15 +86,15 @@ class ToolCallDelta(Shape):
 
 class AssistantMessage(Shape):
     role: Literal["assistant"]
-    content: Optional[str]
-    refusal: Optional[str]
-    tool_calls: Optional[list[ToolCall]] = None
+    content: str | None
+    refusal: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Shape):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChoiceLogprobs]
+    logprobs: ChoiceLogprobs | None
     finish_reason: ChatFinishReason
 
 
@@ -108,16 +108,16 @@ class ChatCompletion(Shape):
 
 
 class ChatDelta(Shape):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-    tool_calls: Optional[list[ToolCallDelta]] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Shape):
     index: int
     delta: ChatDelta
-    logprobs: Optional[ChoiceLogprobs]
-    finish_reason: Optional[ChatFinishReason]
+    logprobs: ChoiceLogprobs | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(Shape):
@@ -128,7 +128,7 @@ class ChatCompletionChunk(Shape):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 # ---------------------------------------------------------------- completions
@@ -137,8 +137,8 @@ class ChatCompletionChunk(Shape):
 class CompletionChoice(Shape):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs]
-    finish_reason: Optional[CompletionFinishReason]  # null in stream chunks before the last
+    logprobs: CompletionLogprobs | None
+    finish_reason: CompletionFinishReason | None  # null in stream chunks before the last
 
 
 class Completion(Shape):
@@ -149,7 +149,7 @@ class Completion(Shape):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 # ---------------------------------------------------------------- models
@@ -162,7 +162,7 @@ class ModelCard(Shape):
     owned_by: str
     context_length: int
     max_model_len: int  # vLLM's name for context_length
-    adapter: Optional[str]
+    adapter: str | None
     path: str
 
 

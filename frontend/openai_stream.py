@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 from frontend import pipeline, sse
 from frontend.openai_shapes import ChatCompletionChunk, Completion, Usage
 
-Chunk = Union[ChatCompletionChunk, Completion]
+Chunk = ChatCompletionChunk | Completion
 
 
 def head(generation: pipeline.Generation) -> dict[str, Any]:
@@ -25,7 +26,7 @@ class OpenAIStream:
         self._generation = generation
         self._include_usage = include_usage
 
-    def chunk(self, choices: list[Any], usage: Optional[Usage] = None) -> bytes:
+    def chunk(self, choices: list[Any], usage: Usage | None = None) -> bytes:
         fields: dict[str, Any] = {**head(self._generation), "object": self.object_name, "choices": choices}
         if self._include_usage:
             fields["usage"] = usage  # null on every chunk but the last (and absent without include_usage)

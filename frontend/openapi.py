@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -41,9 +41,9 @@ class Operation:
     """One method of one route, as the document describes it."""
 
     summary: str
-    request: Optional[type[BaseModel]] = None  # the JSON body's model
-    response: Optional[type[BaseModel]] = None  # the 200 body's model; None: some JSON object
-    stream: Optional[type[BaseModel]] = None  # with stream=true: each event's data
+    request: type[BaseModel] | None = None  # the JSON body's model
+    response: type[BaseModel] | None = None  # the 200 body's model; None: some JSON object
+    stream: type[BaseModel] | None = None  # with stream=true: each event's data
     media_type: str = "application/json"
     errors: tuple[int, ...] = ()
     same_body: tuple[int, ...] = ()  # other statuses whose body is ``response`` too
@@ -123,7 +123,7 @@ def document(routes: dict[str, type]) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [(ErrorResponse, "serialization")]
     for uri_template, resource in routes.items():
         path, parameters = _path(uri_template)
-        operations: dict[str, Operation] = getattr(resource, "openapi")  # every route's resource declares them
+        operations: dict[str, Operation] = resource.openapi  # every route's resource declares them
         item: dict[str, Any] = {method: op.describe() for method, op in operations.items()}
         if parameters:
             item["parameters"] = parameters

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import NamedTuple, Protocol
 
 import falcon
 
@@ -46,12 +47,12 @@ class PipelineRequest:
     prompt_param: str  # the request field errors about the prompt name ("messages", "prompt")
     id_prefix: str  # of the response id ("chatcmpl", "cmpl")
     sampling: SamplingParams
-    max_tokens: Optional[int] = None  # None: the rest of the context, capped by the settings
+    max_tokens: int | None = None  # None: the rest of the context, capped by the settings
     n: int = 1  # choices per prompt; choice index = prompt * n + j
     stops: tuple[str, ...] = ()
-    constraint: Optional[Constraint] = None
-    logprobs: Optional[int] = None  # None: no logprobs; else how many top logprobs per token
-    tools: Optional[ToolPlan] = None  # calls are cut out of the text when the plan parses them
+    constraint: Constraint | None = None
+    logprobs: int | None = None  # None: no logprobs; else how many top logprobs per token
+    tools: ToolPlan | None = None  # calls are cut out of the text when the plan parses them
     # Drop the first token's leading space as mlx-lm does (chat); a completion's
     # text must be exactly its tokens' text, so it keeps it.
     trim_leading_space: bool = True
@@ -95,7 +96,7 @@ class Failed:
     error: APIError
 
 
-Event = Union[Started, Delta, Finished, Completed, Failed]
+Event = Started | Delta | Finished | Completed | Failed
 
 
 class StreamFormat(Protocol):
@@ -148,7 +149,7 @@ def new_response_id(prefix: str) -> str:
 
 
 def resolve_max_tokens(
-    requested: Optional[int], prompt_tokens: int, model: ModelInfo, default_max_tokens: int, prompt_param: str
+    requested: int | None, prompt_tokens: int, model: ModelInfo, default_max_tokens: int, prompt_param: str
 ) -> int:
     """max_tokens for one prompt; a prompt that cannot fit is the client's error."""
     room = model.context_length - prompt_tokens
@@ -223,7 +224,7 @@ def plan(ctx: AppContext, request: PipelineRequest) -> Plan:
     return Plan(request, max_tokens)
 
 
-def start(ctx: AppContext, checked: Plan) -> "Generation":
+def start(ctx: AppContext, checked: Plan) -> Generation:
     """Submit one engine request per choice (EngineUnavailable -> 503)."""
     request, max_tokens, model = checked.request, checked.max_tokens, ctx.engine.model
     n = request.n
@@ -318,7 +319,7 @@ class Generation:
         finally:
             sse.close_all(self.streams)
 
-    def collect(self, client_gone: Optional[Callable[[], bool]] = None) -> Outcome:
+    def collect(self, client_gone: Callable[[], bool] | None = None) -> Outcome:
         """Run every choice to its end; a client that hangs up aborts its requests."""
         try:
             if client_gone is not None:

@@ -9,7 +9,8 @@ never a silently ignored field we claim to support (DESIGN rule 4).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
@@ -75,7 +76,7 @@ _TOOL_CHOICE_DOC: dict[str, Any] = {
 
 
 class StreamOptions(_Strict):
-    include_usage: Optional[bool] = None
+    include_usage: bool | None = None
 
 
 # ---------------------------------------------------------------- chat messages
@@ -90,10 +91,10 @@ class TextContentPart(BaseModel):
     text: str
 
 
-_ContentInput = Union[str, Annotated[list[TextContentPart], Field(min_length=1)]]
+_ContentInput = str | Annotated[list[TextContentPart], Field(min_length=1)]
 
 
-def _content_shape(value: Any) -> Union[str, list[dict[str, Any]]]:
+def _content_shape(value: Any) -> str | list[dict[str, Any]]:
     """One message for any wrong content (a pydantic union would report its first member's complaint)."""
     if isinstance(value, str):
         return value
@@ -110,7 +111,7 @@ class _Message(_Strict):
     # as mlx_lm.server passes message dicts.
     model_config = ConfigDict(strict=True, extra="allow")
 
-    name: Optional[str] = None
+    name: str | None = None
 
 
 class ChatSystemMessage(_Message):
@@ -152,9 +153,9 @@ class ChatAssistantMessage(_Message):
     )
 
     role: Literal["assistant"]
-    content: Optional[Content] = None  # null only with tool_calls (checked in check_supported)
-    refusal: Optional[str] = None
-    tool_calls: Optional[list[MessageToolCall]] = None
+    content: Content | None = None  # null only with tool_calls (checked in check_supported)
+    refusal: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatToolMessage(_Message):
@@ -164,7 +165,7 @@ class ChatToolMessage(_Message):
 
 
 ChatMessage = Annotated[
-    Union[ChatSystemMessage, ChatDeveloperMessage, ChatUserMessage, ChatAssistantMessage, ChatToolMessage],
+    ChatSystemMessage | ChatDeveloperMessage | ChatUserMessage | ChatAssistantMessage | ChatToolMessage,
     Field(discriminator="role"),
 ]
 
@@ -172,25 +173,25 @@ ChatMessage = Annotated[
 class _GenerationRequest(_Strict):
     """Fields shared by chat completions and completions."""
 
-    model: Optional[str] = None  # any value: this server has one model
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)  # -1 or 0: off (vLLM uses -1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = Field(None, json_schema_extra=_LOGIT_BIAS_DOC)
-    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    n: Optional[int] = Field(None, ge=1)
-    stop: Union[str, list[str], None] = None
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    model: str | None = None  # any value: this server has one model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM uses -1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_LOGIT_BIAS_DOC)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     # text, json_object or json_schema (enforced by the engine's grammar mask).
     # Completions take it too (as vLLM does).
-    response_format: Optional[dict[str, Any]] = Field(None, json_schema_extra=_RESPONSE_FORMAT_DOC)
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra=_RESPONSE_FORMAT_DOC)
 
     @property
     def choices_per_prompt(self) -> int:
@@ -212,7 +213,7 @@ class _GenerationRequest(_Strict):
         if self.stream_options is not None and not self.stream:
             raise invalid_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def response_constraint(self) -> Optional[Constraint]:
+    def response_constraint(self) -> Constraint | None:
         """The grammar response_format asks for (400 if it cannot be enforced)."""
         return response_format_constraint(self.response_format)
 
@@ -237,7 +238,7 @@ def _top_k(top_k: int, vocab_size: int) -> int:
     return top_k if 0 < top_k < vocab_size else 0
 
 
-def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     if not bias:
         return None
     out: dict[int, float] = {}
@@ -293,7 +294,7 @@ _TEXT_PART_TYPES = frozenset({"text", "input_text"})
 _MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
 
 
-def _first_unsupported(extra: dict[str, Any], table: dict[str, _Check]) -> Optional[APIError]:
+def _first_unsupported(extra: dict[str, Any], table: dict[str, _Check]) -> APIError | None:
     for field_name, (is_unsupported, message) in table.items():
         if is_unsupported(extra.get(field_name)):
             return unsupported(field_name, message)
@@ -307,34 +308,34 @@ class ChatCompletionRequest(_GenerationRequest):
     model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"dependentSchemas": _ONLY_WITH})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     # mlx_lm.server / vLLM extension: extra variables for the chat template.
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template_kwargs: dict[str, Any] | None = None
     # Checked against _CHAT_UNSUPPORTED; typed loosely so the check, not a
     # type error, tells the client what is wrong.
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     # Checked by frontend.tools.plan_tools (each tool, each choice, with a param path).
-    tools: Optional[list[Any]] = Field(None, json_schema_extra=_TOOLS_DOC)
+    tools: list[Any] | None = Field(None, json_schema_extra=_TOOLS_DOC)
     tool_choice: Any = Field(None, json_schema_extra=_TOOL_CHOICE_DOC)
-    parallel_tool_calls: Optional[bool] = None
-    functions: Optional[list[Any]] = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
-    modalities: Optional[list[str]] = Field(None, json_schema_extra={"items": {"const": "text"}})
+    modalities: list[str] | None = Field(None, json_schema_extra={"items": {"const": "text"}})
     prediction: Any = None
     web_search_options: Any = None
     moderation: Any = None
-    reasoning_effort: Optional[str] = None
-    verbosity: Optional[str] = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
     @property
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is the current name; max_tokens the deprecated one.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
-    def engine_logprobs(self) -> Optional[int]:
+    def engine_logprobs(self) -> int | None:
         """Generate.logprobs: None, or how many top logprobs per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -352,12 +353,12 @@ class ChatCompletionRequest(_GenerationRequest):
                 )
             _check_content(i, message.content)
 
-    def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], Optional[int]]) -> ToolPlan:
+    def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], int | None]) -> ToolPlan:
         return plan_tools(
             self.tools, self.tool_choice, self.parallel_tool_calls, model, marker_token_id, self.response_constraint()
         )
 
-    def constraint(self, plan: ToolPlan) -> Optional[Constraint]:
+    def constraint(self, plan: ToolPlan) -> Constraint | None:
         """The grammar for this request: tool calls (forced, or calls-or-answer), else response_format."""
         return plan.constraint or self.response_constraint()
 
@@ -366,7 +367,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return [_template_message(i, m) for i, m in enumerate(self.messages)]
 
 
-def _check_content(i: int, content: Union[str, list[dict[str, Any]], None]) -> None:
+def _check_content(i: int, content: str | list[dict[str, Any]] | None) -> None:
     if not isinstance(content, list):
         return
     for j, part in enumerate(content):
@@ -412,13 +413,13 @@ def _parsed_tool_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- completions
 
-PromptInput = Union[str, list[str], list[int], list[list[int]]]
+PromptInput = str | list[str] | list[int] | list[list[int]]
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # What the document says of prompts: nothing empty, token ids from 0.
-_PromptDoc = Union[
-    _Text, Annotated[list[_Text], Field(min_length=1)], _TokenIds, Annotated[list[_TokenIds], Field(min_length=1)]
-]
+_PromptDoc = (
+    _Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1)]
+)
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
@@ -444,10 +445,10 @@ class CompletionRequest(_GenerationRequest):
     )
 
     prompt: Annotated[Any, PlainValidator(_prompt_shape, json_schema_input_type=_PromptDoc)]
-    echo: Optional[bool] = None
-    best_of: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    suffix: Optional[str] = None
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         self.check_common()
@@ -463,7 +464,7 @@ class CompletionRequest(_GenerationRequest):
             # The prompt's logprobs would need the prefill's logits, which the engine does not keep.
             raise unsupported("logprobs", "logprobs together with echo (prompt logprobs) are not supported")
 
-    def prompt_items(self) -> list[Union[str, list[int]]]:
+    def prompt_items(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
         prompt = self.prompt
         if isinstance(prompt, str):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import falcon
 import msgspec
@@ -48,7 +49,7 @@ def _validation_error(exc: ValidationError, data: dict[str, Any]) -> APIError:
     return invalid_request(f"invalid value for {param!r}: {message}", param=param)
 
 
-def _param(loc: Sequence[Any], data: Any) -> Optional[str]:
+def _param(loc: Sequence[Any], data: Any) -> str | None:
     """``messages[0].content`` from a pydantic location, following only the
     steps that exist in the input (pydantic adds union member names and tags;
     only a missing field's own name is kept)."""

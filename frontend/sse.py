@@ -9,7 +9,7 @@ OpenAI's chat and completions do, except after an error event.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 from frontend.engine_client import RequestStream
 from frontend.shapes import Shape
@@ -27,7 +27,7 @@ DONE = b"data: [DONE]\n\n"
 _LINE_SEPARATORS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\u2028\u2029\u0085")
 
 
-def event(payload: Shape, name: Optional[str] = None) -> bytes:
+def event(payload: Shape, name: str | None = None) -> bytes:
     """One event: ``[event: NAME\n]data: JSON\n\n``."""
     head = b"event: " + name.encode() + b"\n" if name else b""
     data = payload.dump()

@@ -25,8 +25,9 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Callable, Collection, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
@@ -109,7 +110,7 @@ def decoder_kind(decoder: Any) -> str:
     return "other"
 
 
-def _tokenizer_json_decoder(hf: PreTrainedTokenizerBase, model_path: Optional[Path]) -> Any:
+def _tokenizer_json_decoder(hf: PreTrainedTokenizerBase, model_path: Path | None) -> Any:
     """The decoder as mlx-lm sees it: from tokenizer.json on disk if there is one."""
     candidates = [model_path, Path(str(getattr(hf, "name_or_path", "") or ""))]
     for directory in candidates:
@@ -137,7 +138,7 @@ class _WindowDetokenizer:
         self._prefix = decode(self._ids) if self._ids else ""
         self._prefix_index = 0
 
-    def _step(self, token_id: int) -> Optional[str]:
+    def _step(self, token_id: int) -> str | None:
         self._ids.append(token_id)
         text = self._decode(self._ids)
         if len(text) <= len(self._prefix) or text.endswith("\ufffd"):
@@ -174,7 +175,7 @@ class _DecodeStreamDetokenizer:
         self._stream = DecodeStream(skip_special_tokens=skip_special)
         self._pending: list[int] = []  # ids not yet turned into text
         self._context: list[int] = list(prime)  # the last ids already turned into text
-        self._fallback: Optional[_WindowDetokenizer] = None
+        self._fallback: _WindowDetokenizer | None = None
         for token_id in prime:  # its text is context, never output
             self._stream.step(backend, token_id)
 
@@ -387,7 +388,7 @@ class Tokenization:
         self,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        model_path: Optional[str | Path] = None,
+        model_path: str | Path | None = None,
         skip_special_tokens: bool = False,
     ) -> None:
         self.hf = tokenizer
@@ -424,7 +425,7 @@ class Tokenization:
     @classmethod
     def from_pretrained(
         cls, model_path: str | Path, *, skip_special_tokens: bool = False, **kwargs: Any
-    ) -> "Tokenization":
+    ) -> Tokenization:
         hf = AutoTokenizer.from_pretrained(str(model_path), **kwargs)
         return cls(hf, model_path=model_path, skip_special_tokens=skip_special_tokens)
 
@@ -434,8 +435,8 @@ class Tokenization:
         self,
         messages: list[dict[str, Any]],
         *,
-        tools: Optional[list[dict[str, Any]]] = None,
-        template_kwargs: Optional[dict[str, Any]] = None,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Prompt ids of a conversation, as mlx_lm.server tokenizes it."""
         if not self.has_chat_template:
@@ -492,7 +493,7 @@ class Tokenization:
         texts = template.values() if isinstance(template, dict) else [template or ""]
         return any(re.search(rf"\b{re.escape(name)}\b", text) for text in texts)
 
-    def marker_token_id(self, text: str) -> Optional[int]:
+    def marker_token_id(self, text: str) -> int | None:
         """The id of the added token spelled ``text`` (special or not, as
         Qwen's ``<tool_call>``), else None: then ``text`` is plain text."""
         for token_id, added in self.hf.added_tokens_decoder.items():

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from frontend.constraints import JSON_LAYOUT, check_constraint
 from frontend.errors import invalid_request, unsupported
@@ -50,7 +51,7 @@ def new_call_id() -> str:
 # ---------------------------------------------------------------- model formats
 
 
-def _parse_json_tools(body: str) -> Optional[list[tuple[str, str]]]:
+def _parse_json_tools(body: str) -> list[tuple[str, str]] | None:
     """mlx_lm.tool_parsers.json_tools: ``{"name": ..., "arguments": {...}}`` (or a list of them)."""
     try:
         parsed = json.loads(body.strip())
@@ -72,7 +73,7 @@ def _parse_json_tools(body: str) -> Optional[list[tuple[str, str]]]:
 class ToolFormat:
     """How one model family writes a call: ``start + before + body + after + end``."""
 
-    parse: Callable[[str], Optional[list[tuple[str, str]]]]
+    parse: Callable[[str], list[tuple[str, str]] | None]
     before: str = ""  # text the grammar puts between the start marker and the JSON body
     after: str = ""
     separator: str = ""  # between two calls
@@ -92,15 +93,15 @@ TOOL_FORMATS: dict[str, ToolFormat] = {
 class ToolPlan:
     """What one chat request does with its tools."""
 
-    template_tools: Optional[list[dict[str, Any]]] = None  # what the chat template renders
+    template_tools: list[dict[str, Any]] | None = None  # what the chat template renders
     start: str = ""
     end: str = ""
-    format: Optional[ToolFormat] = None  # None: no calls are parsed out of the text
+    format: ToolFormat | None = None  # None: no calls are parsed out of the text
     single: bool = False  # at most one call (parallel_tool_calls false or a named function)
-    constraint: Optional[Constraint] = None
+    constraint: Constraint | None = None
     marker_ids: tuple[int, ...] = ()  # the markers' own tokens: their text must reach the splitter
 
-    def splitter(self) -> Optional["ToolCallSplitter"]:
+    def splitter(self) -> ToolCallSplitter | None:
         if self.format is None:
             return None
         return ToolCallSplitter(self.start, self.end, self.format.parse, single=self.single)
@@ -142,7 +143,7 @@ def _functions(tools: Sequence[Any]) -> list[_Function]:
     return out
 
 
-def _chosen(tool_choice: Any, functions: list[_Function]) -> tuple[str, Optional[str]]:
+def _chosen(tool_choice: Any, functions: list[_Function]) -> tuple[str, str | None]:
     """("none" | "auto" | "required" | "named", the named function)."""
     if tool_choice is None:
         return ("auto" if functions else "none"), None
@@ -163,12 +164,12 @@ def _chosen(tool_choice: Any, functions: list[_Function]) -> tuple[str, Optional
 
 
 def plan_tools(
-    tools: Optional[list[Any]],
+    tools: list[Any] | None,
     tool_choice: Any,
-    parallel_tool_calls: Optional[bool],
+    parallel_tool_calls: bool | None,
     model: ModelInfo,
-    marker_token_id: Callable[[str], Optional[int]],
-    answer: Optional[Constraint] = None,
+    marker_token_id: Callable[[str], int | None],
+    answer: Constraint | None = None,
 ) -> ToolPlan:
     """Validate tools/tool_choice; decide template tools, parsing and the grammar.
 
@@ -210,7 +211,7 @@ def plan_tools(
     return plan
 
 
-def _literal(text: str, markers: dict[str, Optional[int]]) -> str:
+def _literal(text: str, markers: dict[str, int | None]) -> str:
     """A marker in the grammar: its token when the tokenizer has one, else its bytes.
 
     llguidance keeps added tokens (special or not, as Qwen's ``<tool_call>``)
@@ -237,8 +238,8 @@ def _with_layout(schema: dict[str, Any]) -> dict[str, Any]:
 def _calls_grammar(
     functions: list[_Function],
     plan: ToolPlan,
-    markers: dict[str, Optional[int]],
-    answer_schema: Optional[dict[str, Any]] = None,
+    markers: dict[str, int | None],
+    answer_schema: dict[str, Any] | None = None,
 ) -> str:
     """Lark: one call (or several, separated) of the given functions, nothing
     else; or, with ``answer_schema``, calls or one JSON answer."""
@@ -279,7 +280,7 @@ class ToolCallSplitter:
 
     start: str
     end: str
-    parse: Callable[[str], Optional[list[tuple[str, str]]]]
+    parse: Callable[[str], list[tuple[str, str]] | None]
     single: bool = False
     calls: int = 0
     _buffer: str = ""

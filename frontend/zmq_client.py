@@ -27,10 +27,11 @@ import threading
 import time
 import types
 import uuid
-from typing import Callable, Iterator, Optional, Union
+from collections.abc import Callable, Iterator
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from frontend.engine_client import ClientDisconnected, EngineOverloaded, EngineUnavailable, RequestTimedOut
 from ipc import codec
@@ -49,8 +50,6 @@ from ipc.messages import (
     TokenDelta,
     Welcome,
 )
-from zmq.utils.monitor import recv_monitor_message
-
 from ipc.sockets import make_dealer
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ IO_POLL_MS = 100
 # A watched request checks for a vanished client this often while it waits.
 CANCEL_POLL_S = 0.2
 
-_Item = Union[TokenDelta, EngineUnavailable]
+_Item = TokenDelta | EngineUnavailable
 
 
 def _zmq_flavour() -> types.ModuleType:
@@ -84,14 +83,14 @@ def _zmq_flavour() -> types.ModuleType:
 class _Stream:
     """One request's deltas; closing it before its final delta aborts it."""
 
-    def __init__(self, client: "ZmqEngineClient", request_id: str, timeout_s: float) -> None:
+    def __init__(self, client: ZmqEngineClient, request_id: str, timeout_s: float) -> None:
         self.request_id = request_id
         self._client = client
         self._timeout_s = timeout_s
-        self._queue: "queue.SimpleQueue[_Item]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._done = False
         self._started = time.monotonic()
-        self._cancelled: Optional[Callable[[], bool]] = None
+        self._cancelled: Callable[[], bool] | None = None
         self._next_cancel_check = 0.0
 
     def watch(self, cancelled: Callable[[], bool]) -> None:
@@ -110,9 +109,7 @@ class _Stream:
                 item = self._next(remaining)
             except queue.Empty:
                 self.close()  # aborts it in the engine
-                raise RequestTimedOut(
-                    f"the request ran past the {self._timeout_s:.0f} s request timeout"
-                ) from None
+                raise RequestTimedOut(f"the request ran past the {self._timeout_s:.0f} s request timeout") from None
             if isinstance(item, EngineUnavailable):
                 self._done = True
                 raise item
@@ -144,7 +141,7 @@ class _Stream:
             self._done = True
             self._client._abort(self.request_id)
 
-    def __enter__(self) -> "_Stream":
+    def __enter__(self) -> _Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,11 +170,11 @@ class ZmqEngineClient:
         # never interrupted), threads each need their own (sockets are not thread-safe).
         self._pushes: dict[int, zmq.Socket] = {}
         self._streams: dict[str, _Stream] = {}
-        self._status_waiters: dict[str, "queue.SimpleQueue[EngineStatus]"] = {}
+        self._status_waiters: dict[str, queue.SimpleQueue[EngineStatus]] = {}
         self._lock = threading.Lock()
-        self._model: Optional[ModelInfo] = None
+        self._model: ModelInfo | None = None
         self._ready = threading.Event()
-        self._rejected: Optional[str] = None
+        self._rejected: str | None = None
         self._alive = False
         self._connected = False
         self._last_heard = time.monotonic()
@@ -226,7 +223,7 @@ class ZmqEngineClient:
         if not self._alive:
             raise EngineUnavailable("the engine is not available")
         query_id = uuid.uuid4().hex
-        waiter: "queue.SimpleQueue[EngineStatus]" = queue.SimpleQueue()
+        waiter: queue.SimpleQueue[EngineStatus] = queue.SimpleQueue()
         with self._lock:
             self._status_waiters[query_id] = waiter
         try:

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
@@ -25,7 +25,7 @@ LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 # The request the current thread works for; None outside requests.
-REQUEST_ID: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_server_request_id", default=None)
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlx_server_request_id", default=None)
 
 # LogRecord attributes that are not user "extra" fields.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id"}

@@ -13,7 +13,7 @@ cycles, so the garbage collector need not track them.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import msgspec
 
@@ -47,11 +47,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[int, float]] = None
-    seed: Optional[int] = None
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
 
 
 class Constraint(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,7 +73,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     model_id: str
     model_path: str
-    adapter_path: Optional[str]
+    adapter_path: str | None
     context_length: int
     eos_token_ids: list[int]
     vocab_size: int
@@ -81,9 +81,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     # How the model writes tool calls, as mlx-lm infers it from the chat
     # template (its tool_parsers module name, e.g. "json_tools") and the text
     # that opens and closes one call; None when the model has no tool calling.
-    tool_parser: Optional[str] = None
-    tool_call_start: Optional[str] = None
-    tool_call_end: Optional[str] = None
+    tool_parser: str | None = None
+    tool_call_start: str | None = None
+    tool_call_end: str | None = None
 
 
 # ---------------------------------------------------------------- frontend -> engine
@@ -100,11 +100,11 @@ class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     # None: stop on the model's EOS ids. An empty list: never stop on EOS.
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: list[int] | None = None
     # None: no logprobs. k >= 0: the sampled token's logprob plus the k most
     # likely tokens at each position (TokenDelta.logprobs / top_logprobs).
-    logprobs: Optional[int] = None
-    constraint: Optional[Constraint] = None
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True, gc=False):
@@ -146,15 +146,15 @@ class TokenDelta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=Tru
 
     request_id: str
     token_ids: list[int]
-    finish_reason: Optional[FinishReason] = None
+    finish_reason: FinishReason | None = None
     # Prompt tokens that the engine found in its prefix cache (first delta only).
     cached_prompt_tokens: int = 0
-    error: Optional[str] = None
+    error: str | None = None
     # Only for requests that asked (Generate.logprobs): one entry per token_ids
     # entry. logprobs[i]: log-probability of token_ids[i]; top_logprobs[i]:
     # (token id, logprob) of the k most likely tokens there, most likely first.
-    logprobs: Optional[list[float]] = None
-    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True, gc=False):
@@ -218,5 +218,5 @@ class StepPlan(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
     seed: int
 
 
-FrontendMessage = Union[Hello, Generate, Abort, StatusQuery, Ping]
-EngineMessage = Union[Welcome, Rejected, StepOutputs, EngineStatus, Pong]
+FrontendMessage = Hello | Generate | Abort | StatusQuery | Ping
+EngineMessage = Welcome | Rejected | StepOutputs | EngineStatus | Pong

@@ -9,7 +9,6 @@ second copy of ``deploy/settings.py``'s.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import msgspec
 
@@ -39,13 +38,13 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     cors_origins: tuple[str, ...]  # empty: CORS off
     # Set only under the supervisor: the file whose existence means "graceful stop in
     # progress", and the pid whose death makes gunicorn shut down.
-    drain_flag: Optional[str]
-    supervisor_pid: Optional[int]
+    drain_flag: str | None
+    supervisor_pid: int | None
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model_path: str
-    adapter_path: Optional[str]
+    adapter_path: str | None
     ipc_address: str
     log_level: LogLevel
     log_format: LogFormat

@@ -18,7 +18,6 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -99,22 +98,56 @@ Café, naïve, résumé, jalapeño, Zürich, São Paulo, Kraków. 你好，世�
 """
 
 _SUBJECTS = (
-    "the teacher", "a small robot", "my neighbour", "the old cat", "every student",
-    "the engineer", "a tired traveller", "our team", "the computer", "a young girl",
+    "the teacher",
+    "a small robot",
+    "my neighbour",
+    "the old cat",
+    "every student",
+    "the engineer",
+    "a tired traveller",
+    "our team",
+    "the computer",
+    "a young girl",
 )
 _VERBS = (
-    "reads", "writes", "builds", "finds", "likes", "paints", "explains", "remembers",
-    "carries", "opens", "watches", "answers",
+    "reads",
+    "writes",
+    "builds",
+    "finds",
+    "likes",
+    "paints",
+    "explains",
+    "remembers",
+    "carries",
+    "opens",
+    "watches",
+    "answers",
 )
 _OBJECTS = (
-    "a long letter", "the red book", "a simple program", "three green apples",
-    "the morning news", "a difficult question", "the wooden door", "an old map",
-    "the final report", "a quiet song", "twelve small boxes", "the blue river",
+    "a long letter",
+    "the red book",
+    "a simple program",
+    "three green apples",
+    "the morning news",
+    "a difficult question",
+    "the wooden door",
+    "an old map",
+    "the final report",
+    "a quiet song",
+    "twelve small boxes",
+    "the blue river",
 )
 _ENDINGS = (
-    "in the morning.", "after lunch.", "before the storm.", "with great care.",
-    "every Sunday.", "without a word.", "at the station.", "near the window.",
-    "for the first time.", "because it was late.",
+    "in the morning.",
+    "after lunch.",
+    "before the storm.",
+    "with great care.",
+    "every Sunday.",
+    "without a word.",
+    "at the station.",
+    "near the window.",
+    "for the first time.",
+    "because it was late.",
 )
 
 
@@ -122,9 +155,7 @@ def _corpus() -> list[str]:
     """A fixed corpus (~12 KB): hand-written paragraphs plus seeded sentences."""
     rng = random.Random(1234)  # Random(int).choice is stable across Python versions
     sentences = [
-        " ".join(
-            (rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ENDINGS))
-        ).capitalize()
+        " ".join((rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ENDINGS))).capitalize()
         for _ in range(200)
     ]
     lines = _PARAGRAPHS.splitlines()
@@ -259,7 +290,7 @@ def build_tiny_model(
     out_dir: Path,
     size: str = "tiny",
     seed: int = 0,
-    chat_template: Optional[str] = None,
+    chat_template: str | None = None,
     tool_markers: str = "text",
 ) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
@@ -317,9 +348,7 @@ def build_lora_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:
         for key in LORA_KEYS:
             d_in, d_out = dims[key]
             p = f"model.layers.{i}.{key}"
-            weights[f"{p}.lora_a"] = rng.standard_normal((d_in, LORA_RANK), dtype=np.float32) * np.float32(
-                d_in**-0.5
-            )
+            weights[f"{p}.lora_a"] = rng.standard_normal((d_in, LORA_RANK), dtype=np.float32) * np.float32(d_in**-0.5)
             weights[f"{p}.lora_b"] = rng.standard_normal((LORA_RANK, d_out), dtype=np.float32) * np.float32(
                 LORA_RANK**-0.5
             )

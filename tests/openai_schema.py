@@ -66,7 +66,7 @@ def _document() -> dict[str, Any]:
     return doc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(name: str) -> jsonschema.protocols.Validator:
     doc = _document()
     if name not in doc["components"]["schemas"]:

@@ -17,10 +17,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
 import psutil
@@ -38,7 +38,11 @@ READY_STREAK = 5
 MALFORMED = [
     ("POST", "/v1/chat/completions", b"{not json"),
     ("POST", "/v1/chat/completions", json.dumps({"messages": "nope"}).encode()),
-    ("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -3}).encode()),
+    (
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -3}).encode(),
+    ),
     ("POST", "/v1/completions", json.dumps({"prompt": [[-1]]}).encode()),
     ("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": "many"}).encode()),
     ("GET", "/v1/nothing-here", b""),
@@ -54,9 +58,7 @@ class Tally:
     server_errors_at: list[tuple[float, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def add(
-        self, outcome: str, at: Optional[float] = None, failure: Optional[str] = None, what: str = ""
-    ) -> None:
+    def add(self, outcome: str, at: float | None = None, failure: str | None = None, what: str = "") -> None:
         with self.lock:
             self.outcomes[outcome] += 1
             if at is not None:
@@ -164,7 +166,7 @@ def _wait_recovered(base: str, limit_s: float = 120.0) -> float:
     return time.monotonic()
 
 
-def run_soak(duration_s: float, clients: int, seed: int = 0, workdir: Optional[Path] = None) -> dict:
+def run_soak(duration_s: float, clients: int, seed: int = 0, workdir: Path | None = None) -> dict:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="mlx-soak-"))
     model = build_tiny_model(workdir / "soak-model")
     eos = json.loads((model / "config.json").read_text())["eos_token_id"]
@@ -221,7 +223,7 @@ def render(result: dict, command: str) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(result["outcomes"].items()))
     return f"""# Reliability
 
-Soak run on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()},
+Soak run on {platform.node() or "this machine"} ({platform.processor() or platform.machine()},
 {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.system()}),
 {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, tiny generated model, 2 gunicorn workers.
 
@@ -229,18 +231,18 @@ Command: `{command}`
 
 | figure | value |
 |---|---|
-| duration | {result['duration_s']} s |
-| concurrent clients | {result['clients']} |
-| requests | {result['requests']} |
-| client disconnects (random, mid-stream) | {result['outcomes'].get('disconnected', 0)} |
-| malformed requests (all must be 4xx OpenAI errors) | {result['outcomes'].get('malformed_rejected', 0) + result['outcomes'].get('malformed_wrong', 0)} |
-| faults injected | {result['engine_kills']} engine SIGKILL (down {result['engine_down_s']} s) |
-| 5xx / error events inside the kill window | {result['server_errors_in_kill_window']} |
-| 5xx / error events outside the kill window | {result['server_errors_outside_kill_window']} |
-| hung requests | {result['hung']} |
-| other failures | {len(result['failures'])} |
-| engine idle afterwards | {result['engine_idle_after']} |
-| engine active memory: baseline → after | {mem['memory_baseline_bytes'] / 1e6:.1f} MB → {mem['memory_after_bytes'] / 1e6:.1f} MB (prefix cache {mem['prompt_cache_bytes_after'] / 1e6:.1f} MB) |
+| duration | {result["duration_s"]} s |
+| concurrent clients | {result["clients"]} |
+| requests | {result["requests"]} |
+| client disconnects (random, mid-stream) | {result["outcomes"].get("disconnected", 0)} |
+| malformed requests (all must be 4xx OpenAI errors) | {result["outcomes"].get("malformed_rejected", 0) + result["outcomes"].get("malformed_wrong", 0)} |
+| faults injected | {result["engine_kills"]} engine SIGKILL (down {result["engine_down_s"]} s) |
+| 5xx / error events inside the kill window | {result["server_errors_in_kill_window"]} |
+| 5xx / error events outside the kill window | {result["server_errors_outside_kill_window"]} |
+| hung requests | {result["hung"]} |
+| other failures | {len(result["failures"])} |
+| engine idle afterwards | {result["engine_idle_after"]} |
+| engine active memory: baseline → after | {mem["memory_baseline_bytes"] / 1e6:.1f} MB → {mem["memory_after_bytes"] / 1e6:.1f} MB (prefix cache {mem["prompt_cache_bytes_after"] / 1e6:.1f} MB) |
 
 Outcomes:
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -17,7 +17,7 @@ def wait_until(
     what: str,
     timeout_s: float = WAIT_S,
     interval_s: float = INTERVAL_S,
-    context: Optional[Callable[[], str]] = None,
+    context: Callable[[], str] | None = None,
 ) -> T:
     """Call `predicate` every `interval_s` until it returns something truthy, and return that.
 

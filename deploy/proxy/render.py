@@ -34,7 +34,7 @@ UPSTREAM = """\
         keepalive_timeout 4s;
     }}
 """
-MAP_HEAD = "    map $mlx_name $mlx_upstream {\n        default \"\";\n"
+MAP_HEAD = '    map $mlx_name $mlx_upstream {\n        default "";\n'
 MAP_LINE = "        {name} mlx-{name};\n"
 MAP_TAIL = "    }\n"
 
@@ -88,9 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="render.py", description="Write the nginx config for several mlx-server instances."
     )
-    parser.add_argument(
-        "--listen", default=EXAMPLE_LISTEN, help="PORT or ADDRESS:PORT [default: %(default)s]"
-    )
+    parser.add_argument("--listen", default=EXAMPLE_LISTEN, help="PORT or ADDRESS:PORT [default: %(default)s]")
     parser.add_argument("instances", nargs="+", type=_parse_instance, metavar="NAME=PORT")
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import falcon
 
@@ -119,8 +120,8 @@ class ChatStream(OpenAIStream):
         self,
         index: int,
         delta: ChatDelta,
-        finish_reason: Optional[ChatFinishReason] = None,
-        logprobs: Optional[ChoiceLogprobs] = None,
+        finish_reason: ChatFinishReason | None = None,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> bytes:
         return self.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import falcon
 
@@ -17,11 +17,11 @@ from frontend.request_body import read_request
 from frontend.tokenization import Tokenization
 
 
-def _prompt_ids(item: Union[str, list[int]], tok: Tokenization) -> list[int]:
+def _prompt_ids(item: str | list[int], tok: Tokenization) -> list[int]:
     return tok.encode_prompt(item) if isinstance(item, str) else list(item)
 
 
-def _echo_text(item: Union[str, list[int]], tok: Tokenization) -> str:
+def _echo_text(item: str | list[int], tok: Tokenization) -> str:
     # A string prompt is echoed verbatim; token prompts as their text.
     return item if isinstance(item, str) else tok.decode(item)
 
@@ -87,8 +87,8 @@ class CompletionStream(OpenAIStream):
         self,
         index: int,
         text: str,
-        finish_reason: Optional[CompletionFinishReason] = None,
-        logprobs: Optional[CompletionLogprobs] = None,
+        finish_reason: CompletionFinishReason | None = None,
+        logprobs: CompletionLogprobs | None = None,
     ) -> bytes:
         return self.chunk([CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
 

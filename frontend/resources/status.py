@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal, Optional
+from typing import Literal
 
 import falcon
 
@@ -17,7 +17,7 @@ from ipc.messages import EngineStatus
 class StatusModel(Shape):
     id: str
     path: str
-    adapter: Optional[str]
+    adapter: str | None
     context_length: int
     vocab_size: int
     created: int

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import psutil
@@ -32,7 +31,7 @@ def mlx_server_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "deploy.cli", *args]
 
 
-def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SERVER_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     env["PYTHONUNBUFFERED"] = "1"
@@ -43,7 +42,7 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
 class ChildProcess:
     """A command as a child process, its output in a log file; `stop()` leaves no process behind."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
@@ -104,12 +103,12 @@ class ServerProcess(ChildProcess):
         except httpx.HTTPError:
             return False
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "ServerProcess":
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> ServerProcess:
         wait_until(self.ready, "mlx-server to be ready", timeout_s, POLL_S, context=self.log_text)
         self._tree = self.process_tree()
         return self
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.wait_ready()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,9 +31,7 @@ COMMAND_TIMEOUT_S = 120.0
 # Every block the doc must keep: a doc that loses one fails here instead of going untested.
 NAMES = {"models", "chat", "stream", "completion", "client"}
 
-MARKER_RE = re.compile(
-    r"^<!-- quickstart:test (?P<attrs>.*?) -->\n```bash\n(?P<code>.*?)```\n", re.S | re.M
-)
+MARKER_RE = re.compile(r"^<!-- quickstart:test (?P<attrs>.*?) -->\n```bash\n(?P<code>.*?)```\n", re.S | re.M)
 NAME_RE = re.compile(r"\bname=(\S+)")
 EXPECT_RE = re.compile(r'\bexpect="((?:[^"\\]|\\.)*)"')
 VENV_TOOL_RE = re.compile(r"(?<![\w/.-])\.venv/bin/(pip|python)\b")

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import pytest
@@ -53,7 +52,7 @@ def base_url(env_file: Path) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def status_of(url: str, method: str = "GET", body: Optional[dict] = None) -> Optional[int]:
+def status_of(url: str, method: str = "GET", body: dict | None = None) -> int | None:
     try:
         return httpx.request(method, url, json=body, timeout=10).status_code
     except httpx.HTTPError:

@@ -66,9 +66,7 @@ class Nginx(ChildProcess):
 
 
 @pytest.fixture(scope="module")
-def instances(
-    tmp_path_factory: pytest.TempPathFactory, server_logs: Path
-) -> Iterator[dict[str, ServerProcess]]:
+def instances(tmp_path_factory: pytest.TempPathFactory, server_logs: Path) -> Iterator[dict[str, ServerProcess]]:
     nginx_binary()  # fail before starting servers that could not be used
     models = tmp_path_factory.mktemp("proxy-models")
     servers: dict[str, ServerProcess] = {}
@@ -85,9 +83,7 @@ def instances(
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    instances: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Nginx]:
+def proxy(instances: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     port = free_port()
     conf = render({name: s.port for name, s in instances.items()}, listen=f"127.0.0.1:{port}")
     nginx = Nginx(conf, tmp_path_factory.mktemp("nginx"), port)
@@ -169,16 +165,12 @@ def test_openai_client_through_the_proxy(proxy: Nginx) -> None:
         )
         assert [model.id for model in client.models.list().data] == [name]
         prompt = [{"role": "user", "content": "Hello"}]
-        chat = client.chat.completions.create(
-            model=name, messages=prompt, max_tokens=12, temperature=0.0
-        )
+        chat = client.chat.completions.create(model=name, messages=prompt, max_tokens=12, temperature=0.0)
         assert chat.model == name and chat.choices[0].message.content is not None
         stream = client.chat.completions.create(
             model=name, messages=prompt, max_tokens=12, temperature=0.0, stream=True
         )
-        streamed = "".join(
-            chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
-        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert streamed == chat.choices[0].message.content  # greedy: same text either way
         completion = client.completions.create(model=name, prompt="Once upon", max_tokens=8)
         assert completion.model == name and completion.choices[0].text is not None

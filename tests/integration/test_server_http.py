@@ -135,9 +135,7 @@ def test_invalid_requests_are_4xx_openai_errors(base, payload, param):
 
 
 def test_invalid_json_body(base):
-    r = httpx.post(
-        f"{base}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
-    )
+    r = httpx.post(f"{base}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
     validate(r.json(), "ErrorResponse")
 

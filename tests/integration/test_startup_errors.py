@@ -56,9 +56,7 @@ def test_old_model_flag_says_path_is_positional(tiny_model_dir):
     assert_one_line_error(result, "--model", "positional")
 
 
-@pytest.mark.parametrize(
-    "key", ["max_loaded_models", "model_cache_size_gb", "auto_unload_timeout", "models_cache_dir"]
-)
+@pytest.mark.parametrize("key", ["max_loaded_models", "model_cache_size_gb", "auto_unload_timeout", "models_cache_dir"])
 def test_removed_setting_in_config_file(tiny_model_dir, tmp_path, key):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_path": str(tiny_model_dir), key: 1}))

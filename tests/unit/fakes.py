@@ -14,9 +14,9 @@ import functools
 import json
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 from frontend.engine_client import ClientDisconnected, EngineUnavailable
 from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
@@ -30,8 +30,8 @@ class Script:
     finish_reason: str = "stop"  # when the tokens run out before max_tokens
     chunk: int = 1  # tokens per delta
     cached_prompt_tokens: int = 0
-    error: Optional[str] = None  # with finish_reason "error"
-    fail_after: Optional[int] = None  # raise EngineUnavailable after this many deltas
+    error: str | None = None  # with finish_reason "error"
+    fail_after: int | None = None  # raise EngineUnavailable after this many deltas
 
 
 def make_model_info(**overrides: object) -> ModelInfo:
@@ -49,7 +49,7 @@ def make_model_info(**overrides: object) -> ModelInfo:
 
 
 class FakeStream:
-    def __init__(self, client: "FakeEngineClient", request: Generate, script: Script) -> None:
+    def __init__(self, client: FakeEngineClient, request: Generate, script: Script) -> None:
         self.request_id = request.request_id
         self._client = client
         self._deltas = _deltas(request, script)
@@ -90,7 +90,7 @@ class FakeStream:
             self._client.events.append(("abort", self.request_id))
             self._client.aborted.append(self.request_id)
 
-    def __enter__(self) -> "FakeStream":
+    def __enter__(self) -> FakeStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -134,7 +134,7 @@ class FakeEngineClient:
     model_info: ModelInfo = field(default_factory=make_model_info)
     default: Script = field(default_factory=Script)
     available: bool = True
-    fail_submit_after: Optional[int] = None  # submits that succeed before EngineUnavailable
+    fail_submit_after: int | None = None  # submits that succeed before EngineUnavailable
     submitted: list[Generate] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -228,7 +228,7 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_tokenizer_dir(path: Path, chat_template: Optional[str] = CHATML_TEMPLATE) -> Path:
+def write_tokenizer_dir(path: Path, chat_template: str | None = CHATML_TEMPLATE) -> Path:
     """A model directory holding only a byte-level BPE tokenizer (ChatML template)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")

@@ -4,7 +4,7 @@ engine's scheduling, sampling and grammars together, without processes or socket
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 from engine.constraints import GrammarCompiler
 from engine.core import Scheduler, SchedulerConfig
@@ -16,7 +16,7 @@ MAX_STEPS = 2000
 
 
 class _SchedulerStream:
-    def __init__(self, client: "SchedulerClient", request_id: str) -> None:
+    def __init__(self, client: SchedulerClient, request_id: str) -> None:
         self.request_id = request_id
         self._client = client
         self.finished = False
@@ -35,7 +35,7 @@ class _SchedulerStream:
             self.finished = True
             self._client.scheduler.abort([self.request_id])
 
-    def __enter__(self) -> "_SchedulerStream":
+    def __enter__(self) -> _SchedulerStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -45,7 +45,7 @@ class _SchedulerStream:
 class SchedulerClient:
     """Runs a scheduler step whenever a stream needs a delta; ``rewrite`` changes requests on the way in."""
 
-    def __init__(self, loaded: LoadedModel, rewrite: Optional[Callable[[Generate], Generate]] = None) -> None:
+    def __init__(self, loaded: LoadedModel, rewrite: Callable[[Generate], Generate] | None = None) -> None:
         info = loaded.info
         config = SchedulerConfig(
             eos_token_ids=tuple(info.eos_token_ids),

@@ -16,11 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import loadgen, report
+from bench import loadgen, report, serving
 from bench.loadgen import LoadSpec
 from bench.prompts import Prompt, make_prompt, make_prompts, templated_ids
 from bench.servers import busiest_thread, cpu_delta, free_port
-from bench import serving
 from bench.serving import eos_ids, parse_args, replot, run_notes
 from bench.sse import Event, LineSplitter, parse_line
 from bench.stats import (
@@ -119,7 +118,7 @@ def test_cpu_delta_per_label_counts_new_processes_from_zero() -> None:
 def test_line_splitter_joins_lines_cut_across_reads() -> None:
     split = LineSplitter()
     assert split.feed(b'data: {"a"') == []
-    assert split.feed(b': 1}\n\ndata: [DO') == [b'data: {"a": 1}', b""]
+    assert split.feed(b": 1}\n\ndata: [DO") == [b'data: {"a": 1}', b""]
     assert split.feed(b"NE]\n") == [b"data: [DONE]"]
     assert split.flush() == []
     split.feed(b"tail")
@@ -270,7 +269,11 @@ def test_single_stream_line_compares_ours_with_stream_generate() -> None:
 
 @pytest.mark.parametrize(
     ("message", "line"),
-    [("", "failed"), ("TimeoutError: slow", "TimeoutError: slow"), ("E: a\nValueError: b\nok", "E: a ... ValueError: b")],
+    [
+        ("", "failed"),
+        ("TimeoutError: slow", "TimeoutError: slow"),
+        ("E: a\nValueError: b\nok", "E: a ... ValueError: b"),
+    ],
 )
 def test_failure_line(message: str, line: str) -> None:
     assert report.failure_line(message) == line

@@ -47,9 +47,7 @@ class RecordingRun:
         return self.code
 
 
-def test_run_receives_resolved_settings(
-    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_run_receives_resolved_settings(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"worker_connections": 8, "port": 9000}))
     monkeypatch.setenv("MLX_SERVER_PORT", "9001")
@@ -129,9 +127,7 @@ def test_unknown_env_var_is_a_warning_and_the_server_still_runs(
     ]
 
 
-def test_removed_config_key_exits_2(
-    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_removed_config_key_exits_2(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"auto_unload_timeout": 300}))
     assert main([str(model), "--config", str(config)], run=RecordingRun()) == EXIT_USAGE
@@ -165,9 +161,7 @@ def test_python_dash_m_reports_error_without_starting_anything(tmp_path: Path) -
         "    raise\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == EXIT_USAGE, done.stderr
     assert done.stdout == ""
     expected = "model_path: /no/such/model does not exist (from the MODEL_PATH argument)"

@@ -9,9 +9,9 @@ import pytest
 from engine.loading import load_model
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
+from tests.unit.defaults import frontend_settings
 from tests.unit.scheduler_client import SchedulerClient
 from tests.unit.test_frontend_chat import sse_payloads
-from tests.unit.defaults import frontend_settings
 
 COMPLETIONS = "/v1/completions"
 # Greedy, the first one starts its answer with a space token (" remembers") on this model.
@@ -26,7 +26,9 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture
 def client(loaded, tiny_model_dir) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(SchedulerClient(loaded), Tokenization.from_pretrained(tiny_model_dir), settings=frontend_settings()))
+    return falcon.testing.TestClient(
+        create_app(SchedulerClient(loaded), Tokenization.from_pretrained(tiny_model_dir), settings=frontend_settings())
+    )
 
 
 @pytest.fixture(scope="module")

@@ -354,7 +354,11 @@ def test_a_failing_logits_processor_ends_only_its_request(model):
 
         return explode
 
-    s = Scheduler(model, SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS), fault_injector=inject)
+    s = Scheduler(
+        model,
+        SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS),
+        fault_injector=inject,
+    )
     prompts = {"victim": [5, 6, 7], "a": list(range(5, 25)), "b": list(range(30, 50))}
     for rid, p in prompts.items():
         s.add(b"w", gen(rid, p, 10))
@@ -405,7 +409,7 @@ def test_a_burst_arriving_over_steps_is_prefilled_together(model, monkeypatch):
         early += [t for d in s.step()[b"w"] for t in d.token_ids]
     prompts = {f"b{i}": [9 + i, 10, 11, 12] for i in range(6)}
     rows_seen = []
-    for i, (rid, prompt) in enumerate(prompts.items()):
+    for _i, (rid, prompt) in enumerate(prompts.items()):
         s.add(b"w", gen(rid, prompt, 6))
         early += [t for d in s.step()[b"w"] if d.request_id == "running" for t in d.token_ids]
         # One arrival per step: held while more keep coming.

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOW = (
-    "import json, os, engine.__main__ as m; "
-    "print(json.dumps({k: os.environ[k] for k in m.CUDA_SERVING_DEFAULTS}))"
-)
+SHOW = "import json, os, engine.__main__ as m; print(json.dumps({k: os.environ[k] for k in m.CUDA_SERVING_DEFAULTS}))"
 
 
 def _engine_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     env.update(overrides)
-    out = subprocess.run([sys.executable, "-c", SHOW], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SHOW], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -32,17 +30,19 @@ def test_a_users_own_values_win():
     assert env == {"MLX_USE_CUDA_GRAPHS": "1", "MLX_CUDA_USE_CUDNN_SDPA": "1"}
 
 
-FROZEN = (
-    "import gc, sys, {module} as m; "
-    "before = gc.get_freeze_count(); m.{hook}; "
-    "print(before, gc.get_freeze_count())"
-)
+FROZEN = "import gc, sys, {module} as m; before = gc.get_freeze_count(); m.{hook}; print(before, gc.get_freeze_count())"
 
 
 def _freeze_counts(module: str, hook: str) -> tuple[int, int]:
     # A fresh interpreter: freezing is process-wide and must not leak into this one.
-    out = subprocess.run([sys.executable, "-c", FROZEN.format(module=module, hook=hook)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FROZEN.format(module=module, hook=hook)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     before, after = map(int, out.stdout.split())
     return before, after
 

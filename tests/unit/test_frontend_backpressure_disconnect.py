@@ -9,8 +9,8 @@ import falcon.testing
 from frontend.app import create_app
 from frontend.disconnect import peer_closed
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, Script
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import FakeEngineClient, Script
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 

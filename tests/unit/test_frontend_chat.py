@@ -11,8 +11,8 @@ from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.sse import sse_events
-from tests.unit.fakes import Script, created_recently, make_model_info, write_tokenizer_dir
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import Script, created_recently, make_model_info, write_tokenizer_dir
 
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello world!"}]
@@ -291,7 +291,9 @@ def _raw_call(app, body: dict):
 
 def test_client_disconnect_aborts(engine, tok):
     engine.script(Script(ids(tok, "The quick brown fox jumps over the lazy dog.")))
-    body_iter, started = _raw_call(create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True})
+    body_iter, started = _raw_call(
+        create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True}
+    )
     assert started["status"].startswith("200")
     it = iter(body_iter)
     next(it), next(it)  # role chunk, first content
@@ -302,7 +304,9 @@ def test_client_disconnect_aborts(engine, tok):
 
 
 def test_close_before_first_read_aborts(engine, tok):
-    body_iter, _ = _raw_call(create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True, "n": 2})
+    body_iter, _ = _raw_call(
+        create_app(engine, tok, settings=frontend_settings()), {"messages": MESSAGES, "stream": True, "n": 2}
+    )
     body_iter.close()  # a generator never started would not run its finally
     assert [kind for kind, _ in engine.events].count("abort") == 2
 

@@ -9,8 +9,8 @@ from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.sse import sse_events
-from tests.unit.fakes import Script
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import Script
 
 URL = "/v1/completions"
 

@@ -8,8 +8,8 @@ import pytest
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
 
 
 @pytest.fixture

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
-from tests.unit.fakes import FakeEngineClient, Script
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import FakeEngineClient, Script
 
 openai = pytest.importorskip("openai")
 
@@ -31,9 +31,13 @@ def engine() -> FakeEngineClient:
 
 
 @pytest.fixture
-def client(engine: FakeEngineClient, tok: Tokenization) -> Iterator["openai.OpenAI"]:
+def client(engine: FakeEngineClient, tok: Tokenization) -> Iterator[openai.OpenAI]:
     server = make_server(
-        "127.0.0.1", 0, create_app(engine, tok, settings=frontend_settings()), server_class=_ThreadedServer, handler_class=_QuietHandler
+        "127.0.0.1",
+        0,
+        create_app(engine, tok, settings=frontend_settings()),
+        server_class=_ThreadedServer,
+        handler_class=_QuietHandler,
     )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()

@@ -18,10 +18,10 @@ from frontend.tools import ToolCallSplitter, plan_tools
 from ipc.messages import Constraint
 from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
+from tests.unit.defaults import frontend_settings
 from tests.unit.fakes import FakeEngineClient, Script, make_model_info, write_tokenizer_dir
 from tests.unit.test_frontend_chat import sse_payloads
 from tests.unit.test_frontend_openai_client import _QuietHandler, _ThreadedServer
-from tests.unit.defaults import frontend_settings
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -300,7 +300,11 @@ def test_tool_history_messages_render(client, engine, tok):
 def test_openai_client_streams_and_accumulates_calls(engine, tok):
     engine.script(Script(ids(tok, CALL), chunk=3), Script(ids(tok, CALL)))
     server = make_server(
-        "127.0.0.1", 0, create_app(engine, tok, settings=frontend_settings()), server_class=_ThreadedServer, handler_class=_QuietHandler
+        "127.0.0.1",
+        0,
+        create_app(engine, tok, settings=frontend_settings()),
+        server_class=_ThreadedServer,
+        handler_class=_QuietHandler,
     )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()

@@ -7,8 +7,8 @@ import pytest
 
 from frontend.app import create_app
 from tests.openai_schema import validate
-from tests.unit.fakes import FakeEngineClient, write_tokenizer_dir
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import FakeEngineClient, write_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,9 @@ def engine(model):
     """A real EngineLoop on a private ipc:// socket, run in a thread."""
     runtime = make_private_runtime_dir()
     address = default_ipc_address(runtime)
-    scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
+    scheduler = Scheduler(
+        model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
+    )
     loop = EngineLoop(scheduler, MODEL, address)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
@@ -236,11 +238,13 @@ def test_client_waits_for_a_late_engine_and_reconnects_after_a_restart(model):
     client = ZmqEngineClient(address, **{**CLIENT_LIMITS, "request_timeout_s": 30})
     assert not client.wait_ready(0.3)  # no engine yet
     with pytest.raises(EngineUnavailable):
-        client.model
+        _ = client.model
     with pytest.raises(EngineUnavailable):
         client.submit(gen("too-early"))
     for generation in range(2):  # start, then a "restarted" engine on the same address
-        scheduler = Scheduler(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
+        scheduler = Scheduler(
+            model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
+        )
         loop = EngineLoop(scheduler, MODEL, address)
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
@@ -283,7 +287,9 @@ class _SlowOnce(Scheduler):
 def test_a_long_step_neither_drops_workers_nor_leaves_the_client_dead(model):
     runtime = make_private_runtime_dir()
     address = default_ipc_address(runtime)
-    scheduler = _SlowOnce(model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS))
+    scheduler = _SlowOnce(
+        model, SchedulerConfig(eos_token_ids=(1,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
+    )
     # The engine forgets workers silent 0.5 s; the step lasts 1.5 s; the worker pings throughout.
     loop = EngineLoop(scheduler, MODEL, address, worker_silence_limit_s=0.5)
     thread = threading.Thread(target=loop.run, daemon=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from deploy import launchd
-from deploy.launchd import EXIT_USAGE, ERROR_PREFIX, example_plist, find_mlx_server, main
+from deploy.launchd import ERROR_PREFIX, EXIT_USAGE, example_plist, find_mlx_server, main
 from deploy.settings import load_settings
 from deploy.supervisor import ENGINE_STOP_TIMEOUT_S, WEB_STOP_TIMEOUT_S
 
@@ -48,9 +48,7 @@ def model(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def adapter(tmp_path: Path) -> Path:
-    return make_dir(
-        tmp_path / "adapter", {"adapter_config.json": "{}", "adapters.safetensors": ""}
-    )
+    return make_dir(tmp_path / "adapter", {"adapter_config.json": "{}", "adapters.safetensors": ""})
 
 
 @pytest.fixture
@@ -68,9 +66,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
-def write_plist(
-    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> dict[str, Any]:
+def write_plist(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     output = tmp_path / "job.plist"
     code, out, err = run(["--output", str(output), *argv], capsys)  # before any `--`
     assert code == 0, err
@@ -79,13 +75,9 @@ def write_plist(
         return plistlib.load(f)
 
 
-def test_plist_has_every_key(
-    model: Path, program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_plist_has_every_key(model: Path, program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     logs = tmp_path / "logs"
-    job = write_plist(
-        [str(model), "--mlx-server", str(program), "--log-dir", str(logs)], tmp_path, capsys
-    )
+    job = write_plist([str(model), "--mlx-server", str(program), "--log-dir", str(logs)], tmp_path, capsys)
     for key, kind in KEYS.items():
         assert isinstance(job[key], kind), key
     assert job["Label"] == "com.mlx-server.my-model"
@@ -151,9 +143,7 @@ def test_relative_paths_become_absolute(
     )
 
 
-def test_stdout_by_default(
-    model: Path, program: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_stdout_by_default(model: Path, program: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run([str(model), "--mlx-server", str(program)], capsys)
     assert code == 0, err
     assert plistlib.loads(out.encode())["Label"] == "com.mlx-server.my-model"
@@ -218,9 +208,7 @@ def test_mlx_server_found_beside_python(program: Path, monkeypatch: pytest.Monke
     assert find_mlx_server(str(program.parent / "python")) == str(program)
 
 
-def test_mlx_server_found_on_path(
-    program: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mlx_server_found_on_path(program: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(program.parent))
     assert find_mlx_server(str(tmp_path / "elsewhere" / "python")) == str(program)
 

@@ -20,7 +20,6 @@ from frontend import gunicorn_conf
 from ipc import logging_setup, runtime
 from ipc.logging_setup import REQUEST_ID, RequestIdFilter, configure, dict_config, make_formatter
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -128,8 +128,9 @@ def _histogram(name: str) -> tuple[float, float]:
 
 
 def test_observed_stream_measures_gaps_and_spreads_multi_token_deltas():
-    ttft0, itl0 = _histogram("mlx_server_time_to_first_token_seconds"), _histogram(
-        "mlx_server_inter_token_latency_seconds"
+    ttft0, itl0 = (
+        _histogram("mlx_server_time_to_first_token_seconds"),
+        _histogram("mlx_server_inter_token_latency_seconds"),
     )
     inner = _ScriptedStream(
         [
@@ -142,8 +143,9 @@ def test_observed_stream_measures_gaps_and_spreads_multi_token_deltas():
     with metrics.observe_stream(inner, request) as stream:
         assert [d.token_ids for d in stream] == [[1], [2, 3], []]
     assert inner.closed
-    ttft, itl = _histogram("mlx_server_time_to_first_token_seconds"), _histogram(
-        "mlx_server_inter_token_latency_seconds"
+    ttft, itl = (
+        _histogram("mlx_server_time_to_first_token_seconds"),
+        _histogram("mlx_server_inter_token_latency_seconds"),
     )
     assert ttft[0] - ttft0[0] == 1
     assert ttft[1] - ttft0[1] >= 0.049

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.model_factory import (
-    TARGET_VOCAB_SIZE,
     ENDOFTEXT,
     IM_END,
     IM_START,
     SIZES,
+    TARGET_VOCAB_SIZE,
     _weight_shapes,
     build_lora_adapter,
     build_tiny_model,
@@ -85,11 +85,7 @@ def test_chat_template_renders_chatml(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nHi!<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
     assert not tokenizer.apply_chat_template(messages, tokenize=False).endswith("assistant\n")
     # Special tokens are single ids, never split by BPE.
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -97,9 +93,7 @@ def test_chat_template_renders_chatml(tiny_model_dir: Path) -> None:
     assert ids.count(tokenizer.convert_tokens_to_ids(IM_END)) == 2
 
 
-@pytest.mark.parametrize(
-    "text", ["The quick brown fox, 42!", "Café naïve", "你好，世界 🙂🚀", "  two\n\nlines "]
-)
+@pytest.mark.parametrize("text", ["The quick brown fox, 42!", "Café naïve", "你好，世界 🙂🚀", "  two\n\nlines "])
 def test_tokenizer_round_trips(tiny_model_dir: Path, text: str) -> None:
     from transformers import AutoTokenizer
 

@@ -15,9 +15,9 @@ from frontend.app import ROUTES, create_app
 from frontend.openapi import openapi_document
 from frontend.tokenization import Tokenization
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
+from tests.unit.defaults import frontend_settings
 from tests.unit.fakes import FakeEngineClient, Script, make_model_info, write_tokenizer_dir
 from tests.unit.test_frontend_chat import sse_payloads
-from tests.unit.defaults import frontend_settings
 
 TOOL_MODEL = make_model_info(
     context_length=4096, tool_parser="json_tools", tool_call_start="<tool_call>", tool_call_end="</tool_call>"
@@ -59,7 +59,7 @@ def test_document_is_served_and_well_formed(client):
     assert doc == json.loads(json.dumps(openapi_document()))
     assert doc["openapi"].startswith("3.1")
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/openapi.json"} <= set(doc["paths"])
-    for name, schema in doc["components"]["schemas"].items():
+    for _name, schema in doc["components"]["schemas"].items():
         jsonschema.Draft202012Validator.check_schema(schema)
     request = doc["components"]["schemas"]["ChatCompletionRequest"]
     for field in ("messages", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "seed"):

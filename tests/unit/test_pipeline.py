@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from frontend import pipeline, sse
 from frontend.context import AppContext
 from frontend.shapes import Shape
 from frontend.tokenization import Tokenization
 from ipc.messages import SamplingParams
-from tests.unit.fakes import FakeEngineClient, Script
 from tests.unit.defaults import frontend_settings
+from tests.unit.fakes import FakeEngineClient, Script
 
 
 class Note(Shape):

@@ -150,8 +150,9 @@ def test_a_full_prefill_batch_is_admitted_at_once():
 def test_holding_is_bounded_in_time():
     p = PrefillPolicy(512)
     assert not p.admit(now=10.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True)
-    assert not p.admit(now=10.0 + ADMISSION_HOLD_MAX_S / 2, waiting=2, free_rows=8, arrived_since_last_step=1,
-                       busy=True)
+    assert not p.admit(
+        now=10.0 + ADMISSION_HOLD_MAX_S / 2, waiting=2, free_rows=8, arrived_since_last_step=1, busy=True
+    )
     assert p.admit(now=10.0 + ADMISSION_HOLD_MAX_S, waiting=3, free_rows=8, arrived_since_last_step=1, busy=True)
     # The clock starts again with the next hold.
     assert not p.admit(now=20.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True)

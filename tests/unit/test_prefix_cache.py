@@ -22,7 +22,7 @@ class FakeLayer:
         self.tokens -= n
         return n
 
-    def __deepcopy__(self, memo: dict) -> "FakeLayer":
+    def __deepcopy__(self, memo: dict) -> FakeLayer:
         FakeLayer.copies += 1
         return FakeLayer(self.tokens, self.nbytes, self.trimmable)
 

@@ -163,9 +163,7 @@ def test_settings_is_frozen(model: Path) -> None:
     assert s.model_copy(update={"port": 1}).port == 1
 
 
-def test_settings_ignores_dotenv_and_environment(
-    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_settings_ignores_dotenv_and_environment(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Only load_settings() layers sources; Settings(...) validates exactly what it is given.
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("MLX_SERVER_PORT=1234\n")
@@ -377,9 +375,7 @@ def test_removed_on_command_line(model: Path, spelling: str, dashes: bool) -> No
 )
 def test_model_flag_points_to_positional(argv: list[str], shown: str) -> None:
     message = error_of(argv)
-    assert message == (
-        f"--model was removed in 0.2: the model path is now positional: mlx-server {shown}"
-    )
+    assert message == (f"--model was removed in 0.2: the model path is now positional: mlx-server {shown}")
 
 
 # ---------------------------------------------------------------- flags, example file, version

@@ -56,7 +56,9 @@ def test_tests_needing_a_missing_system_tool_skip_unless_ci(tmp_path: Path, ci: 
 
 
 def test_every_integration_test_is_marked_integration() -> None:
-    result = pytest_run(["--collect-only", "-q", "-m", "not integration", "tests/integration", "tests/unit/test_ipc.py"])
+    result = pytest_run(
+        ["--collect-only", "-q", "-m", "not integration", "tests/integration", "tests/unit/test_ipc.py"]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     items = collected(result)
     assert items and all(item.startswith("tests/unit/test_ipc.py::") for item in items), result.stdout
@@ -64,7 +66,9 @@ def test_every_integration_test_is_marked_integration() -> None:
 
 
 def test_tests_using_smollm2_are_marked_slow() -> None:
-    result = pytest_run(["--collect-only", "-q", "-m", "slow", "tests/integration", "tests/unit/test_run_server_script.py"])
+    result = pytest_run(
+        ["--collect-only", "-q", "-m", "slow", "tests/integration", "tests/unit/test_run_server_script.py"]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     items = collected(result)
     assert "tests/unit/test_run_server_script.py::test_demo_passes_the_converted_model_dir" in items
@@ -73,7 +77,6 @@ def test_tests_using_smollm2_are_marked_slow() -> None:
     # Mocked conversion, tiny model: neither needs SmolLM2.
     assert not any("test_failed_conversion_leaves_no_model" in item for item in items)
     assert not any(item.startswith("tests/integration/test_server_http.py") for item in items)
-
 
 
 def test_sse_reader_splits_events_as_sse_does_wherever_the_pieces_break() -> None:

@@ -6,7 +6,6 @@ with the tool-call markers held three ways by the tokenizer: plain text, added n
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import falcon.testing
 import jsonschema
@@ -21,9 +20,9 @@ from ipc.messages import Constraint, Generate
 from tests.model_factory import TOOL_CALL_END, TOOL_CALL_START, TOOL_MARKER_KINDS, build_tiny_model
 from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
+from tests.unit.defaults import frontend_settings
 from tests.unit.scheduler_client import SchedulerClient
 from tests.unit.test_frontend_chat import sse_payloads
-from tests.unit.defaults import frontend_settings
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -67,7 +66,7 @@ def chat(client, **body):
     return client.simulate_post(CHAT, json={"messages": MESSAGES, "tools": TOOLS, "max_tokens": 200, **body})
 
 
-def check_calls(calls: list[dict], name: Optional[str] = None) -> None:
+def check_calls(calls: list[dict], name: str | None = None) -> None:
     assert calls
     for call in calls:
         assert call["type"] == "function" and call["id"].startswith("call_")
@@ -77,7 +76,7 @@ def check_calls(calls: list[dict], name: Optional[str] = None) -> None:
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
 
 
-def streamed_calls(result) -> tuple[list[dict], str, Optional[str]]:
+def streamed_calls(result) -> tuple[list[dict], str, str | None]:
     """(calls, content, finish_reason) put together from the chunks, as the openai SDK does."""
     payloads = sse_payloads(result.text)
     assert payloads[-1] == "[DONE]"
