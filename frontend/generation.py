@@ -110,6 +110,8 @@ class Piece(NamedTuple):
     logprobs: list[TokenLogprob] | None = None
     # Tool calls completed in this piece (chat with tools).
     tool_calls: list[ToolCall] | None = None
+    # Reasoning text in this piece (a thinking model's <think> part), apart from ``text``.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class FinishedChoice:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning: str = ""  # the whole reasoning text, apart from ``text``
 
 
 class ChoiceRun:
