@@ -116,18 +116,26 @@ def _usable(kind: str, token: str) -> bool:
     return "Ā" not in token if kind == "bpe" else not token.startswith("<0x")
 
 
-@pytest.mark.parametrize("use_decode_stream", [True, False])
-def test_streamed_text_matches_mlx_lm_on_random_tokens(pair, use_decode_stream):
-    ours, wrapper = pair
+def _random_runs(ours: Tokenization, use_decode_stream: bool, seed: int, count: int):
+    """A fresh Tokenization on ``ours``' tokenizer, its vocabulary, an rng, and ``count``
+    random runs of decodable tokens (four in ten word-initial)."""
     ours = Tokenization(ours.hf, model_path=Path(ours.hf.name_or_path))
     ours._use_decode_stream = use_decode_stream
     vocab = ours.hf.convert_ids_to_tokens(list(range(ours.vocab_size)))
     usable = [i for i, token in enumerate(vocab) if _usable(ours.decoder_kind, token)]
     spaces = [i for i, token in enumerate(vocab) if token.startswith(("Ġ", "▁"))]
-    rng = random.Random(1)
-    for _ in range(1000):
-        tokens = [rng.choice(spaces if rng.random() < 0.4 else usable) for _ in range(rng.randint(1, 12))]
-        assert _stream(ours, tokens, rng) == _mlx_lm_text(wrapper, tokens), [vocab[t] for t in tokens]
+    rng = random.Random(seed)
+    runs = (
+        [rng.choice(spaces if rng.random() < 0.4 else usable) for _ in range(rng.randint(1, 12))] for _ in range(count)
+    )
+    return ours, vocab, rng, runs
+
+
+@pytest.mark.parametrize("use_decode_stream", [True, False])
+def test_streamed_text_matches_mlx_lm_on_random_tokens(pair, use_decode_stream):
+    ours, vocab, rng, runs = _random_runs(pair[0], use_decode_stream, seed=1, count=1000)
+    for tokens in runs:
+        assert _stream(ours, tokens, rng) == _mlx_lm_text(pair[1], tokens), [vocab[t] for t in tokens]
 
 
 def test_first_space_is_trimmed_once_like_mlx_lm(tmp_path):
@@ -143,15 +151,9 @@ def test_first_space_is_trimmed_once_like_mlx_lm(tmp_path):
 @pytest.mark.parametrize("use_decode_stream", [True, False])
 def test_untrimmed_text_is_its_tokens_text(pair, use_decode_stream):
     """A completion's detokenizer drops nothing: its text is its tokens' bytes, leading space too."""
-    ours, wrapper = pair
-    ours = Tokenization(ours.hf, model_path=Path(ours.hf.name_or_path))
-    ours._use_decode_stream = use_decode_stream
-    vocab = ours.hf.convert_ids_to_tokens(list(range(ours.vocab_size)))
-    usable = [i for i, token in enumerate(vocab) if _usable(ours.decoder_kind, token)]
-    spaces = [i for i, token in enumerate(vocab) if token.startswith(("Ġ", "▁"))]
-    rng = random.Random(5)
-    for _ in range(500):
-        tokens = [rng.choice(spaces if rng.random() < 0.4 else usable) for _ in range(rng.randint(1, 12))]
+    wrapper = pair[1]
+    ours, vocab, rng, runs = _random_runs(pair[0], use_decode_stream, seed=5, count=500)
+    for tokens in runs:
         detok, out, i = ours.detokenizer(trim_leading_space=False), "", 0
         while i < len(tokens):
             k = rng.randint(1, 3)
