@@ -193,7 +193,6 @@ class EngineLoop:
             worker,
             EngineStatus(
                 query_id=msg.query_id,
-                state="ready",
                 uptime_s=time.monotonic() - s.stats.started_at,
                 running_requests=s.running - s.queued,
                 queued_requests=s.queued,

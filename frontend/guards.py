@@ -12,6 +12,8 @@ from frontend.errors import APIError
 
 # Only the OpenAI API is gated; /health stays open for launchd scripts and proxies.
 PROTECTED_PREFIX = "/v1/"
+# Still answered while draining: an operator watches the stop through them.
+DRAIN_EXEMPT = frozenset({"/v1/mlx/status"})
 
 
 class ApiKeyGate:
@@ -51,7 +53,7 @@ class DrainGate:
         return bool(self._flag) and os.path.exists(self._flag)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path.startswith(PROTECTED_PREFIX) and self.draining():
+        if req.path.startswith(PROTECTED_PREFIX) and req.path not in DRAIN_EXEMPT and self.draining():
             raise APIError(
                 503,
                 "the server is shutting down; retry on another instance or later",

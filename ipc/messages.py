@@ -23,8 +23,9 @@ import msgspec
 #    ModelInfo.tool_parser/tool_call_start/tool_call_end.
 # 3: finish_reason "overloaded", Pong.running_requests/queued_requests
 #    (later, with defaults: EngineStatus.restarts, .steps, .step_seconds).
-# 4: TokenDelta.finish_reason is a FinishReason, EngineStatus.state an
-#    EngineState; StepPlan (rank 0 to the other ranks of a sharded engine).
+# 4: TokenDelta.finish_reason is a FinishReason; EngineStatus.state is gone
+#    (an engine that answers is ready; draining is the frontend's drain flag);
+#    StepPlan (rank 0 to the other ranks of a sharded engine).
 PROTOCOL_VERSION = 4
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
@@ -35,9 +36,6 @@ LOGPROB_FLOOR = -9999.0
 # reasons; "abort" and "error" never reach a client as a finish_reason.
 # "overloaded": refused because the engine's queue is full (HTTP 429).
 FinishReason = Literal["stop", "length", "abort", "error", "overloaded"]
-# A draining server refuses new HTTP requests in the frontend (the
-# supervisor's drain flag); the engine serves what it has until it stops.
-EngineState = Literal["ready"]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -165,7 +163,6 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True, gc=False):
 
 class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     query_id: str
-    state: EngineState
     uptime_s: float
     running_requests: int
     queued_requests: int

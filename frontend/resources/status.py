@@ -24,7 +24,8 @@ class StatusModel(Shape):
 
 
 class StatusEngine(Shape):
-    state: str  # "ready" | "draining"
+    # "draining": a graceful stop is under way (new generations get 503).
+    state: Literal["ready", "draining"]
     uptime_s: float
     restarts: int
     running_requests: int
@@ -77,7 +78,7 @@ def status_body(ctx: AppContext, status: EngineStatus) -> Status:
             created=model.created,
         ),
         engine=StatusEngine(
-            state=status.state,
+            state="draining" if ctx.drain_gate.draining() else "ready",
             uptime_s=round(status.uptime_s, 3),
             restarts=status.restarts,
             running_requests=status.running_requests,

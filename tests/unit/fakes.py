@@ -170,7 +170,6 @@ class FakeEngineClient:
             raise EngineUnavailable("fake engine is down")
         return EngineStatus(
             query_id="q1",
-            state="ready",
             uptime_s=12.5,
             running_requests=2,
             queued_requests=1,

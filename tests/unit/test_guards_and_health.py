@@ -73,4 +73,6 @@ def test_drain_flag_turns_new_requests_away(tokenizer_dir, tmp_path):
     assert r.status_code == 503 and r.headers["Retry-After"]
     validate(r.json, "ErrorResponse")
     assert client.simulate_get("/health/ready").json["status"] == "draining"
+    status = client.simulate_get("/v1/mlx/status")
+    assert status.status_code == 200 and status.json["engine"]["state"] == "draining"
     assert client.simulate_get("/health").status_code == 200
