@@ -1,10 +1,9 @@
 """Constrained decoding with llguidance: a grammar mask as a per-request logits processor.
 
-Why llguidance (measured here, SmolLM2's 49k vocabulary, one CPU core):
-~160 us per token for the mask (+~80 us to hand it to mlx), no per-schema
-index build (outlines-core: ~140 ms per schema, ~440 us per token), no
-dependencies (xgrammar pulls torch and CUDA wheels); full JSON schema and
-Lark grammars (tool calls embed schemas with ``%json``). Its own
+Why llguidance: a mask per token cheaper than outlines-core's and no
+per-schema index build, no dependencies (xgrammar pulls torch and CUDA
+wheels); full JSON schema and Lark grammars (tool calls embed schemas with
+``%json``). Its own
 ``llguidance.mlx`` applies masks with a Metal kernel, which mlx's CPU
 backend lacks, so the mask is applied here with ``mx.where``.
 

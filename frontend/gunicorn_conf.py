@@ -3,11 +3,10 @@
 Workers are gevent's: one greenlet per connection, all in one OS thread. A
 stream's tokens then reach its socket without a thread hand-off: with threads
 (gthread), every token woke its request's thread (a futex, the GIL changing
-hands), CPU that a 2-core machine takes from the engine. Measured there (tiny
-model, 32-64 streams, two workers): the HTTP workers' CPU fell from 0.30-0.35
-to 0.24-0.28 cores at more tokens/s. The per-request work (validation, chat
+hands), CPU that a small machine takes from the engine (figures: BENCHMARKS.md,
+"Measurements behind the defaults"). The per-request work (validation, chat
 template, tokenizing) is pure CPU and holds the worker's other streams while
-it runs (about 20 ms for a 30,000-token prompt); it held the GIL under threads too.
+it runs; it held the GIL under threads too.
 
 Logs: every gunicorn and app line goes through ipc.logging_setup, as text or
 JSON (the config's log_format, ipc.runtime). Metrics: the master creates a private
