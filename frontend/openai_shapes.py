@@ -89,6 +89,10 @@ class AssistantMessage(Shape):
     content: str | None
     refusal: str | None
     tool_calls: list[ToolCall] | None = None
+    # A thinking model's reasoning, apart from content (absent when there is none):
+    # vLLM's name and the newer one, the same text.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(Shape):
@@ -111,6 +115,8 @@ class ChatDelta(Shape):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(Shape):
