@@ -451,6 +451,7 @@ class Tokenization:
         thinking: bool | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        add_special_tokens: bool = False,
     ) -> list[int]:
         """Prompt ids of a conversation, as mlx_lm.server tokenizes it.
 
@@ -458,6 +459,8 @@ class Tokenization:
         or the renderer's ``thinking``); None keeps mlx-lm's default (on for a
         thinking model) or what ``template_kwargs`` says. A template without
         the variable ignores it: ``can_toggle_thinking`` says whether it has one.
+        ``add_special_tokens``: the tokenizer's (BOS, ...) on top of the
+        template's own; only /tokenize may ask for them.
         """
         if not self.has_chat_template:
             return self.encode_prompt(convert_chat(messages))
@@ -482,7 +485,7 @@ class Tokenization:
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from exc
         # What apply_chat_template(tokenize=True) does, with only the encoding locked.
         with self._encode_lock:
-            return list(self.hf.encode(text, add_special_tokens=False))
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     @property
     def can_toggle_thinking(self) -> bool:
