@@ -248,6 +248,7 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
     streams = _submit_all(ctx.engine, generates)
     thinking = ctx.tokenization.thinking if request.split_reasoning else None
     kept = (*(request.tools.marker_ids if request.tools is not None else ()), *_marker_ids(thinking))
+    exits = (request.tools.start,) if request.tools is not None and request.tools.format is not None else ()
     try:
         runs = [
             ChoiceRun(
@@ -258,7 +259,7 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
                 prompt_group=i // n,
                 logprobs=request.logprobs is not None,
                 tools=request.tools.splitter() if request.tools is not None else None,
-                reasoning=thinking.splitter(request.prompts[i // n]) if thinking is not None else None,
+                reasoning=thinking.splitter(request.prompts[i // n], exits) if thinking is not None else None,
             )
             for i, stream in enumerate(streams)
         ]

@@ -57,8 +57,8 @@ class ThinkingMarkers:
         """Whether the prompt ends inside reasoning (its last start marker is after its last end marker)."""
         return _rfind(prompt_ids, self.start_ids) > _rfind(prompt_ids, self.end_ids)
 
-    def splitter(self, prompt_ids: Sequence[int]) -> ReasoningSplitter:
-        return ReasoningSplitter(self.start, self.end, inside=self.opened_by(prompt_ids))
+    def splitter(self, prompt_ids: Sequence[int], exits: Sequence[str] = ()) -> ReasoningSplitter:
+        return ReasoningSplitter(self.start, self.end, inside=self.opened_by(prompt_ids), exits=exits)
 
 
 def _rfind(ids: Sequence[int], needle: Sequence[int]) -> int:
@@ -77,16 +77,19 @@ class ReasoningSplitter:
     """Streamed text -> (reasoning, answer), markers dropped.
 
     Outside reasoning a start marker opens it; inside, an end marker closes
-    it (mlx-lm's transitions). Text that may be the beginning of the marker
+    it, and so does an ``exits`` marker (a tool call's start: mlx-lm lets a
+    call begin inside reasoning), which stays in the answer text for the
+    tool-call parser. Text that may be the beginning of the marker
     awaited is held until the next piece, or ``flush`` at the end. The
     whitespace templates and models put around the markers ("<think>\\n",
     "\\n</think>\\n\\n") is trimmed from both ends of the reasoning and from the
     start of the answer after it, so neither begins with blank lines.
     """
 
-    def __init__(self, start: str, end: str, *, inside: bool) -> None:
+    def __init__(self, start: str, end: str, *, inside: bool, exits: Sequence[str] = ()) -> None:
         self._start = start
         self._end = end
+        self._exits = tuple(e for e in exits if e)
         self.inside = inside
         self._held = ""  # a possible beginning of the marker awaited
         self._spaces = ""  # the reasoning's trailing whitespace, dropped if the reasoning ends here
@@ -102,14 +105,15 @@ class ReasoningSplitter:
         reasoning: list[str] = []
         answer: list[str] = []
         while True:
-            marker = self._end if self.inside else self._start
-            i = buffer.find(marker)
-            cut = i if i >= 0 else len(buffer) - _partial_suffix(buffer, marker)
+            markers = (self._end, *self._exits) if self.inside else (self._start,)
+            i, marker = min(((buffer.find(m), m) for m in markers if m in buffer), default=(-1, ""))
+            cut = i if i >= 0 else len(buffer) - max(_partial_suffix(buffer, m) for m in markers)
             (reasoning if self.inside else answer).append(self._part(buffer[:cut]))
             if i < 0:
                 self._held = buffer[cut:]
                 break
-            buffer = buffer[i + len(marker) :]
+            # The end and start markers go; an exit marker begins the answer.
+            buffer = buffer[i + len(marker) :] if marker in (self._start, self._end) else buffer[i:]
             self.inside, self._spaces, self._leading = not self.inside, "", True
         return "".join(reasoning), "".join(answer)
 

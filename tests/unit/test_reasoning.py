@@ -12,7 +12,7 @@ from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.thinking_template import QWEN3_THINKING_TEMPLATE, R1_THINKING_TEMPLATE
 from tests.unit.defaults import frontend_settings
-from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
+from tests.unit.fakes import FakeEngineClient, Script, make_model_info, write_tokenizer_dir
 from tests.unit.test_frontend_chat import sse_payloads
 
 URL = "/v1/chat/completions"
@@ -218,3 +218,30 @@ def test_completions_keep_the_markers(r1):
     client, _ = _client(r1, Script(_ids(r1, OUTPUT)))
     result = client.simulate_post("/v1/completions", json={"prompt": "Hi", "max_tokens": 100})
     assert result.json["choices"][0]["text"] == OUTPUT
+
+
+def test_a_tool_call_ends_the_reasoning_and_stays_in_the_answer():
+    splitter = ReasoningSplitter("<think>", "</think>", inside=True, exits=("<tool_call>",))
+    parts = [splitter.feed(c) for c in "I should call it.\n<tool_call>{}</tool_call>"] + [splitter.flush()]
+    assert ("".join(r for r, _ in parts), "".join(a for _, a in parts)) == (
+        "I should call it.",
+        "<tool_call>{}</tool_call>",
+    )
+
+
+def test_chat_tool_call_written_inside_reasoning(r1):
+    engine = FakeEngineClient(
+        model_info=make_model_info(
+            context_length=4096, tool_parser="json_tools", tool_call_start="<tool_call>", tool_call_end="</tool_call>"
+        )
+    )
+    output = 'Need the time.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    engine.default = Script(_ids(r1, output))
+    client = falcon.testing.TestClient(create_app(engine, r1, settings=frontend_settings()))
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    result = client.simulate_post(URL, json={"messages": MESSAGES, "tools": tools})
+    choice = result.json["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["reasoning_content"] == "Need the time."
+    assert choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
