@@ -9,6 +9,8 @@ DeepSeek-R1 distills and Qwen3-Thinking-2507 do: the output starts inside
 reasoning and only ``</think>`` is written by the model.
 """
 
+from tests.tool_template import TOOLS_CHATML_TEMPLATE
+
 _MESSAGES = (
     "{%- for message in messages %}"
     "{%- set content = message.content %}"
@@ -27,4 +29,21 @@ QWEN3_THINKING_TEMPLATE = (
 
 R1_THINKING_TEMPLATE = (
     _MESSAGES + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
+
+def _with_generation_prompt(template: str, prompt: str) -> str:
+    plain = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    assert template.endswith(plain)
+    return template[: -len(plain)] + prompt
+
+
+# The Hermes tools template (tests/tool_template.py) of a model that thinks
+# unless told not to, opening <think> in the generation prompt itself.
+TOOLS_THINKING_TEMPLATE = _with_generation_prompt(
+    TOOLS_CHATML_TEMPLATE,
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}",
 )
