@@ -213,6 +213,8 @@ class ChoiceRun:
             if failure is not None:
                 raise failure(delta)
             self.completion_tokens += len(delta.token_ids)  # reasoning tokens count as output
+            if self._reasoning is not None and self._reasoning.counter is not None:
+                self._reasoning.counter.feed(delta.token_ids)
             text = self._detokenize(delta)
             final = delta.finish_reason is not None
             if final:
@@ -252,6 +254,13 @@ class ChoiceRun:
             rest_reasoning, rest_answer = self._reasoning.flush()
             reasoning, answer = reasoning + rest_reasoning, answer + rest_answer
         return reasoning, answer
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """How many output tokens were reasoning; None when reasoning is not split."""
+        if self._reasoning is None or self._reasoning.counter is None:
+            return None
+        return self._reasoning.counter.count
 
     def _reasoning_held(self) -> int:
         return self._reasoning.held if self._reasoning is not None else 0

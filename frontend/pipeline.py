@@ -249,6 +249,7 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
     thinking = ctx.tokenization.thinking if request.split_reasoning else None
     kept = (*(request.tools.marker_ids if request.tools is not None else ()), *_marker_ids(thinking))
     exits = (request.tools.start,) if request.tools is not None and request.tools.format is not None else ()
+    exit_ids = [i for i in map(ctx.tokenization.marker_token_id, exits) if i is not None]
     try:
         runs = [
             ChoiceRun(
@@ -259,7 +260,7 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
                 prompt_group=i // n,
                 logprobs=request.logprobs is not None,
                 tools=request.tools.splitter() if request.tools is not None else None,
-                reasoning=thinking.splitter(request.prompts[i // n], exits) if thinking is not None else None,
+                reasoning=thinking.splitter(request.prompts[i // n], exits, exit_ids) if thinking is not None else None,
             )
             for i, stream in enumerate(streams)
         ]
@@ -308,6 +309,12 @@ class Generation:
 
     def usage(self) -> TokenCounts:
         return TokenCounts(*usage_counts(self._prompt_lengths, self.runs))
+
+    def reasoning_tokens(self) -> int | None:
+        """Output tokens that were reasoning (part of ``usage().completion``); None when
+        reasoning is not split (completions, a model that does not think)."""
+        counts = [run.reasoning_tokens for run in self.runs]
+        return None if any(c is None for c in counts) else sum(c or 0 for c in counts)
 
     def events(self) -> Iterator[Event]:
         """Every choice in turn, then Completed; Failed ends the events early.

@@ -57,8 +57,14 @@ class ThinkingMarkers:
         """Whether the prompt ends inside reasoning (its last start marker is after its last end marker)."""
         return _rfind(prompt_ids, self.start_ids) > _rfind(prompt_ids, self.end_ids)
 
-    def splitter(self, prompt_ids: Sequence[int], exits: Sequence[str] = ()) -> ReasoningSplitter:
-        return ReasoningSplitter(self.start, self.end, inside=self.opened_by(prompt_ids), exits=exits)
+    def splitter(
+        self, prompt_ids: Sequence[int], exits: Sequence[str] = (), exit_ids: Sequence[int] = ()
+    ) -> ReasoningSplitter:
+        """A splitter for one response to ``prompt_ids``; ``exits``: tool-call start markers
+        (their single token ids, where they have one, in ``exit_ids``)."""
+        inside = self.opened_by(prompt_ids)
+        counter = ReasoningTokens(self.start_ids, self.end_ids, exit_ids, inside=inside)
+        return ReasoningSplitter(self.start, self.end, inside=inside, exits=exits, counter=counter)
 
 
 def _rfind(ids: Sequence[int], needle: Sequence[int]) -> int:
@@ -71,6 +77,35 @@ def _rfind(ids: Sequence[int], needle: Sequence[int]) -> int:
         if ids[i] == first and tuple(ids[i : i + n]) == tuple(needle):
             return i
     return -1
+
+
+class ReasoningTokens:
+    """Counts the output tokens that are reasoning (markers included), on token ids:
+    exact where detokenized text would blur token edges."""
+
+    def __init__(
+        self, start_ids: Sequence[int], end_ids: Sequence[int], exit_ids: Sequence[int] = (), *, inside: bool
+    ) -> None:
+        self._start = tuple(start_ids)
+        self._end = tuple(end_ids)
+        self._exits = frozenset(exit_ids)
+        self._inside = inside
+        self._tail: tuple[int, ...] = ()  # the last ids, enough to see a marker of several tokens
+        self._width = max(len(self._start), len(self._end), 1)
+        self.count = 0
+
+    def feed(self, token_ids: Sequence[int]) -> None:
+        for token_id in token_ids:
+            self._tail = (*self._tail, token_id)[-self._width :]
+            if self._inside:
+                if token_id in self._exits:
+                    self._inside = False
+                    continue
+                self.count += 1
+                self._inside = self._tail[-len(self._end) :] != self._end
+            elif self._tail[-len(self._start) :] == self._start:
+                self._inside = True
+                self.count += len(self._start)
 
 
 class ReasoningSplitter:
@@ -86,7 +121,16 @@ class ReasoningSplitter:
     start of the answer after it, so neither begins with blank lines.
     """
 
-    def __init__(self, start: str, end: str, *, inside: bool, exits: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        start: str,
+        end: str,
+        *,
+        inside: bool,
+        exits: Sequence[str] = (),
+        counter: ReasoningTokens | None = None,
+    ) -> None:
+        self.counter = counter  # reasoning tokens, when the markers' ids are known
         self._start = start
         self._end = end
         self._exits = tuple(e for e in exits if e)

@@ -122,7 +122,8 @@ def _choice(choice: FinishedChoice, tok: Tokenization) -> ChatChoice:
 
 def chat_completion(generation: pipeline.Generation, outcome: pipeline.Outcome, tok: Tokenization) -> ChatCompletion:
     choices = [_choice(c, tok) for c in outcome.choices]
-    return ChatCompletion(**head(generation), object="chat.completion", choices=choices, usage=Usage.of(*outcome.usage))
+    usage = Usage.of(*outcome.usage, reasoning_tokens=generation.reasoning_tokens())
+    return ChatCompletion(**head(generation), object="chat.completion", choices=choices, usage=usage)
 
 
 class ChatStream(OpenAIStream):

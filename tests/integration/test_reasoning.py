@@ -57,6 +57,9 @@ def test_output_starts_inside_reasoning(thinking_server, no_eos):
     assert _joined(chunks, "reasoning_content") == message["reasoning_content"]
     assert _joined(chunks, "content") == message["content"]
     assert plain["usage"]["completion_tokens"] == 16  # reasoning tokens count
+    # The random model does not write </think>: every token is reasoning.
+    assert message["content"] == ""
+    assert plain["usage"]["completion_tokens_details"] == {"reasoning_tokens": 16}
     assert plain["choices"][0]["finish_reason"] == "length"
 
 
@@ -65,6 +68,7 @@ def test_reasoning_effort_none_answers_without_reasoning(thinking_server, no_eos
     plain, chunks = _both(thinking_server.base_url, body)
     message = plain["choices"][0]["message"]
     assert "reasoning_content" not in message and message["content"]
+    assert plain["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
     assert _joined(chunks, "content") == message["content"] and not _joined(chunks, "reasoning_content")
 
 
@@ -82,6 +86,7 @@ def test_a_forced_tool_call_inside_the_opened_reasoning_is_a_call(thinking_clien
     assert choice.finish_reason == "tool_calls"
     assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
     assert choice.message.content is None
+    assert chat.usage.completion_tokens_details.reasoning_tokens == 0  # the call's start marker ended it
 
 
 def test_tokenize_counts_the_prompt_the_chat_sends(thinking_server):

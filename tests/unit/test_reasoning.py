@@ -7,7 +7,7 @@ import pytest
 
 from frontend.app import create_app
 from frontend.errors import APIError
-from frontend.reasoning import ReasoningSplitter, effort_thinking, thinking_switch
+from frontend.reasoning import ReasoningSplitter, ReasoningTokens, effort_thinking, thinking_switch
 from frontend.tokenization import Tokenization
 from tests.openai_schema import validate
 from tests.thinking_template import QWEN3_THINKING_TEMPLATE, R1_THINKING_TEMPLATE
@@ -152,21 +152,46 @@ def test_chat_answers_with_reasoning_apart(qwen3, chunk):
     message = result.json["choices"][0]["message"]
     assert (message["reasoning_content"], message["reasoning"], message["content"]) == (REASONING, REASONING, ANSWER)
     assert result.json["usage"]["completion_tokens"] == len(ids)  # reasoning tokens count
-    assert _streamed(client, max_tokens=100)[:2] == (REASONING, ANSWER)
+    reasoning_tokens = ids.index(qwen3.thinking.end_ids[0]) + 1  # <think> ... </think>
+    assert result.json["usage"]["completion_tokens_details"] == {"reasoning_tokens": reasoning_tokens}
+    reasoning, answer, chunks = _streamed(client, max_tokens=100, stream_options={"include_usage": True})
+    assert (reasoning, answer) == (REASONING, ANSWER)
+    assert chunks[-1]["usage"] == result.json["usage"]
 
 
 def test_no_reasoning_fields_without_reasoning(qwen3):
     client, _ = _client(qwen3, Script(_ids(qwen3, ANSWER)))
     message = client.simulate_post(URL, json={"messages": MESSAGES}).json["choices"][0]["message"]
     assert message["content"] == ANSWER and "reasoning" not in message and "reasoning_content" not in message
+    assert client.simulate_post(URL, json={"messages": MESSAGES}).json["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": 0
+    }
     _, _, chunks = _streamed(client)
     assert all("reasoning" not in c["choices"][0]["delta"] for c in chunks if c["choices"])
 
 
 def test_a_template_that_opens_think_starts_the_output_inside_reasoning(r1):
-    client, _ = _client(r1, Script(_ids(r1, "Hmm, a greeting.\n</think>\n\nHi!")))
-    message = client.simulate_post(URL, json={"messages": MESSAGES}).json["choices"][0]["message"]
+    ids = _ids(r1, "Hmm, a greeting.\n</think>\n\nHi!")
+    client, _ = _client(r1, Script(ids))
+    result = client.simulate_post(URL, json={"messages": MESSAGES}).json
+    message = result["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("Hmm, a greeting.", "Hi!")
+    assert result["usage"]["completion_tokens_details"]["reasoning_tokens"] == ids.index(r1.thinking.end_ids[0]) + 1
+
+
+def test_no_token_details_for_a_model_that_does_not_think(client):
+    result = client.simulate_post(URL, json={"messages": MESSAGES})
+    assert "completion_tokens_details" not in result.json["usage"]
+
+
+def test_reasoning_tokens_of_markers_in_several_tokens():
+    counter = ReasoningTokens((7, 8), (9,), exit_ids=(5,), inside=False)
+    counter.feed([1, 7, 8, 2, 3])
+    counter.feed([9, 4])
+    assert counter.count == 5  # 7 8 2 3 9
+    opened = ReasoningTokens((7,), (9,), exit_ids=(5,), inside=True)
+    opened.feed([1, 2, 5, 6, 9])
+    assert opened.count == 2  # a tool call's start marker ends the reasoning
 
 
 def test_stop_strings_apply_to_the_answer_only(qwen3):
