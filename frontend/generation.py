@@ -231,10 +231,10 @@ class ChoiceRun:
                 self._finish("stop")
                 self.stream.close()  # aborts the rest of the generation in the engine
                 return
-            if final:
+            if delta.finish_reason is not None:
                 out += self._stops.flush()
                 yield from self._pieces(reasoning, out, self._release(all_=True), final=True)
-                self._finish(delta.finish_reason)  # type: ignore[arg-type]
+                self._finish(delta.finish_reason)
                 return
             self._emitted = self._produced - self._reasoning_held() - self._stops.held
             if out or reasoning:
