@@ -25,6 +25,7 @@ from frontend.resources.models import ModelsResource
 from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
 from frontend.resources.status import StatusResource
+from frontend.resources.tokenize import DetokenizeResource, TokenizeResource
 from frontend.tokenization import Tokenization
 
 __all__ = ["FrontendSettings", "ROUTES", "create_app"]
@@ -39,6 +40,8 @@ ROUTES: dict[str, type] = {
     "/v1/completions": CompletionsResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
+    "/tokenize": TokenizeResource,  # vLLM serves these two at the root
+    "/detokenize": DetokenizeResource,
     "/openapi.json": OpenAPIResource,
     "/health": LivenessResource,
     "/health/ready": ReadinessResource,

@@ -3,7 +3,9 @@
 One ``ChoiceRun`` per engine request: it detokenizes the TokenDeltas
 incrementally, applies stop strings (the stop text never reaches the client,
 also when it is split across tokens), counts tokens and maps the engine's
-finish reason. ``frontend.pipeline`` drives the runs of a request.
+finish reason. A thinking model's reasoning is parted from the answer first;
+stop strings and tool calls apply to the answer only, while max_tokens and
+usage count every token. ``frontend.pipeline`` drives the runs of a request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import msgspec
 
 from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestStream
 from frontend.errors import generation_failed
+from frontend.reasoning import ReasoningSplitter
 from frontend.tokenization import IncrementalDetokenizer
 from frontend.tools import ToolCall, ToolCallSplitter
 from ipc.messages import SamplingParams, TokenDelta
@@ -71,6 +74,10 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
 
 # ---------------------------------------------------------------- one choice
@@ -142,6 +149,7 @@ class ChoiceRun:
         *,
         logprobs: bool = False,
         tools: ToolCallSplitter | None = None,
+        reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.index = index
         self.prompt_group = prompt_group  # completions: which prompt this choice answers
@@ -150,10 +158,11 @@ class ChoiceRun:
         self._stops = StopMatcher(stops)
         self._want_logprobs = logprobs
         self._tools = tools  # cuts tool calls out of the text
+        self._reasoning = reasoning  # parts reasoning from the answer; stops and tools see the answer only
         self._held: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
         self._ends: list[int] = []  # end offset of each held token's text
         self._produced = 0  # characters detokenized so far
-        self._emitted = 0  # characters released to the client so far
+        self._emitted = 0  # characters detokenized and no longer held back
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -161,7 +170,9 @@ class ChoiceRun:
 
     def _detokenize(self, delta: TokenDelta) -> str:
         if not self._want_logprobs:
-            return self._detokenizer.add(delta.token_ids)
+            text = self._detokenizer.add(delta.token_ids)
+            self._produced += len(text)
+            return text
         if delta.token_ids and delta.logprobs is None:
             raise EngineUnavailable(f"request {self.stream.request_id}: the engine sent no logprobs")
         tops = delta.top_logprobs or [()] * len(delta.token_ids)
@@ -201,40 +212,69 @@ class ChoiceRun:
             failure = _FAILURES.get(delta.finish_reason or "")
             if failure is not None:
                 raise failure(delta)
-            self.completion_tokens += len(delta.token_ids)
+            self.completion_tokens += len(delta.token_ids)  # reasoning tokens count as output
+            if self._reasoning is not None and self._reasoning.counter is not None:
+                self._reasoning.counter.feed(delta.token_ids)
             text = self._detokenize(delta)
-            if delta.finish_reason is not None:
+            final = delta.finish_reason is not None
+            if final:
                 tail = self._detokenizer.finalize()
                 text += tail
                 self._produced += len(tail)
-            out, matched = self._stops.feed(text)
-            self._emitted += len(out)
+            reasoning, answer = self._split(text, final=final)
+            held = self._stops.held
+            out, matched = self._stops.feed(answer)
             if matched:
-                yield from self._pieces(out, self._release(upto_start=self._emitted), final=True)
+                # Where the stop string begins, in the detokenized text.
+                stop_at = self._produced - self._reasoning_held() - (held + len(answer) - len(out))
+                yield from self._pieces(reasoning, out, self._release(upto_start=stop_at), final=True)
                 self._finish("stop")
                 self.stream.close()  # aborts the rest of the generation in the engine
                 return
             if delta.finish_reason is not None:
                 out += self._stops.flush()
-                yield from self._pieces(out, self._release(all_=True), final=True)
+                yield from self._pieces(reasoning, out, self._release(all_=True), final=True)
                 self._finish(delta.finish_reason)
                 return
-            if out:
-                yield from self._pieces(out, self._release(), final=False)
+            self._emitted = self._produced - self._reasoning_held() - self._stops.held
+            if out or reasoning:
+                yield from self._pieces(reasoning, out, self._release(), final=False)
                 if self._tools is not None and self._tools.done:
                     self._finish("stop")  # the one call allowed is complete
                     self.stream.close()
                     return
         raise EngineUnavailable(f"request {self.stream.request_id} ended without a final message")
 
-    def _pieces(self, text: str, released: list[TokenLogprob] | None, *, final: bool) -> Iterator[Piece]:
+    def _split(self, text: str, *, final: bool) -> tuple[str, str]:
+        """(reasoning, answer) of newly detokenized text."""
+        if self._reasoning is None:
+            return "", text
+        reasoning, answer = self._reasoning.feed(text)
+        if final:
+            rest_reasoning, rest_answer = self._reasoning.flush()
+            reasoning, answer = reasoning + rest_reasoning, answer + rest_answer
+        return reasoning, answer
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """How many output tokens were reasoning; None when reasoning is not split."""
+        if self._reasoning is None or self._reasoning.counter is None:
+            return None
+        return self._reasoning.counter.count
+
+    def _reasoning_held(self) -> int:
+        return self._reasoning.held if self._reasoning is not None else 0
+
+    def _pieces(
+        self, reasoning: str, text: str, released: list[TokenLogprob] | None, *, final: bool
+    ) -> Iterator[Piece]:
         calls: list[ToolCall] = []
         if self._tools is not None:
             text, calls = self._tools.feed(text)
             if final:
                 text += self._tools.flush()
-        if text or released or calls:
-            yield Piece(text, released, calls or None)
+        if text or released or calls or reasoning:
+            yield Piece(text, released, calls or None, reasoning)
 
     def _finish(self, reason: str) -> None:
         # OpenAI: a response that ends after tool calls finishes with "tool_calls".
@@ -248,15 +288,19 @@ class ChoiceRun:
     def finish(self) -> FinishedChoice:
         """Run to the end (non-streaming)."""
         texts: list[str] = []
+        reasoning: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if self._want_logprobs else None
         calls: list[ToolCall] = []
         for part in self.parts():
             texts.append(part.text)
+            reasoning.append(part.reasoning)
             if logprobs is not None and part.logprobs:
                 logprobs.extend(part.logprobs)
             calls += part.tool_calls or []
         assert self.finish_reason is not None
-        return FinishedChoice(self.index, "".join(texts), self.finish_reason, logprobs, calls or None)
+        return FinishedChoice(
+            self.index, "".join(texts), self.finish_reason, logprobs, calls or None, "".join(reasoning)
+        )
 
     def text(self) -> str:
         return "".join(self.pieces())

@@ -10,8 +10,9 @@ import falcon
 
 from frontend.errors import APIError
 
-# Only the OpenAI API is gated; /health stays open for launchd scripts and proxies.
-PROTECTED_PREFIX = "/v1/"
+# Only the APIs are gated (vLLM's /tokenize and /detokenize too); /health stays open
+# for launchd scripts and proxies. A tuple: str.startswith takes any of them.
+PROTECTED_PREFIX = ("/v1/", "/tokenize", "/detokenize")
 # Still answered while draining: an operator watches the stop through them.
 DRAIN_EXEMPT = frozenset({"/v1/mlx/status"})
 

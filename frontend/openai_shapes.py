@@ -17,19 +17,32 @@ class PromptTokensDetails(Shape):
     cached_tokens: int
 
 
+class CompletionTokensDetails(Shape):
+    reasoning_tokens: int
+
+
 class Usage(Shape):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = None  # a thinking model's chat only
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    def of(
+        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int, *, reasoning_tokens: int | None = None
+    ) -> Usage:
+        details = (
+            {}
+            if reasoning_tokens is None
+            else {"completion_tokens_details": CompletionTokensDetails(reasoning_tokens=reasoning_tokens)}
+        )
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            **details,
         )
 
 
@@ -89,6 +102,10 @@ class AssistantMessage(Shape):
     content: str | None
     refusal: str | None
     tool_calls: list[ToolCall] | None = None
+    # A thinking model's reasoning, apart from content (absent when there is none):
+    # vLLM's name and the newer one, the same text.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(Shape):
@@ -111,6 +128,8 @@ class ChatDelta(Shape):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(Shape):

@@ -34,7 +34,7 @@ class OpenAIStream:
 
     def completed(self, event: pipeline.Completed) -> Iterable[bytes]:
         if self._include_usage:
-            yield self.chunk([], usage=Usage.of(*event.usage))
+            yield self.chunk([], usage=Usage.of(*event.usage, reasoning_tokens=self._generation.reasoning_tokens()))
         yield sse.DONE
 
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:

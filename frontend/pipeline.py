@@ -32,6 +32,7 @@ from frontend.errors import APIError, engine_unavailable, internal_error, invali
 from frontend.generation import ChoiceRun, FinishedChoice, Piece, choice_sampling, usage_counts
 from frontend.metrics import observe_stream
 from frontend.middleware import bind_request_id
+from frontend.reasoning import ThinkingMarkers
 from frontend.shapes import Shape
 from frontend.tools import ToolPlan
 from ipc.messages import Constraint, Generate, ModelInfo, SamplingParams
@@ -53,6 +54,9 @@ class PipelineRequest:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: no logprobs; else how many top logprobs per token
     tools: ToolPlan | None = None  # calls are cut out of the text when the plan parses them
+    # A thinking model's reasoning comes apart from the answer (Piece.reasoning);
+    # a completion's text is its tokens' text, markers and all.
+    split_reasoning: bool = True
     # Drop the first token's leading space as mlx-lm does (chat); a completion's
     # text must be exactly its tokens' text, so it keeps it.
     trim_leading_space: bool = True
@@ -242,19 +246,21 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
         for j in range(n)
     ]
     streams = _submit_all(ctx.engine, generates)
+    thinking = ctx.tokenization.thinking if request.split_reasoning else None
+    kept = (*(request.tools.marker_ids if request.tools is not None else ()), *_marker_ids(thinking))
+    exits = (request.tools.start,) if request.tools is not None and request.tools.format is not None else ()
+    exit_ids = [i for i in map(ctx.tokenization.marker_token_id, exits) if i is not None]
     try:
         runs = [
             ChoiceRun(
                 i,
                 stream,
-                ctx.tokenization.detokenizer(
-                    trim_leading_space=request.trim_leading_space,
-                    keep_token_ids=request.tools.marker_ids if request.tools is not None else (),
-                ),
+                ctx.tokenization.detokenizer(trim_leading_space=request.trim_leading_space, keep_token_ids=kept),
                 request.stops,
                 prompt_group=i // n,
                 logprobs=request.logprobs is not None,
                 tools=request.tools.splitter() if request.tools is not None else None,
+                reasoning=thinking.splitter(request.prompts[i // n], exits, exit_ids) if thinking is not None else None,
             )
             for i, stream in enumerate(streams)
         ]
@@ -263,6 +269,11 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
         raise
     log.debug("%s: %d prompts, n %d, max_tokens %s", response_id, len(request.prompts), n, max_tokens)
     return Generation(response_id, int(time.time()), model.model_id, runs, [len(ids) for ids in request.prompts])
+
+
+def _marker_ids(thinking: ThinkingMarkers | None) -> tuple[int, ...]:
+    """The reasoning markers' tokens: kept in the text (even when special) for the splitter to see."""
+    return () if thinking is None else (*thinking.start_ids, *thinking.end_ids)
 
 
 # ---------------------------------------------------------------- running
@@ -298,6 +309,12 @@ class Generation:
 
     def usage(self) -> TokenCounts:
         return TokenCounts(*usage_counts(self._prompt_lengths, self.runs))
+
+    def reasoning_tokens(self) -> int | None:
+        """Output tokens that were reasoning (part of ``usage().completion``); None when
+        reasoning is not split (completions, a model that does not think)."""
+        counts = [run.reasoning_tokens for run in self.runs]
+        return None if any(c is None for c in counts) else sum(c or 0 for c in counts)
 
     def events(self) -> Iterator[Event]:
         """Every choice in turn, then Completed; Failed ends the events early.

@@ -367,6 +367,13 @@ class ChatCompletionRequest(_GenerationRequest):
         return [_template_message(i, m) for i, m in enumerate(self.messages)]
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages checked (text parts only) and as chat templates expect them."""
+    for i, message in enumerate(messages):
+        _check_content(i, message.content)
+    return [_template_message(i, m) for i, m in enumerate(messages)]
+
+
 def _check_content(i: int, content: str | list[dict[str, Any]] | None) -> None:
     if not isinstance(content, list):
         return

@@ -34,6 +34,8 @@ from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from frontend.reasoning import ThinkingMarkers
+
 log = logging.getLogger(__name__)
 
 # Emitted ids kept as context to finalize held-back bytes (DecodeStream keeps
@@ -46,7 +48,11 @@ _THINK_TOKEN_PAIRS = (
     ("<longcat_think>", "</longcat_think>"),
     ("<|think:start|>", "<|think:end|>"),
 )
-_XTML_TOKENS = ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>")
+# Markers of several tokens: (tokens the vocabulary must hold) -> (start, end) text.
+_MULTI_TOKEN_THINKING = (
+    (("<|channel>", "<channel|>"), ("<|channel>thought", "<channel|>")),
+    (("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>"), ("<|open|>think<|sep|>", "<|close|>think<|sep|>")),
+)
 
 # mlx_lm.server.convert_chat's default role mapping, for models without a template.
 _DEFAULT_ROLE_MAPPING = {
@@ -297,14 +303,17 @@ def _spm_prime(hf: PreTrainedTokenizerBase) -> list[int]:
 # ---------------------------------------------------------------- thinking flags
 
 
-def _has_thinking(hf: PreTrainedTokenizerBase) -> bool:
-    """mlx_lm.tokenizer_utils._infer_thinking, reduced to yes/no."""
+def _infer_thinking(hf: PreTrainedTokenizerBase) -> ThinkingMarkers | None:
+    """mlx_lm.tokenizer_utils._infer_thinking: the markers, from the vocabulary."""
     vocab = hf.get_vocab()
-    if any(start in vocab and end in vocab for start, end in _THINK_TOKEN_PAIRS):
-        return True
-    if "<|channel>" in vocab and "<channel|>" in vocab:
-        return True
-    return all(t in vocab for t in _XTML_TOKENS)
+    for start, end in _THINK_TOKEN_PAIRS:
+        if start in vocab and end in vocab:
+            return ThinkingMarkers(start, end, (vocab[start],), (vocab[end],))
+    for tokens, (start, end) in _MULTI_TOKEN_THINKING:
+        if all(t in vocab for t in tokens):
+            encode = functools.partial(hf.encode, add_special_tokens=False)
+            return ThinkingMarkers(start, end, tuple(encode(start)), tuple(encode(end)))
+    return None
 
 
 def _thinking_kwarg(hf: PreTrainedTokenizerBase) -> str:
@@ -395,7 +404,9 @@ class Tokenization:
         self.skip_special_tokens = skip_special_tokens
         path = Path(model_path) if model_path is not None else None
         self.decoder_kind = decoder_kind(_tokenizer_json_decoder(tokenizer, path))
-        self.has_thinking = _has_thinking(tokenizer)
+        # The reasoning markers when the model thinks (mlx-lm's has_thinking), else None.
+        self.thinking = _infer_thinking(tokenizer)
+        self.has_thinking = self.thinking is not None
         self._thinking_kwarg = _thinking_kwarg(tokenizer)
         self.has_chat_template = tokenizer.chat_template is not None or _has_custom_renderer(tokenizer)
         self.vocab_size = len(tokenizer)
@@ -437,17 +448,36 @@ class Tokenization:
         *,
         tools: list[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        thinking: bool | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
     ) -> list[int]:
-        """Prompt ids of a conversation, as mlx_lm.server tokenizes it."""
+        """Prompt ids of a conversation, as mlx_lm.server tokenizes it.
+
+        ``thinking``: turn the template's thinking on or off (``enable_thinking``
+        or the renderer's ``thinking``); None keeps mlx-lm's default (on for a
+        thinking model) or what ``template_kwargs`` says. A template without
+        the variable ignores it: ``can_toggle_thinking`` says whether it has one.
+        ``add_special_tokens``: the tokenizer's (BOS, ...) on top of the
+        template's own; only /tokenize may ask for them.
+        """
         if not self.has_chat_template:
             return self.encode_prompt(convert_chat(messages))
         kwargs = dict(template_kwargs or {})
         if self._thinking_kwarg != "enable_thinking" and "enable_thinking" in kwargs:
             kwargs[self._thinking_kwarg] = kwargs.pop("enable_thinking")
+        if thinking is not None:
+            kwargs[self._thinking_kwarg] = thinking
         kwargs.setdefault(self._thinking_kwarg, self.has_thinking)
         try:
             text = self.hf.apply_chat_template(
-                messages, add_generation_prompt=True, tools=tools, tokenize=False, **kwargs
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                tokenize=False,
+                **kwargs,
             )
         except Exception as exc:
             # Templates reject conversations with raise_exception (jinja) or
@@ -455,12 +485,17 @@ class Tokenization:
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from exc
         # What apply_chat_template(tokenize=True) does, with only the encoding locked.
         with self._encode_lock:
-            return list(self.hf.encode(text, add_special_tokens=False))
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_prompt(self, text: str) -> list[int]:
+    @property
+    def can_toggle_thinking(self) -> bool:
+        """Whether the chat template (or renderer) takes the variable that turns thinking on and off."""
+        return self._thinking_kwarg == "thinking" or self.template_mentions(self._thinking_kwarg)
+
+    def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Completion prompt ids: ``tokenizer.encode(prompt)`` as mlx_lm.server."""
         with self._encode_lock:
-            return list(self.hf.encode(text))
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=self.skip_special_tokens)

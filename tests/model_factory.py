@@ -35,6 +35,9 @@ TOOL_CALL_END = "</tool_call>"
 # vocabulary as is), "added" (added non-special tokens: Qwen 2.5/3, Hermes) or
 # "special" (added special tokens, skipped by skip_special_tokens).
 TOOL_MARKER_KINDS = ("text", "added", "special")
+# Thinking models (Qwen 3, DeepSeek-R1 distills) hold these as added non-special tokens.
+THINK_START = "<think>"
+THINK_END = "</think>"
 MAX_POSITION_EMBEDDINGS = 4096
 
 CHATML_TEMPLATE = (
@@ -160,6 +163,13 @@ def _corpus() -> list[str]:
     ]
     lines = _PARAGRAPHS.splitlines()
     return lines + [" ".join(sentences[i : i + 4]) for i in range(0, len(sentences), 4)]
+
+
+def _with_think_markers(tokenizer_json: str) -> str:
+    """The tokenizer with <think>/</think> as added tokens (ids after the vocabulary and tool markers)."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
+    return tok.to_str(pretty=True)
 
 
 def _with_tool_markers(tokenizer_json: str, kind: str) -> str:
@@ -292,6 +302,7 @@ def build_tiny_model(
     seed: int = 0,
     chat_template: str | None = None,
     tool_markers: str = "text",
+    thinking: bool = False,
 ) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
 
@@ -299,7 +310,9 @@ def build_tiny_model(
     "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
     `chat_template`: another template than ChatML (e.g. one that renders tools).
     `tool_markers`: how the tokenizer holds ``<tool_call>``/``</tool_call>``
-    (one of TOOL_MARKER_KINDS).
+    (one of TOOL_MARKER_KINDS). `thinking`: add ``<think>``/``</think>`` as added
+    tokens, which makes it a thinking model to mlx-lm and to the server (pair it
+    with a template of tests/thinking_template.py).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
@@ -307,6 +320,8 @@ def build_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer_json = _with_tool_markers(_tokenizer_json(), tool_markers)
+    if thinking:
+        tokenizer_json = _with_think_markers(tokenizer_json)
     tok = Tokenizer.from_str(tokenizer_json)
     vocab = tok.get_vocab_size()
     eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]

@@ -28,6 +28,7 @@ from frontend.openai_shapes import (
 from frontend.openai_stream import OpenAIStream, head
 from frontend.openapi import GENERATION_ERRORS, Operation
 from frontend.protocol import TEMPLATE_VARIABLE_FIELDS, ChatCompletionRequest
+from frontend.reasoning import effort_thinking, thinking_switch
 from frontend.request_body import read_request
 from frontend.tokenization import ChatTemplateError, Tokenization, reserved_template_kwargs
 from frontend.tools import ToolCall as ParsedCall
@@ -43,12 +44,23 @@ def _template_kwargs(request: ChatCompletionRequest, tok: Tokenization) -> dict:
         )
     for name in TEMPLATE_VARIABLE_FIELDS:
         value = getattr(request, name)
-        if value is None:
-            continue
+        if value is None or (name == "reasoning_effort" and not tok.template_mentions(name)):
+            continue  # reasoning_effort: the template's own variable (gpt-oss), else _thinking
         if not tok.template_mentions(name):
             raise unsupported(name, f"{name} is not supported: this model's chat template does not use it")
         template_kwargs = {name: value, **template_kwargs}
     return template_kwargs
+
+
+def _thinking(request: ChatCompletionRequest, tok: Tokenization) -> bool | None:
+    """reasoning_effort as thinking on/off, for templates that do not take it as a variable."""
+    effort = request.reasoning_effort
+    if effort is None or tok.template_mentions("reasoning_effort"):
+        return None
+    wanted = effort_thinking(effort, "reasoning_effort")
+    return thinking_switch(
+        wanted, thinks=tok.has_thinking, can_toggle=tok.can_toggle_thinking, param="reasoning_effort"
+    )
 
 
 def pipeline_request(ctx: AppContext, request: ChatCompletionRequest) -> pipeline.PipelineRequest:
@@ -59,9 +71,10 @@ def pipeline_request(ctx: AppContext, request: ChatCompletionRequest) -> pipelin
     tools = request.tool_plan(model, tok.marker_token_id)
     constraint = request.constraint(tools)
     template_kwargs = _template_kwargs(request, tok)
+    thinking = _thinking(request, tok)
     try:
         prompt = tok.render_chat(
-            request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs
+            request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs, thinking=thinking
         )
     except ChatTemplateError as exc:
         raise invalid_request(str(exc), param="messages") from None
@@ -83,14 +96,21 @@ def _tool_call(call: ParsedCall) -> ToolCall:
     return ToolCall.model_validate(call.as_dict())
 
 
+def _reasoning_fields(reasoning: str) -> dict[str, str]:
+    """vLLM's ``reasoning_content`` and the newer ``reasoning`` (mlx-lm, OpenRouter): clients read either."""
+    return {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
+
+
 def _message(choice: FinishedChoice) -> AssistantMessage:
+    reasoning = _reasoning_fields(choice.reasoning)
     if not choice.tool_calls:
-        return AssistantMessage(role="assistant", content=choice.text, refusal=None)
+        return AssistantMessage(role="assistant", content=choice.text, refusal=None, **reasoning)
     return AssistantMessage(
         role="assistant",
         content=choice.text or None,  # OpenAI: null when the answer is only calls
         refusal=None,
         tool_calls=[_tool_call(call) for call in choice.tool_calls],
+        **reasoning,
     )
 
 
@@ -102,7 +122,8 @@ def _choice(choice: FinishedChoice, tok: Tokenization) -> ChatChoice:
 
 def chat_completion(generation: pipeline.Generation, outcome: pipeline.Outcome, tok: Tokenization) -> ChatCompletion:
     choices = [_choice(c, tok) for c in outcome.choices]
-    return ChatCompletion(**head(generation), object="chat.completion", choices=choices, usage=Usage.of(*outcome.usage))
+    usage = Usage.of(*outcome.usage, reasoning_tokens=generation.reasoning_tokens())
+    return ChatCompletion(**head(generation), object="chat.completion", choices=choices, usage=usage)
 
 
 class ChatStream(OpenAIStream):
@@ -130,7 +151,9 @@ class ChatStream(OpenAIStream):
 
     def delta(self, event: pipeline.Delta) -> Iterable[bytes]:
         piece, index = event.piece, event.index
-        fields: dict[str, Any] = {"content": piece.text} if piece.text or not piece.tool_calls else {}
+        only_other = piece.tool_calls or piece.reasoning  # no content key when the piece is calls or reasoning
+        fields: dict[str, Any] = {"content": piece.text} if piece.text or not only_other else {}
+        fields.update(_reasoning_fields(piece.reasoning))
         if piece.tool_calls:
             # Each call whole in one delta (name and all arguments): clients
             # that concatenate argument fragments get the same result.

@@ -44,6 +44,7 @@ def pipeline_request(ctx: AppContext, request: CompletionRequest) -> pipeline.Pi
         max_tokens=request.max_tokens,
         n=request.choices_per_prompt,
         logprobs=request.logprobs,
+        split_reasoning=False,
         trim_leading_space=False,
     )
 

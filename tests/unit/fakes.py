@@ -227,10 +227,30 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_tokenizer_dir(path: Path, chat_template: str | None = CHATML_TEMPLATE) -> Path:
-    """A model directory holding only a byte-level BPE tokenizer (ChatML template)."""
+THINK_MARKERS = ("<think>", "</think>")
+
+
+def _with_think_markers(tokenizer_json: str, special: bool) -> str:
+    """Qwen 3 holds <think>/</think> as added non-special tokens; ``special`` makes them special."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in THINK_MARKERS])
+    return tok.to_str()
+
+
+def write_tokenizer_dir(
+    path: Path, chat_template: str | None = CHATML_TEMPLATE, *, think_markers: str | None = None
+) -> Path:
+    """A model directory holding only a byte-level BPE tokenizer (ChatML template).
+
+    ``think_markers``: "added" or "special" adds <think>/</think> as tokens of that kind (a thinking model).
+    """
     path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
+    tokenizer_json = _tokenizer_json()
+    if think_markers is not None:
+        tokenizer_json = _with_think_markers(tokenizer_json, special=think_markers == "special")
+    (path / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,

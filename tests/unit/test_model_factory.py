@@ -117,3 +117,22 @@ def test_adapter_loads_and_changes_greedy_output(tiny_model_dir: Path, tiny_adap
     adapted = _greedy(tiny_model_dir, tiny_adapter_dir)
     assert adapted == _greedy(tiny_model_dir, tiny_adapter_dir)
     assert adapted != base
+
+
+def test_thinking_variant_is_a_thinking_model_to_mlx_lm_and_to_us(tmp_path: Path) -> None:
+    from mlx_lm import load
+
+    from frontend.tokenization import Tokenization
+    from tests.thinking_template import QWEN3_THINKING_TEMPLATE
+
+    model_dir = build_tiny_model(tmp_path / "think", chat_template=QWEN3_THINKING_TEMPLATE, thinking=True)
+    _, wrapper = load(str(model_dir))
+    ours = Tokenization.from_pretrained(model_dir)
+    assert wrapper.has_thinking and ours.thinking is not None
+    assert (ours.thinking.start, ours.thinking.end) == (wrapper.think_start, wrapper.think_end)
+    assert ours.thinking.start_ids == (wrapper.think_start_id,) and ours.thinking.end_ids == (wrapper.think_end_id,)
+    off = wrapper.apply_chat_template(PROMPT_MESSAGES, add_generation_prompt=True, enable_thinking=False)
+    assert ours.render_chat(PROMPT_MESSAGES, thinking=False) == list(off)
+    assert ours.render_chat(PROMPT_MESSAGES) == list(
+        wrapper.apply_chat_template(PROMPT_MESSAGES, add_generation_prompt=True)
+    )
