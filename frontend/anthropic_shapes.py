@@ -46,14 +46,14 @@ class ToolUseBlock(Shape):
 ContentBlock = Annotated[TextBlock | ThinkingBlock | ToolUseBlock, Field(discriminator="type")]
 
 
-class Usage(Shape):
+class MessageUsage(Shape):
     input_tokens: int  # prompt tokens not read from the prefix cache
     output_tokens: int
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, output_tokens: int, cached_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, output_tokens: int, cached_tokens: int) -> MessageUsage:
         return cls(
             input_tokens=prompt_tokens - cached_tokens,
             output_tokens=output_tokens,
@@ -70,28 +70,28 @@ class Message(Shape):
     content: list[ContentBlock]
     stop_reason: StopReason | None
     stop_sequence: str | None
-    usage: Usage
+    usage: MessageUsage
 
 
 class CountTokensResponse(Shape):
     input_tokens: int
 
 
-class ErrorDetail(Shape):
+class AnthropicErrorDetail(Shape):
     type: str
     message: str
 
 
-class ErrorResponse(Shape):
+class AnthropicError(Shape):
     """An error body, and the ``error`` event that ends a stream failing after its headers."""
 
     type: Literal["error"]
-    error: ErrorDetail
+    error: AnthropicErrorDetail
 
     @classmethod
-    def of(cls, status: int, message: str) -> ErrorResponse:
+    def of(cls, status: int, message: str) -> AnthropicError:
         kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-        return cls(type="error", error=ErrorDetail(type=kind, message=message))
+        return cls(type="error", error=AnthropicErrorDetail(type=kind, message=message))
 
 
 # ---------------------------------------------------------------- stream events
@@ -146,7 +146,7 @@ class MessageDeltaBody(Shape):
 class MessageDelta(Shape):
     type: Literal["message_delta"]
     delta: MessageDeltaBody
-    usage: Usage
+    usage: MessageUsage
 
 
 class MessageStop(Shape):
@@ -161,7 +161,7 @@ StreamEventShape = (
     | ContentBlockStop
     | MessageDelta
     | MessageStop
-    | ErrorResponse
+    | AnthropicError
 )
 
 

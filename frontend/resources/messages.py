@@ -12,12 +12,12 @@ from frontend import pipeline, sse
 from frontend.anthropic_protocol import CountTokensRequest, MessagesInput, MessagesRequest, tool_use_input
 from frontend.anthropic_shapes import (
     STOP_REASONS,
+    AnthropicError,
     ContentBlock,
     ContentBlockDelta,
     ContentBlockStart,
     ContentBlockStop,
     CountTokensResponse,
-    ErrorResponse,
     InputJSONDelta,
     Message,
     MessageDelta,
@@ -25,6 +25,7 @@ from frontend.anthropic_shapes import (
     MessageStart,
     MessageStop,
     MessageStreamEvent,
+    MessageUsage,
     Ping,
     StopReason,
     TextBlock,
@@ -32,7 +33,6 @@ from frontend.anthropic_shapes import (
     ThinkingBlock,
     ThinkingDelta,
     ToolUseBlock,
-    Usage,
 )
 from frontend.context import AppContext
 from frontend.errors import invalid_request
@@ -117,7 +117,7 @@ def message(generation: pipeline.Generation, outcome: pipeline.Outcome) -> Messa
         content=_content(choice),
         stop_reason=stop_reason,
         stop_sequence=stop_sequence,
-        usage=Usage.of(*outcome.usage),
+        usage=MessageUsage.of(*outcome.usage),
     )
 
 
@@ -141,7 +141,7 @@ class MessagesStream:
         self._stop: tuple[StopReason, str | None] = ("end_turn", None)
 
     def started(self, event: pipeline.Started) -> Iterable[bytes]:
-        usage = Usage.of(self._prompt_tokens, 0, 0)  # the cached count is known at the end (message_delta)
+        usage = MessageUsage.of(self._prompt_tokens, 0, 0)  # the cached count is known at the end (message_delta)
         message = Message(
             id=message_id(self._generation),
             type="message",
@@ -200,12 +200,12 @@ class MessagesStream:
         stop_reason, stop_sequence = self._stop
         body = MessageDeltaBody(stop_reason=stop_reason, stop_sequence=stop_sequence)
         return [
-            _event(MessageDelta(type="message_delta", delta=body, usage=Usage.of(*event.usage))),
+            _event(MessageDelta(type="message_delta", delta=body, usage=MessageUsage.of(*event.usage))),
             _event(MessageStop(type="message_stop")),
         ]
 
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:
-        return [_event(ErrorResponse.of(event.error.status, event.error.message))]
+        return [_event(AnthropicError.of(event.error.status, event.error.message))]
 
 
 # ---------------------------------------------------------------- resources
@@ -221,6 +221,7 @@ class MessagesResource:
             response=Message,
             stream=MessageStreamEvent,
             errors=_ERRORS,
+            error=AnthropicError,
         )
     }
 
@@ -249,6 +250,7 @@ class CountTokensResource:
             request=CountTokensRequest,
             response=CountTokensResponse,
             errors=(400, 401, 413),
+            error=AnthropicError,
         )
     }
 
@@ -281,4 +283,4 @@ class AnthropicErrors:
             return
         if param and param not in message:
             message = f"{param}: {message}"  # Anthropic's errors have no param field
-        resp.data = ErrorResponse.of(resp.status_code, message).dump()
+        resp.data = AnthropicError.of(resp.status_code, message).dump()
