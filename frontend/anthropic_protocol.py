@@ -81,9 +81,13 @@ class MessagesInput(_Strict):
 
     def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], int | None]) -> ToolPlan:
         choice, parallel = _tool_choice(self.tool_choice)
-        return plan_tools(
-            _openai_tools(self.tools or []), choice, parallel, model, marker_token_id, self.answer_constraint()
-        )
+        try:
+            return plan_tools(
+                _openai_tools(self.tools or []), choice, parallel, model, marker_token_id, self.answer_constraint()
+            )
+        except APIError as exc:
+            exc.param = _anthropic_param(exc.param)
+            raise
 
     def template_messages(self) -> list[dict[str, Any]]:
         """System and messages as chat templates expect them (OpenAI's roles)."""
@@ -140,6 +144,17 @@ def _tool_choice(tool_choice: dict[str, Any] | None) -> tuple[Any, bool | None]:
             f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', got {kind!r}", param="tool_choice.type"
         )
     return _TOOL_CHOICES[kind], parallel
+
+
+# plan_tools names OpenAI's fields; the client sent Anthropic's.
+_PARAM_NAMES = ((".function.parameters", ".input_schema"), (".function.", "."), (".function", ""))
+
+
+def _anthropic_param(param: str | None) -> str | None:
+    for openai_name, anthropic_name in _PARAM_NAMES:
+        if param is not None and openai_name in param:
+            return param.replace(openai_name, anthropic_name)
+    return param
 
 
 def _openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import falcon
 
@@ -47,14 +47,26 @@ from frontend.tools import ToolCall, ToolPlan
 PATH_PREFIX = "/v1/messages"
 
 
-def _prompt(ctx: AppContext, request: MessagesInput, tools: ToolPlan) -> list[int]:
+class Prompt(NamedTuple):
+    ids: list[int]
+    prefilled: bool  # the last message is the start of the answer, which the output continues
+
+
+def _prompt(ctx: AppContext, request: MessagesInput, tools: ToolPlan) -> Prompt:
     tok = ctx.tokenization
     thinking = request.thinking_enabled()
     template_kwargs = {"enable_thinking": thinking} if thinking is not None and tok.has_thinking else {}
+    messages = request.template_messages()
+    # Anthropic's prefill: a last assistant message (text only) is where the answer starts.
+    last = messages[-1]
+    prefill = last["content"] if last["role"] == "assistant" and not last.get("tool_calls") else ""
+    if prefill:
+        messages.pop()
     try:
-        return tok.render_chat(request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs)
+        ids = tok.render_chat(messages, tools=tools.template_tools, template_kwargs=template_kwargs)
     except ChatTemplateError as exc:
         raise invalid_request(str(exc), param="messages") from None
+    return Prompt(ids + tok.encode_continuation(prefill) if prefill else ids, bool(prefill))
 
 
 def pipeline_request(ctx: AppContext, request: MessagesRequest) -> pipeline.PipelineRequest:
@@ -63,8 +75,9 @@ def pipeline_request(ctx: AppContext, request: MessagesRequest) -> pipeline.Pipe
     stops = request.stop_strings()
     tools = request.tool_plan(model, tok.marker_token_id)
     constraint = tools.constraint or request.answer_constraint()
+    prompt = _prompt(ctx, request, tools)
     return pipeline.PipelineRequest(
-        prompts=[_prompt(ctx, request, tools)],
+        prompts=[prompt.ids],
         prompt_param="messages",
         id_prefix="msg",
         sampling=request.sampling(model.vocab_size),
@@ -72,6 +85,7 @@ def pipeline_request(ctx: AppContext, request: MessagesRequest) -> pipeline.Pipe
         stops=stops,
         constraint=constraint,
         tools=tools,
+        trim_leading_space=not prompt.prefilled,  # a continuation keeps its space ("is" + " Paris")
     )
 
 
@@ -263,7 +277,7 @@ class CountTokensResource:
         request.check_supported()
         prompt = _prompt(ctx, request, request.tool_plan(ctx.engine.model, ctx.tokenization.marker_token_id))
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = CountTokensResponse(input_tokens=len(prompt)).dump()
+        resp.data = CountTokensResponse(input_tokens=len(prompt.ids)).dump()
 
 
 class AnthropicErrors:

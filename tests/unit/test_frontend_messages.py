@@ -427,3 +427,31 @@ def test_bodies_and_events_match_the_document(client, engine, tok):
         validator("MessageStreamEvent").validate(data)
     validator("CountTokensResponse").validate(client.simulate_post(COUNT, json={"model": "m", "messages": USER}).json)
     validator("AnthropicError").validate(client.simulate_post(URL, json={}).json)
+
+
+# ---------------------------------------------------------------- prefill and tool errors
+
+
+def test_a_last_assistant_message_is_the_start_of_the_answer(client, engine, tok):
+    engine.script(Script(ids(tok, " Paris.")))
+    messages = [*USER, {"role": "assistant", "content": "The answer is"}]
+    body = post(client, messages=messages).json
+    assert body["content"] == [{"type": "text", "text": " Paris."}]  # the continuation, its space kept
+    prompt = engine.submitted[0].prompt_token_ids
+    assert prompt == tok.render_chat(USER) + ids(tok, "The answer is")
+    counted = client.simulate_post(COUNT, json={"model": "m", "messages": messages}).json
+    assert counted == {"input_tokens": len(prompt)}
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "param"),
+    [
+        ([{"name": "bad name", "input_schema": {}}], None, "tools[0].name"),
+        ([{"name": "f", "input_schema": "nope"}], None, "tools[0].input_schema"),
+        ([TIME], {"type": "tool", "name": "nope"}, "tool_choice"),
+    ],
+)
+def test_tool_errors_name_anthropics_fields(client, tools, tool_choice, param):
+    body = {"tools": tools} if tool_choice is None else {"tools": tools, "tool_choice": tool_choice}
+    message = anthropic_error(post(client, **body), 400, "invalid_request_error")
+    assert message.startswith(param) and ".function" not in message
