@@ -49,6 +49,7 @@ class Operation:
     same_body: tuple[int, ...] = ()  # other statuses whose body is ``response`` too
     removed: bool = False  # answers 410 (and ``errors``), never 200
     error: type[BaseModel] = ErrorResponse  # the body of ``errors`` (Anthropic's routes have their own)
+    named_events: bool = False  # stream: ``event: TYPE`` lines and no [DONE] (Anthropic's Messages)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"summary": self.summary, "responses": {}}
@@ -71,6 +72,9 @@ class Operation:
         content: dict[str, Any] = {self.media_type: {"schema": schema}}
         if self.stream is None:
             return {"description": self.summary, "content": content}
+        if self.named_events:
+            content["text/event-stream"] = {"schema": _named_sse_event(self.stream, self.error)}
+            return {"description": "The answer; with stream=true, named server-sent events", "content": content}
         content["text/event-stream"] = {"schema": _sse_event(self.stream, self.error)}
         return {
             "description": "The answer; with stream=true, server-sent events of chunks ending in [DONE]",
@@ -104,6 +108,19 @@ def _sse_event(chunk: type[BaseModel], error: type[BaseModel]) -> dict[str, Any]
                     {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
                 ]
             }
+        },
+    }
+
+
+def _named_sse_event(payload: type[BaseModel], error: type[BaseModel]) -> dict[str, Any]:
+    """One named event: ``event`` is its payload's ``type``, ``data`` that payload's JSON text."""
+    data = {"anyOf": [_ref(payload), _ref(error)]}
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
         },
     }
 

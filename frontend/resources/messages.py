@@ -236,6 +236,7 @@ class MessagesResource:
             stream=MessageStreamEvent,
             errors=_ERRORS,
             error=AnthropicError,
+            named_events=True,
         )
     }
 

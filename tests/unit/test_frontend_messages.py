@@ -13,6 +13,7 @@ from frontend import pipeline
 from frontend.anthropic_protocol import MessagesRequest
 from frontend.app import create_app
 from frontend.generation import Piece
+from frontend.openapi import openapi_document
 from frontend.resources.messages import MessagesStream
 from frontend.tokenization import Tokenization
 from frontend.tools import ToolCall
@@ -455,3 +456,13 @@ def test_tool_errors_name_anthropics_fields(client, tools, tool_choice, param):
     body = {"tools": tools} if tool_choice is None else {"tools": tools, "tool_choice": tool_choice}
     message = anthropic_error(post(client, **body), 400, "invalid_request_error")
     assert message.startswith(param) and ".function" not in message
+
+
+def test_the_stream_is_declared_as_named_events():
+    doc = openapi_document()
+    stream = doc["paths"][URL]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert stream["required"] == ["event", "data"]
+    assert stream["properties"]["data"]["contentSchema"]["anyOf"][0] == {
+        "$ref": "#/components/schemas/MessageStreamEvent"
+    }
+    assert "[DONE]" not in json.dumps(stream)
