@@ -63,7 +63,7 @@ class MessagesInput(_Strict):
         """The template's thinking switch, or None to leave the template's default."""
         if self.thinking is None:
             return None
-        kind = self.thinking.get("type")
+        kind = _type_of(self.thinking)
         if kind not in _THINKING:
             raise invalid_request(
                 f"thinking.type must be one of {', '.join(_THINKING)}, got {kind!r}", param="thinking.type"
@@ -96,6 +96,8 @@ class MessagesInput(_Strict):
             out.append({"role": "system", "content": _system_text(self.system)})
         for i, message in enumerate(self.messages):
             out += _template_messages(i, message)
+        if not out or out[-1]["role"] == "system":
+            raise invalid_request("the messages have no content", param="messages")
         return out
 
 
@@ -132,7 +134,7 @@ def _tool_choice(tool_choice: dict[str, Any] | None) -> tuple[Any, bool | None]:
     """(OpenAI's tool_choice, parallel_tool_calls) for plan_tools."""
     if tool_choice is None:
         return None, None
-    kind = tool_choice.get("type")
+    kind = _type_of(tool_choice)
     parallel = False if tool_choice.get("disable_parallel_tool_use") is True else None
     if kind == "tool":
         name = tool_choice.get("name")
@@ -184,6 +186,11 @@ def _system_text(system: str | list[dict[str, Any]]) -> str:
     return "\n".join(_text_of(block, f"system[{j}]") for j, block in enumerate(system))
 
 
+def _type_of(block: Any) -> str | None:
+    kind = block.get("type") if isinstance(block, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def _text_of(block: Any, param: str) -> str:
     if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
         raise _block_problem(block, param, "only text blocks are allowed here")
@@ -191,7 +198,7 @@ def _text_of(block: Any, param: str) -> str:
 
 
 def _block_problem(block: Any, param: str, otherwise: str) -> APIError:
-    kind = block.get("type") if isinstance(block, dict) else None
+    kind = _type_of(block)
     if kind in _MEDIA_BLOCKS:
         return unsupported(param, f"content blocks of type {kind!r} are not supported: this server serves a text model")
     return invalid_request(f"{otherwise}; got a block of type {kind!r}", param=param)
@@ -199,11 +206,12 @@ def _block_problem(block: Any, param: str, otherwise: str) -> APIError:
 
 def _tool_result_text(block: dict[str, Any], param: str) -> str:
     content = block.get("content", "")
-    text = (
-        content
-        if isinstance(content, str)
-        else "\n".join(_text_of(part, f"{param}.content[{k}]") for k, part in enumerate(content or []))
-    )
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "\n".join(_text_of(part, f"{param}.content[{k}]") for k, part in enumerate(content))
+    else:
+        raise invalid_request("tool_result content must be a string or text blocks", param=f"{param}.content")
     # The template has no error flag: the text says it.
     return f"Error: {text}" if block.get("is_error") else text
 
@@ -237,7 +245,7 @@ class _Turn:
 
 
 def _add_block(turn: _Turn, block: Any, param: str) -> None:
-    kind = block.get("type") if isinstance(block, dict) else None
+    kind = _type_of(block)
     if kind == "text" and isinstance(block.get("text"), str):
         turn.texts.append(block["text"])
     elif kind == "tool_result" and turn.role == "user" and isinstance(block.get("tool_use_id"), str):

@@ -466,3 +466,20 @@ def test_the_stream_is_declared_as_named_events():
         "$ref": "#/components/schemas/MessageStreamEvent"
     }
     assert "[DONE]" not in json.dumps(stream)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"thinking": {"type": ["enabled"]}},
+        {"tool_choice": {"type": {}}},
+        {"messages": [{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 3}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "redacted_thinking", "data": "x"}]}]},
+        {"messages": [{"role": "user", "content": []}]},
+        {"system": "only a system prompt", "messages": [{"role": "user", "content": []}]},
+    ],
+)
+def test_odd_shapes_are_400s(client, engine, body):
+    anthropic_error(post(client, **body), 400, "invalid_request_error")
+    assert engine.submitted == []
