@@ -42,7 +42,7 @@ class AnthropicMessage(_Strict):
 class MessagesInput(_Strict):
     """What a prompt is made of: shared by /v1/messages and /v1/messages/count_tokens."""
 
-    model: str  # any value: this server has one model
+    model: str | None = None  # any value: this server has one model
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -105,7 +105,7 @@ class MessagesRequest(MessagesInput):
     max_tokens: int = Field(ge=1)  # required, as Anthropic requires it
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     metadata: dict[str, Any] | None = None  # user_id: bookkeeping only
     stream: bool | None = None
@@ -119,7 +119,7 @@ class MessagesRequest(MessagesInput):
     def sampling(self, vocab_size: int) -> SamplingParams:
         """Wire sampling parameters; omitted fields keep the wire defaults."""
         top_k = None if self.top_k is None else (self.top_k if self.top_k < vocab_size else 0)
-        given = {"temperature": self.temperature, "top_p": self.top_p or None, "top_k": top_k}
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": top_k}
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
 
