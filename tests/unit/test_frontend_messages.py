@@ -12,9 +12,9 @@ import pytest
 from frontend import pipeline
 from frontend.anthropic_protocol import MessagesRequest
 from frontend.app import create_app
-from frontend.generation import Piece
+from frontend.generation import FinishedChoice, Piece
 from frontend.openapi import openapi_document
-from frontend.resources.messages import MessagesStream
+from frontend.resources.messages import MessagesStream, message
 from frontend.tokenization import Tokenization
 from frontend.tools import ToolCall
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
@@ -483,3 +483,27 @@ def test_the_stream_is_declared_as_named_events():
 def test_odd_shapes_are_400s(client, engine, body):
     anthropic_error(post(client, **body), 400, "invalid_request_error")
     assert engine.submitted == []
+
+
+def test_reasoning_is_a_thinking_block_before_the_answer():
+    generation = SimpleNamespace(response_id="msg-abc", model_id="m", runs=[SimpleNamespace(stop_sequence=None)])
+    choice = FinishedChoice(0, "Paris.", "stop", reasoning="The capital, surely.")
+    body = message(generation, pipeline.Outcome([choice], pipeline.TokenCounts(9, 4, 2)))  # type: ignore[arg-type]
+    assert json.loads(body.dump()) == {
+        "id": "msg_abc",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [
+            {"type": "thinking", "thinking": "The capital, surely.", "signature": ""},
+            {"type": "text", "text": "Paris."},
+        ],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 7,
+            "output_tokens": 4,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 2,
+        },
+    }
