@@ -119,7 +119,7 @@ class MessagesRequest(MessagesInput):
     def sampling(self, vocab_size: int) -> SamplingParams:
         """Wire sampling parameters; omitted fields keep the wire defaults."""
         top_k = None if self.top_k is None else (self.top_k if self.top_k < vocab_size else 0)
-        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": top_k}
+        given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": top_k}
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
 
