@@ -163,7 +163,9 @@ class Settings(BaseSettings):
         256, ge=1, description="requests that may wait for a batch slot before new ones get 429"
     )
     # Security: off by default, like any local tool; set a key before binding beyond 127.0.0.1.
-    api_key: str | None = Field(None, description="API key clients must send as `Authorization: Bearer KEY`")
+    api_key: str | None = Field(
+        None, description="API key clients must send as `Authorization: Bearer KEY` or `x-api-key: KEY`"
+    )
     api_key_file: Path | None = Field(None, description="file with accepted API keys, one per line")
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS (default: CORS off)")
     # Graceful stop: new requests get 503 while running ones may finish this long.

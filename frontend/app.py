@@ -21,6 +21,7 @@ from frontend.middleware import RequestObserver
 from frontend.resources.chat import ChatCompletionsResource
 from frontend.resources.completions import CompletionsResource
 from frontend.resources.health import LivenessResource, ReadinessResource
+from frontend.resources.messages import AnthropicErrors, CountTokensResource, MessagesResource
 from frontend.resources.models import ModelsResource
 from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 ROUTES: dict[str, type] = {
     "/v1/chat/completions": ChatCompletionsResource,
     "/v1/completions": CompletionsResource,
+    "/v1/messages": MessagesResource,
+    "/v1/messages/count_tokens": CountTokensResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
     "/tokenize": TokenizeResource,  # vLLM serves these two at the root
@@ -82,6 +85,7 @@ def create_app(
         middleware.insert(0, ApiKeyGate(settings.api_keys))
     if settings.cors_origins:
         middleware.insert(0, falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+    middleware.insert(0, AnthropicErrors())  # reshapes every error on the Messages routes, gates' too
     middleware.insert(0, RequestObserver())  # first: it times and counts every answer, gates' too
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True

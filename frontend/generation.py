@@ -47,16 +47,18 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stops)
         self._held = ""
+        self.matched: str | None = None  # the stop string found (Anthropic reports it)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was found)."""
         if not self._stops:
             return text, False
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            at, self.matched = min(hits)
+            return buffer[:at], True
         keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
@@ -280,6 +282,11 @@ class ChoiceRun:
         # OpenAI: a response that ends after tool calls finishes with "tool_calls".
         made_calls = self._tools is not None and self._tools.calls > 0
         self.finish_reason = "tool_calls" if reason == "stop" and made_calls else reason
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended this choice, if one did."""
+        return self._stops.matched
 
     def pieces(self) -> Iterator[str]:
         """The text of ``parts()``."""

@@ -18,7 +18,8 @@ DRAIN_EXEMPT = frozenset({"/v1/mlx/status"})
 
 
 class ApiKeyGate:
-    """Bearer API keys, compared in constant time against every configured key."""
+    """API keys (``Authorization: Bearer``, or ``x-api-key`` as Anthropic clients send them),
+    compared in constant time against every configured key."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = [k.encode() for k in keys]
@@ -32,12 +33,12 @@ class ApiKeyGate:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.method == "OPTIONS" or not req.path.startswith(PROTECTED_PREFIX):
             return
-        header = req.get_header("Authorization") or ""
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not self._valid(token.strip().encode()):
+        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else req.get_header("x-api-key") or ""
+        if not key or not self._valid(key.encode()):
             raise APIError(
                 401,
-                "invalid or missing API key: send `Authorization: Bearer <key>`",
+                "invalid or missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )

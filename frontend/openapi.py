@@ -48,6 +48,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     same_body: tuple[int, ...] = ()  # other statuses whose body is ``response`` too
     removed: bool = False  # answers 410 (and ``errors``), never 200
+    error: type[BaseModel] = ErrorResponse  # the body of ``errors`` (Anthropic's routes have their own)
+    named_events: bool = False  # stream: ``event: TYPE`` lines and no [DONE] (Anthropic's Messages)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"summary": self.summary, "responses": {}}
@@ -59,7 +61,7 @@ class Operation:
         for status in (410, *self.errors) if self.removed else self.errors:
             out["responses"][str(status)] = {
                 "description": _ERROR_DESCRIPTIONS[status],
-                "content": {"application/json": {"schema": _ref(ErrorResponse)}},
+                "content": {"application/json": {"schema": _ref(self.error)}},
             }
         return out
 
@@ -70,7 +72,10 @@ class Operation:
         content: dict[str, Any] = {self.media_type: {"schema": schema}}
         if self.stream is None:
             return {"description": self.summary, "content": content}
-        content["text/event-stream"] = {"schema": _sse_event(self.stream)}
+        if self.named_events:
+            content["text/event-stream"] = {"schema": _named_sse_event(self.stream, self.error)}
+            return {"description": "The answer; with stream=true, named server-sent events", "content": content}
+        content["text/event-stream"] = {"schema": _sse_event(self.stream, self.error)}
         return {
             "description": "The answer; with stream=true, server-sent events of chunks ending in [DONE]",
             "content": content,
@@ -80,7 +85,7 @@ class Operation:
         out: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
         if self.request is not None:
             out.append((self.request, "validation"))
-        out += [(m, "serialization") for m in (self.response, self.stream) if m is not None]
+        out += [(m, "serialization") for m in (self.response, self.stream, self.error) if m is not None]
         return out
 
 
@@ -88,11 +93,11 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+def _sse_event(chunk: type[BaseModel], error: type[BaseModel]) -> dict[str, Any]:
     """One server-sent event (OpenAPI 3.1: ``schema`` of text/event-stream describes each event,
     its fields as strings): ``data`` is [DONE] or JSON text of a chunk, or of the error
     that ends a stream failing after its headers were sent."""
-    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
+    payload = {"anyOf": [_ref(chunk), _ref(error)]}
     return {
         "type": "object",
         "required": ["data"],
@@ -103,6 +108,19 @@ def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
                     {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
                 ]
             }
+        },
+    }
+
+
+def _named_sse_event(payload: type[BaseModel], error: type[BaseModel]) -> dict[str, Any]:
+    """One named event: ``event`` is its payload's ``type``, ``data`` that payload's JSON text."""
+    data = {"anyOf": [_ref(payload), _ref(error)]}
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
         },
     }
 

@@ -497,6 +497,11 @@ class Tokenization:
         with self._encode_lock:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that continues a rendered prompt (an assistant prefill): no special tokens."""
+        with self._encode_lock:
+            return list(self.hf.encode(text, add_special_tokens=False))
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=self.skip_special_tokens)
 

@@ -29,7 +29,7 @@ CLIENT = REPO_ROOT / "examples" / "client.py"
 DOC_ADDRESS = "127.0.0.1:8000"  # what the doc's commands use
 COMMAND_TIMEOUT_S = 120.0
 # Every block the doc must keep: a doc that loses one fails here instead of going untested.
-NAMES = {"models", "chat", "stream", "completion", "client"}
+NAMES = {"models", "chat", "stream", "completion", "client", "messages"}
 
 MARKER_RE = re.compile(r"^<!-- quickstart:test (?P<attrs>.*?) -->\n```bash\n(?P<code>.*?)```\n", re.S | re.M)
 NAME_RE = re.compile(r"\bname=(\S+)")

@@ -24,6 +24,7 @@ from tests.integration.server import ServerProcess
 
 # Examples per operation: the generation endpoints get nearly all of them.
 GENERATION_CASES = 550
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
 OTHER_CASES = 10
 MIN_TOTAL_CASES = 1000
 MAX_TOKENS_CAP = 4  # the fuzz is about shapes, not long answers
@@ -63,11 +64,22 @@ def _cap_tokens(case: schemathesis.Case) -> None:
             case.body[key] = MAX_TOKENS_CAP
 
 
+def _check_named_stream(blocks: list[str]) -> None:
+    """Anthropic's Messages: each event named by its type, message_stop last, no error event."""
+    events = [block.split("\n") for block in blocks]
+    names = [lines[0].removeprefix("event: ") for lines in events]
+    assert all(json.loads(lines[1].removeprefix("data: "))["type"] == name for name, lines in zip(names, events))
+    assert names[0] == "message_start" and names[-1] == "message_stop" and "error" not in names, names
+
+
 def _check_stream(text: str) -> None:
     """Beyond the declared event schema (schemathesis checks it): the stream ends
     with [DONE], and no event is an error (a failure after the headers went out)."""
     blocks = text.split("\n\n")
     assert blocks[-1] == "", text[-200:]
+    if blocks[0].startswith("event: "):
+        _check_named_stream(blocks[:-1])
+        return
     data = [block.removeprefix("data: ") for block in blocks[:-1]]
     assert data and data[-1] == "[DONE]", data[-2:]
     for event in data[:-1]:
@@ -82,7 +94,7 @@ def test_fuzz_with_own_openapi_document(server):
 
     for result in schema.get_all_operations():
         operation = result.ok()
-        is_generation = operation.method.upper() == "POST" and "completions" in operation.path
+        is_generation = operation.method.upper() == "POST" and operation.path in GENERATION_PATHS
         cases = GENERATION_CASES if is_generation else OTHER_CASES
         positive = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
         if is_generation:
@@ -110,6 +122,6 @@ def test_fuzz_with_own_openapi_document(server):
 
     print("cases (operation, status, streamed):", dict(seen))
     assert sum(seen.values()) >= MIN_TOTAL_CASES, seen
-    for label in ("POST /v1/chat/completions", "POST /v1/completions"):
+    for label in (f"POST {path}" for path in GENERATION_PATHS):
         # Generation reached, plain and streamed, and validation refused some.
         assert seen[(label, 200, False)] and seen[(label, 200, True)] and seen[(label, 400, False)], seen
