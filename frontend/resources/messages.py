@@ -38,6 +38,7 @@ from frontend.context import AppContext
 from frontend.errors import invalid_request
 from frontend.generation import FinishedChoice
 from frontend.openapi import GENERATION_ERRORS, Operation
+from frontend.reasoning import thinking_switch
 from frontend.request_body import read_request
 from frontend.shapes import Shape
 from frontend.tokenization import ChatTemplateError
@@ -54,8 +55,9 @@ class Prompt(NamedTuple):
 
 def _prompt(ctx: AppContext, request: MessagesInput, tools: ToolPlan) -> Prompt:
     tok = ctx.tokenization
-    thinking = request.thinking_enabled()
-    template_kwargs = {"enable_thinking": thinking} if thinking is not None and tok.has_thinking else {}
+    thinking = thinking_switch(
+        request.thinking_enabled(), thinks=tok.has_thinking, can_toggle=tok.can_toggle_thinking, param="thinking"
+    )
     messages = request.template_messages()
     # Anthropic's prefill: a last assistant message (text only) is where the answer starts.
     last = messages[-1]
@@ -63,7 +65,7 @@ def _prompt(ctx: AppContext, request: MessagesInput, tools: ToolPlan) -> Prompt:
     if prefill:
         messages.pop()
     try:
-        ids = tok.render_chat(messages, tools=tools.template_tools, template_kwargs=template_kwargs)
+        ids = tok.render_chat(messages, tools=tools.template_tools, thinking=thinking)
     except ChatTemplateError as exc:
         raise invalid_request(str(exc), param="messages") from None
     return Prompt(ids + tok.encode_continuation(prefill) if prefill else ids, bool(prefill))

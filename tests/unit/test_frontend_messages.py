@@ -175,6 +175,12 @@ def test_thinking_reaches_the_templates_switch(tmp_path, engine):
     assert on.startswith("THINK") and off.startswith("PLAIN")
 
 
+def test_thinking_on_a_model_that_cannot_think_is_refused(client, engine):
+    result = post(client, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert result.status_code == 400 and "thinking" in result.json["error"]["message"]
+    assert result.json["type"] == "error" and not engine.submitted
+
+
 def test_output_config_format_is_enforced_by_a_grammar(client, engine):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert post(client, output_config={"format": {"type": "json_schema", "schema": schema}}).status_code == 200
