@@ -24,6 +24,7 @@ from frontend.resources.health import LivenessResource, ReadinessResource
 from frontend.resources.models import ModelsResource
 from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
+from frontend.resources.responses import ResponsesResource
 from frontend.resources.status import StatusResource
 from frontend.tokenization import Tokenization
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 ROUTES: dict[str, type] = {
     "/v1/chat/completions": ChatCompletionsResource,
     "/v1/completions": CompletionsResource,
+    "/v1/responses": ResponsesResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
     "/openapi.json": OpenAPIResource,
