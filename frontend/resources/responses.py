@@ -213,7 +213,9 @@ class ResponsesStream:
     # -- items
 
     def _item_added(self, item: OutputItem) -> bytes:
-        return self._event(OutputItemEvent, type="response.output_item.added", output_index=len(self._output), item=item)
+        return self._event(
+            OutputItemEvent, type="response.output_item.added", output_index=len(self._output), item=item
+        )
 
     def _item_done(self, item: OutputItem) -> bytes:
         out = self._event(OutputItemEvent, type="response.output_item.done", output_index=len(self._output), item=item)
@@ -274,7 +276,10 @@ class ResponsesStream:
         yield self._item_added(_call_item(item_id, call, "", "in_progress"))
         # The whole arguments in one delta: a call is cut out of the text once complete.
         yield self._event(
-            FunctionCallArgumentsDeltaEvent, type="response.function_call_arguments.delta", delta=call.arguments, **where
+            FunctionCallArgumentsDeltaEvent,
+            type="response.function_call_arguments.delta",
+            delta=call.arguments,
+            **where,
         )
         yield self._event(
             FunctionCallArgumentsDoneEvent,
