@@ -73,7 +73,7 @@ class ResponsesRequest(BaseModel):
             raise unsupported("top_logprobs", "logprobs are not supported on /v1/responses")
 
     def sampling(self) -> SamplingParams:
-        given = {"temperature": self.temperature, "top_p": self.top_p}
+        given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p}
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
     @property

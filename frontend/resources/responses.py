@@ -52,7 +52,6 @@ from frontend.responses_shapes import (
     ResponseUsage,
     TextEcho,
 )
-from frontend.shapes import Shape
 from frontend.tokenization import ChatTemplateError, Tokenization
 from frontend.tools import ToolCall
 
@@ -202,7 +201,7 @@ class ResponsesStream:
         self._reasoning = ""  # all reasoning text, for usage
         self._status = "completed"
 
-    def _event(self, shape_type: type[Shape], **fields: Any) -> bytes:
+    def _event(self, shape_type: type[Any], **fields: Any) -> bytes:
         shape = shape_type(sequence_number=self._sequence, **fields)
         self._sequence += 1
         return sse.event(shape, name=fields["type"])
