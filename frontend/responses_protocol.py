@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from frontend.constraints import JSON_OBJECT, schema_constraint
 from frontend.errors import APIError, invalid_request, unsupported
+from frontend.protocol import _logit_bias
 from frontend.tools import ToolPlan, plan_tools
 from ipc.messages import Constraint, ModelInfo, SamplingParams
 
@@ -45,6 +46,8 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     stream: bool | None = None
+    # mlx-server's extension, as in chat (bench.serving bans EOS with it).
+    logit_bias: dict[str, float] | None = None
     # Accepted without effect: nothing is stored, usage is always reported.
     store: bool | None = None
     include: list[str] | None = None
@@ -72,8 +75,12 @@ class ResponsesRequest(BaseModel):
         if self.top_logprobs:
             raise unsupported("top_logprobs", "logprobs are not supported on /v1/responses")
 
-    def sampling(self) -> SamplingParams:
-        given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p}
+    def sampling(self, vocab_size: int) -> SamplingParams:
+        given: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "logit_bias": _logit_bias(self.logit_bias, vocab_size),
+        }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
     @property

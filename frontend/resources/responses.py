@@ -76,7 +76,7 @@ def pipeline_request(ctx: AppContext, request: ResponsesRequest) -> pipeline.Pip
         prompts=[prompt],
         prompt_param="input",
         id_prefix="resp",
-        sampling=request.sampling(),
+        sampling=request.sampling(ctx.engine.model.vocab_size),
         max_tokens=request.max_output_tokens,
         constraint=tools.constraint or request.answer_constraint(),
         tools=tools,

@@ -114,9 +114,9 @@ def test_plain_response(client, engine, tok):
 
 
 def test_sampling_fields_reach_the_engine(client, engine):
-    post(client, temperature=0.5, top_p=0.9)
+    post(client, temperature=0.5, top_p=0.9, logit_bias={"2": -100})
     sampling = engine.submitted[0].sampling
-    assert (sampling.temperature, sampling.top_p) == (0.5, 0.9)
+    assert (sampling.temperature, sampling.top_p, sampling.logit_bias) == (0.5, 0.9, {2: -100.0})
 
 
 def test_max_output_tokens_makes_it_incomplete(client, engine, tok):
