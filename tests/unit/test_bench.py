@@ -271,6 +271,15 @@ def test_cli_parses_lists_and_rejects_unknown_targets() -> None:
         parse_args(["--concurrency", "0,8"])
 
 
+def test_cli_api_defaults_to_chat_and_keeps_mlx_lm_to_its_apis() -> None:
+    assert parse_args([]).api == "chat"
+    assert parse_args(["--api", "responses", "--targets", "ours,raw"]).api == "responses"
+    with pytest.raises(SystemExit):
+        parse_args(["--api", "responses", "--targets", "ours,mlx_lm"])
+    with pytest.raises(SystemExit):
+        parse_args(["--api", "grpc"])
+
+
 # --- report ---------------------------------------------------------------------
 
 
