@@ -119,6 +119,8 @@ class ResponsesRequest(BaseModel):
 
     def chat_tool_choice(self) -> Any:
         choice = self.tool_choice
+        if not self.tools and choice in ("auto", "none"):
+            return None  # agent clients send "auto" whether or not they have tools this turn
         if choice is None or isinstance(choice, str):
             return choice
         if choice.get("type") == "function":

@@ -181,7 +181,9 @@ def _items(choice: FinishedChoice) -> list[OutputItem]:
     status = _status(choice.finish_reason)
     items: list[OutputItem] = []
     if choice.reasoning:
-        items.append(_reasoning_item(_item_id("rs"), choice.reasoning, status))
+        # Cut while reasoning: the reasoning is what is incomplete.
+        answered = bool(choice.text or choice.tool_calls)
+        items.append(_reasoning_item(_item_id("rs"), choice.reasoning, "completed" if answered else status))
     if choice.text or not choice.tool_calls:
         items.append(_message_item(_item_id("msg"), choice.text, status))
     items += [_call_item(_item_id("fc"), call, call.arguments, "completed") for call in choice.tool_calls or []]
@@ -200,6 +202,7 @@ class ResponsesStream:
         self._text = ""  # of the open item
         self._reasoning = ""  # all reasoning text, for usage
         self._status = "completed"
+        self._answered = False  # a message or a call is out: no empty message at the end
 
     def _event(self, shape_type: type[Any], **fields: Any) -> bytes:
         shape = shape_type(sequence_number=self._sequence, **fields)
@@ -241,6 +244,7 @@ class ResponsesStream:
             yield self._item_added(_reasoning_item(self._open_id, "", "in_progress"))
             yield self._part("added", ReasoningText(type="reasoning_text", text=""))
         else:
+            self._answered = True
             self._open_id = _item_id("msg")
             yield self._item_added(_message_item(self._open_id, None, "in_progress"))
             yield self._part("added", _output_text(""))
@@ -270,6 +274,7 @@ class ResponsesStream:
         yield self._item_done(item)
 
     def _call(self, call: ToolCall) -> Iterator[bytes]:
+        self._answered = True
         item_id = _item_id("fc")
         where = {"item_id": item_id, "output_index": len(self._output)}
         yield self._item_added(_call_item(item_id, call, "", "in_progress"))
@@ -310,9 +315,10 @@ class ResponsesStream:
 
     def finished(self, event: pipeline.Finished) -> Iterator[bytes]:
         self._status = _status(event.reason)
-        if self._open is None and not self._output:
-            yield from self._open_item("message")  # an empty answer is still a message
         yield from self._close_item(self._status)
+        if not self._answered:
+            yield from self._open_item("message")  # an empty answer is still a message, as unstreamed
+            yield from self._close_item(self._status)
 
     def completed(self, event: pipeline.Completed) -> Iterable[bytes]:
         usage = self._builder.usage(event.usage, self._reasoning)

@@ -235,6 +235,33 @@ def test_reasoning_then_answer_then_call_are_three_items(tok):
     assert final["reasoning"]["effort"] == "high"
 
 
+def test_reasoning_only_still_ends_in_a_message_streamed_or_not(tok):
+    events = _encode(
+        ResponsesStream(_builder(tok)),
+        [
+            pipeline.Started(0),
+            pipeline.Delta(0, Piece("", reasoning="Hmm")),
+            pipeline.Finished(0, "length"),
+            pipeline.Completed(pipeline.TokenCounts(5, 1, 0)),
+        ],
+    )
+    streamed = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    choice = FinishedChoice(0, "", "length", reasoning="Hmm")
+    body = _builder(tok).body(pipeline.Outcome([choice], pipeline.TokenCounts(5, 1, 0)))
+    assert (
+        [(i["type"], i["status"]) for i in streamed["output"]]
+        == [(i.type, i.status) for i in body.output]
+        == [("reasoning", "incomplete"), ("message", "incomplete")]
+    )
+
+
+def test_tool_choice_auto_without_tools_is_plain_text(client, engine):
+    result = post(client, tool_choice="auto", tools=[])
+    assert result.status_code == 200, result.text
+    assert engine.submitted[0].constraint is None
+
+
 def test_finished_choice_with_reasoning_and_calls(tok):
     call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
     choice = FinishedChoice(0, "", "tool_calls", tool_calls=[call], reasoning="Hmm.")
