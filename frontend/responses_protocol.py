@@ -188,6 +188,11 @@ def _chat_tool(i: int, tool: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- input items
 
 
+def _name(value: Any) -> str | None:
+    """A ``type`` or ``role`` field as a string (anything else matches nothing)."""
+    return value if isinstance(value, str) else None
+
+
 def _text(content: Any, param: str) -> str:
     """A message's content (a string or text parts) as one string."""
     if isinstance(content, str):
@@ -196,7 +201,7 @@ def _text(content: Any, param: str) -> str:
         raise invalid_request("content must be a string or an array of content parts", param=param)
     texts = []
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = _name(part.get("type")) if isinstance(part, dict) else None
         if kind in _MEDIA_PARTS:
             raise unsupported(f"{param}[{j}]", f"content parts of type {kind!r} are not supported: text model")
         if kind == "refusal" and isinstance(part.get("refusal"), str):
@@ -218,8 +223,8 @@ class _Conversation:
 
     def build(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, item in enumerate(items):
-            kind = item.get("type", "message")
-            handler = self._HANDLERS.get(kind)
+            kind = _name(item.get("type", "message"))
+            handler = self._HANDLERS.get(kind or "")
             if handler is None:
                 raise _unknown_item(kind, f"input[{i}]")
             handler(self, item, f"input[{i}]")
@@ -233,7 +238,7 @@ class _Conversation:
         return message
 
     def message(self, item: dict[str, Any], param: str) -> None:
-        role = item.get("role")
+        role = _name(item.get("role"))
         if role not in _ROLES:
             raise invalid_request(f"role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{param}.role")
         content = _text(item.get("content"), f"{param}.content")

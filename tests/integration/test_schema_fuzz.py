@@ -26,6 +26,7 @@ from tests.integration.server import ServerProcess
 GENERATION_CASES = 550
 OTHER_CASES = 10
 MIN_TOTAL_CASES = 1000
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_TOKENS_CAP = 4  # the fuzz is about shapes, not long answers
 # Schemathesis stops reading a stream after some events; ours all end (64 choices x 6 events at most).
 MAX_STREAM_EVENTS = 1000
@@ -57,7 +58,7 @@ def _streamed(drawn: tuple[schemathesis.Case, dict | None]) -> schemathesis.Case
 def _cap_tokens(case: schemathesis.Case) -> None:
     if not isinstance(case.body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = case.body.get(key)
         if type(value) is int and value > MAX_TOKENS_CAP:
             case.body[key] = MAX_TOKENS_CAP
@@ -65,9 +66,15 @@ def _cap_tokens(case: schemathesis.Case) -> None:
 
 def _check_stream(text: str) -> None:
     """Beyond the declared event schema (schemathesis checks it): the stream ends
-    with [DONE], and no event is an error (a failure after the headers went out)."""
+    with [DONE] (or, named events, with the response's end), and no event is an
+    error (a failure after the headers went out)."""
     blocks = text.split("\n\n")
     assert blocks[-1] == "", text[-200:]
+    if blocks[0].startswith("event: "):
+        events = [json.loads(block.split("\n", 1)[1].removeprefix("data: ")) for block in blocks[:-1]]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+        assert not any(event["type"] == "error" for event in events)
+        return
     data = [block.removeprefix("data: ") for block in blocks[:-1]]
     assert data and data[-1] == "[DONE]", data[-2:]
     for event in data[:-1]:
@@ -82,7 +89,7 @@ def test_fuzz_with_own_openapi_document(server):
 
     for result in schema.get_all_operations():
         operation = result.ok()
-        is_generation = operation.method.upper() == "POST" and "completions" in operation.path
+        is_generation = operation.method.upper() == "POST" and operation.path in GENERATION_PATHS
         cases = GENERATION_CASES if is_generation else OTHER_CASES
         positive = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
         if is_generation:
@@ -110,6 +117,6 @@ def test_fuzz_with_own_openapi_document(server):
 
     print("cases (operation, status, streamed):", dict(seen))
     assert sum(seen.values()) >= MIN_TOTAL_CASES, seen
-    for label in ("POST /v1/chat/completions", "POST /v1/completions"):
+    for label in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses"):
         # Generation reached, plain and streamed, and validation refused some.
         assert seen[(label, 200, False)] and seen[(label, 200, True)] and seen[(label, 400, False)], seen

@@ -340,6 +340,9 @@ def test_input_items_become_chat_messages():
         ({"input": []}, "input", "empty"),
         ({"input": 3}, "input", ""),
         ({"truncation": "auto"}, "truncation", "fit"),
+        ({"input": [{"type": ["message"]}]}, "input[0].type", ""),
+        ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role", ""),
+        ({"input": [{"role": "user", "content": [{"type": {}, "text": "x"}]}]}, "input[0].content[0]", ""),
     ],
 )
 def test_what_cannot_be_done_is_a_400_naming_it(client, engine, body, param, words):
