@@ -147,14 +147,12 @@ class ResponsesRequest(BaseModel):
             f"text.format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="text.format.type"
         )
 
-    def tool_plan(self, model: ModelInfo, marker_token_id: Callable[[str], int | None]) -> ToolPlan:
+    def tool_plan(
+        self, model: ModelInfo, marker_token_id: Callable[[str], int | None], answer: Constraint | None
+    ) -> ToolPlan:
+        """``answer``: text.format's constraint; with "auto" the output is calls or such an answer."""
         return plan_tools(
-            self.chat_tools(),
-            self.chat_tool_choice(),
-            self.parallel_tool_calls,
-            model,
-            marker_token_id,
-            self.answer_constraint(),
+            self.chat_tools(), self.chat_tool_choice(), self.parallel_tool_calls, model, marker_token_id, answer
         )
 
     # -- what the response echoes

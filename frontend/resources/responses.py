@@ -63,7 +63,8 @@ def _item_id(prefix: str) -> str:
 def pipeline_request(ctx: AppContext, request: ResponsesRequest) -> pipeline.PipelineRequest:
     tok = ctx.tokenization
     request.check_supported()
-    tools = request.tool_plan(ctx.engine.model, tok.marker_token_id)
+    answer = request.answer_constraint()
+    tools = request.tool_plan(ctx.engine.model, tok.marker_token_id, answer)
     try:
         prompt = tok.render_chat(
             request.messages(),
@@ -78,7 +79,7 @@ def pipeline_request(ctx: AppContext, request: ResponsesRequest) -> pipeline.Pip
         id_prefix="resp",
         sampling=request.sampling(ctx.engine.model.vocab_size),
         max_tokens=request.max_output_tokens,
-        constraint=tools.constraint or request.answer_constraint(),
+        constraint=tools.constraint or answer,
         tools=tools,
     )
 
@@ -93,7 +94,7 @@ class ResponseBuilder:
         self.id = "resp_" + generation.response_id.removeprefix("resp-")
 
     def usage(self, counts: pipeline.TokenCounts, reasoning: str) -> ResponseUsage:
-        # Reasoning tokens are counted from their text: the engine counts output tokens as one.
+        # Counted from the reasoning text: the engine counts all output tokens together.
         reasoning_tokens = len(self._tok.hf.encode(reasoning, add_special_tokens=False)) if reasoning else 0
         return ResponseUsage(
             input_tokens=counts.prompt,
