@@ -1,4 +1,4 @@
-"""N concurrent streaming chat clients on one asyncio loop.
+"""N concurrent streaming clients of one API (chat, completions, messages, responses) on one asyncio loop.
 
 asyncio + aiohttp keeps the load generator to one thread: on a 2-core machine it
 shares the CPU with the server it measures, and threads would add GIL handoffs
@@ -24,6 +24,13 @@ from bench.sse import LineSplitter, parse_line
 from bench.stats import RequestResult
 
 CHAT_PATH = "/v1/chat/completions"
+# API name -> the path its requests go to (bench.sse.PAYLOADS reads its events).
+PATHS = {
+    "chat": CHAT_PATH,
+    "completions": "/v1/completions",
+    "messages": "/v1/messages",
+    "responses": "/v1/responses",
+}
 CONNECT_TIMEOUT_S = 10.0
 ERROR_BODY_CHARS = 200
 # A server whose listen backlog overflows (mlx_lm.server's socketserver keeps 5)
@@ -46,27 +53,61 @@ class LoadSpec:
     # Client i starts i/N of this later: 0 is a burst of N connections at once.
     ramp_s: float = 0.0
 
+    api: str = "chat"  # a key of PATHS
+
     def body(self, prompt: Prompt) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "messages": prompt.messages(),
-            "max_tokens": self.max_tokens,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            # JSON object keys are strings; both servers convert them back to ints.
-            "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
-        }
+        return {"model": self.model, "temperature": 0.0, "stream": True, **_BODIES[self.api](self, prompt)}
+
+    @property
+    def path(self) -> str:
+        return PATHS[self.api]
+
+
+def _bias(spec: LoadSpec) -> dict[str, float]:
+    # JSON object keys are strings; the servers convert them back to ints.
+    return {str(k): v for k, v in spec.logit_bias.items()}
+
+
+def _chat(spec: LoadSpec, prompt: Prompt) -> dict[str, Any]:
+    return {
+        "messages": prompt.messages(),
+        "max_tokens": spec.max_tokens,
+        "stream_options": {"include_usage": True},
+        "logit_bias": _bias(spec),
+    }
+
+
+def _completions(spec: LoadSpec, prompt: Prompt) -> dict[str, Any]:
+    # The templated ids: the same prompt tokens as the chat request.
+    return {
+        "prompt": list(prompt.ids),
+        "max_tokens": spec.max_tokens,
+        "stream_options": {"include_usage": True},
+        "logit_bias": _bias(spec),
+    }
+
+
+def _messages(spec: LoadSpec, prompt: Prompt) -> dict[str, Any]:
+    # logit_bias is mlx-server's extension here (Anthropic has none): it bans EOS as for chat.
+    return {"messages": prompt.messages(), "max_tokens": spec.max_tokens, "logit_bias": _bias(spec)}
+
+
+def _responses(spec: LoadSpec, prompt: Prompt) -> dict[str, Any]:
+    # logit_bias is mlx-server's extension here (OpenAI's Responses has none): it bans EOS as for chat.
+    return {"input": prompt.messages(), "max_output_tokens": spec.max_tokens, "store": False, "logit_bias": _bias(spec)}
+
+
+_BODIES = {"chat": _chat, "completions": _completions, "messages": _messages, "responses": _responses}
 
 
 async def _stream_once(
-    session: aiohttp.ClientSession, body: dict[str, Any], result: RequestResult, start: float
+    session: aiohttp.ClientSession, spec: LoadSpec, body: dict[str, Any], result: RequestResult, start: float
 ) -> None:
     """Fill `result` in place, so a timeout or cancellation keeps what was measured."""
     last: float | None = None
     splitter = LineSplitter()
     try:
-        resp = await session.post(CHAT_PATH, json=body)
+        resp = await session.post(spec.path, json=body)
     except aiohttp.ClientConnectionError as exc:  # refused, reset or closed before any response
         raise _NoResponse(f"{type(exc).__name__}: {exc}") from exc
     async with resp:
@@ -77,16 +118,16 @@ async def _stream_once(
         async for data in resp.content.iter_any():
             now = time.perf_counter()
             for line in splitter.feed(data):
-                event = parse_line(line)
+                event = parse_line(line, spec.api)
                 if event is None:
                     continue
                 if event.error is not None:
                     result.error = event.error
                     return
-                if event.done:
-                    return
                 if event.usage_tokens is not None:
                     result.usage_tokens = event.usage_tokens
+                if event.done:
+                    return
                 if event.content:
                     result.chunks += 1
                     if last is None:
@@ -94,7 +135,7 @@ async def _stream_once(
                     else:
                         result.itl_s.append(now - last)
                     last = now
-        result.error = "stream ended without [DONE]"
+        result.error = "stream ended without its last event"
 
 
 async def _request(session: aiohttp.ClientSession, spec: LoadSpec, prompt: Prompt, result: RequestResult) -> None:
@@ -102,7 +143,7 @@ async def _request(session: aiohttp.ClientSession, spec: LoadSpec, prompt: Promp
     body = spec.body(prompt)
     while True:
         try:
-            await _stream_once(session, body, result, start)
+            await _stream_once(session, spec, body, result, start)
             return
         except _NoResponse as exc:
             if result.retries >= CONNECT_RETRIES:

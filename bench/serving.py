@@ -4,7 +4,8 @@ Targets: ours (`python -m deploy.cli`), mlx_lm (`python -m mlx_lm server`), raw
 (BatchGenerator in this process, the ceiling) and raw_nobias (raw without the
 per-request logit-bias processors). Every target gets, per concurrency N: a
 warm-up of N streams (new batch sizes pay one-off costs), then N clients x
---rounds requests of exactly --max-tokens tokens each (eos banned by logit_bias).
+--rounds requests of exactly --max-tokens tokens each (eos banned by logit_bias),
+through the API --api names (chat completions by default).
 Progress goes to stderr; the report to stdout, --out and --chart.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 
 from bench import report
-from bench.loadgen import LoadSpec, run_load
+from bench.loadgen import PATHS, LoadSpec, run_load
 from bench.prompts import Prompt, make_prompts
 from bench.servers import (
     GpuBusy,
@@ -82,6 +83,7 @@ class Load:
     ramp_s: float
     quiet_wait_s: float
     warmup_tries: int = 1
+    api: str = "chat"  # which API the HTTP targets are driven through (bench.loadgen.PATHS)
 
 
 def _settle(load: Load, deadline: Deadline) -> None:
@@ -123,6 +125,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated, run in this order: {','.join(ALL_TARGETS)}",
     )
     # 3 rounds: one round of the tiny model lasts well under a second, too short to measure steadily.
+    p.add_argument("--api", choices=sorted(PATHS), default="chat", help="the API the HTTP targets are driven through")
     p.add_argument("--rounds", type=int, default=3, help="requests per client, one after the other")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; the table shows the median")
     p.add_argument("--warmup-tokens", type=int, default=32, help="max_tokens of the warm-up requests")
@@ -172,6 +175,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.environ.get("MLX_SERVER_BENCH_CACHE", "~/.cache/mlx-server-bench"))
     p.add_argument("--log-dir", default="", help="server logs (default: CACHE_DIR/logs)")
     args = p.parse_args(argv)
+    if args.api not in ("chat", "completions") and "mlx_lm" in args.targets:
+        p.error(f"--api {args.api}: mlx_lm's server speaks only chat and completions; drop mlx_lm from --targets")
     if min(args.max_tokens, args.rounds, args.repeats, args.warmup_tokens) < 1:
         p.error("--max-tokens, --rounds, --repeats and --warmup-tokens must be >= 1")
     return args
@@ -232,7 +237,7 @@ def run_http_target(
         for n in load.concurrency:
             deadline.check()
             warm = LoadSpec(model_field, min(load.warmup_tokens, load.max_tokens), bias, load.request_timeout_s,
-                            load.ramp_s)  # fmt: skip
+                            load.ramp_s, load.api)  # fmt: skip
             for attempt in range(1, load.warmup_tries + 1):
                 results, _ = run_load(
                     server.base_url, warm, _split(make_prompts(tokenizer, n, load.prompt_tokens, f"warm-{n}"), n),
@@ -249,7 +254,7 @@ def run_http_target(
                 if attempt == load.warmup_tries:
                     raise RuntimeError(f"warm-up failed {attempt} times, e.g. {failed[0].error}\n{server.log_tail()}")
                 time.sleep(WARMUP_RETRY_WAIT_S)
-            timed = LoadSpec(model_field, load.max_tokens, bias, load.request_timeout_s, load.ramp_s)
+            timed = LoadSpec(model_field, load.max_tokens, bias, load.request_timeout_s, load.ramp_s, load.api)
             for k in range(load.repeats):
                 # New prompts per repeat: a prefix cache must not serve one repeat from another.
                 prompts = make_prompts(tokenizer, n * load.rounds, load.prompt_tokens, f"run-{n}-{k}")
@@ -395,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bias = {e: EOS_BIAS for e in eos}
     load = Load(args.concurrency, args.max_tokens, args.prompt_tokens, args.rounds, args.repeats,
                 args.warmup_tokens, args.request_timeout_s, args.ramp_s, args.quiet_wait_s,
-                args.warmup_tries)  # fmt: skip
+                args.warmup_tries, args.api)  # fmt: skip
     profile_dir = Path(args.profile) if args.profile else None
     events: list[str] = []
     ours_extra, mlx_extra = shlex.split(args.ours_args), shlex.split(args.mlx_lm_args)
@@ -477,7 +482,8 @@ def section_info(
     args: argparse.Namespace, runs: list[RunResult], model_label: str, eos: list[int], specs: dict[str, ServerSpec],
 ) -> report.SectionInfo:  # fmt: skip
     settings = {
-        "load": f"{', '.join(map(str, args.concurrency))} concurrent streaming clients x {args.rounds} request(s); "
+        "load": f"{', '.join(map(str, args.concurrency))} concurrent streaming clients x {args.rounds} request(s) "
+        f"to {PATHS[args.api]}; "
         f"temperature 0; eos ids {eos} banned with logit_bias {EOS_BIAS:g}; warm-up of the same size first "
         f"({args.warmup_tokens} tokens); "
         + (f"client starts spread over {args.ramp_s:g} s" if args.ramp_s else "all clients start at once"),
@@ -492,7 +498,9 @@ def section_info(
         "bottleneck); GPU busy = mean nvidia-smi utilization.gpu during the run",
     }
     return report.SectionInfo(
-        name=args.section or f"{args.model if args.model in GENERATED_SIZES else model_label}-{os.uname().machine}",
+        name=args.section
+        or f"{args.model if args.model in GENERATED_SIZES else model_label}-{os.uname().machine}"
+        + ("" if args.api == "chat" else f"-{args.api}"),
         title=f"{model_label}, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens per stream",
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from frontend.constraints import schema_constraint
 from frontend.errors import APIError, invalid_request, unsupported
+from frontend.protocol import logit_bias_ids, top_k_param
 from frontend.tools import ToolPlan, plan_tools
 from ipc.messages import Constraint, ModelInfo, SamplingParams
 
@@ -107,6 +108,8 @@ class MessagesRequest(MessagesInput):
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
+    # mlx-server's extension, as in chat (bench.serving bans EOS with it).
+    logit_bias: dict[str, float] | None = None
     metadata: dict[str, Any] | None = None  # user_id: bookkeeping only
     stream: bool | None = None
 
@@ -118,8 +121,12 @@ class MessagesRequest(MessagesInput):
 
     def sampling(self, vocab_size: int) -> SamplingParams:
         """Wire sampling parameters; omitted fields keep the wire defaults."""
-        top_k = None if self.top_k is None else (self.top_k if self.top_k < vocab_size else 0)
-        given: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": top_k}
+        given: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None if self.top_k is None else top_k_param(self.top_k, vocab_size),
+            "logit_bias": logit_bias_ids(self.logit_bias, vocab_size),
+        }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
 

@@ -25,6 +25,7 @@ from frontend.resources.messages import AnthropicErrors, CountTokensResource, Me
 from frontend.resources.models import ModelsResource
 from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
+from frontend.resources.responses import ResponsesResource
 from frontend.resources.status import StatusResource
 from frontend.resources.tokenize import DetokenizeResource, TokenizeResource
 from frontend.tokenization import Tokenization
@@ -41,6 +42,7 @@ ROUTES: dict[str, type] = {
     "/v1/completions": CompletionsResource,
     "/v1/messages": MessagesResource,
     "/v1/messages/count_tokens": CountTokensResource,
+    "/v1/responses": ResponsesResource,
     "/v1/models": ModelsResource,
     "/v1/mlx/status": StatusResource,
     "/tokenize": TokenizeResource,  # vLLM serves these two at the root

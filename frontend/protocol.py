@@ -222,23 +222,23 @@ class _GenerationRequest(_Strict):
         given: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": None if self.top_k is None else _top_k(self.top_k, vocab_size),
+            "top_k": None if self.top_k is None else top_k_param(self.top_k, vocab_size),
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
-            "logit_bias": _logit_bias(self.logit_bias, vocab_size),
+            "logit_bias": logit_bias_ids(self.logit_bias, vocab_size),
             "seed": None if self.seed is None else self.seed % SEED_MODULUS,
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
 
-def _top_k(top_k: int, vocab_size: int) -> int:
+def top_k_param(top_k: int, vocab_size: int) -> int:
     # 0 is off; so is keeping the whole vocabulary or more (mlx-lm refuses top_k >= vocab_size).
     return top_k if 0 < top_k < vocab_size else 0
 
 
-def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     if not bias:
         return None
     out: dict[int, float] = {}

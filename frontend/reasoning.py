@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from frontend.errors import invalid_request, unsupported
+
+if TYPE_CHECKING:
+    from frontend.tokenization import Tokenization
 
 # OpenAI's reasoning_effort values -> thinking on or off, for a template that
 # switches it (enable_thinking): "none" turns it off; any effort, even
@@ -42,6 +46,15 @@ def thinking_switch(wanted: bool | None, *, thinks: bool, can_toggle: bool, para
         return None
     what = "turn thinking off" if thinks else "think"
     raise unsupported(param, f"{param} is not supported: this model cannot {what} (its chat template has no switch)")
+
+
+def effort_switch(effort: str | None, tok: Tokenization, param: str) -> bool | None:
+    """A reasoning effort as the ``thinking`` to render with; None where the
+    template takes the effort as its own variable (gpt-oss) or none is asked."""
+    if effort is None or tok.template_mentions("reasoning_effort"):
+        return None
+    wanted = effort_thinking(effort, param)
+    return thinking_switch(wanted, thinks=tok.has_thinking, can_toggle=tok.can_toggle_thinking, param=param)
 
 
 @dataclass(frozen=True)

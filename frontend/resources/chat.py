@@ -28,7 +28,7 @@ from frontend.openai_shapes import (
 from frontend.openai_stream import OpenAIStream, head
 from frontend.openapi import GENERATION_ERRORS, Operation
 from frontend.protocol import TEMPLATE_VARIABLE_FIELDS, ChatCompletionRequest
-from frontend.reasoning import effort_thinking, thinking_switch
+from frontend.reasoning import effort_switch
 from frontend.request_body import read_request
 from frontend.tokenization import ChatTemplateError, Tokenization, reserved_template_kwargs
 from frontend.tools import ToolCall as ParsedCall
@@ -52,17 +52,6 @@ def _template_kwargs(request: ChatCompletionRequest, tok: Tokenization) -> dict:
     return template_kwargs
 
 
-def _thinking(request: ChatCompletionRequest, tok: Tokenization) -> bool | None:
-    """reasoning_effort as thinking on/off, for templates that do not take it as a variable."""
-    effort = request.reasoning_effort
-    if effort is None or tok.template_mentions("reasoning_effort"):
-        return None
-    wanted = effort_thinking(effort, "reasoning_effort")
-    return thinking_switch(
-        wanted, thinks=tok.has_thinking, can_toggle=tok.can_toggle_thinking, param="reasoning_effort"
-    )
-
-
 def pipeline_request(ctx: AppContext, request: ChatCompletionRequest) -> pipeline.PipelineRequest:
     model, tok = ctx.engine.model, ctx.tokenization
     request.check_supported()
@@ -71,7 +60,7 @@ def pipeline_request(ctx: AppContext, request: ChatCompletionRequest) -> pipelin
     tools = request.tool_plan(model, tok.marker_token_id)
     constraint = request.constraint(tools)
     template_kwargs = _template_kwargs(request, tok)
-    thinking = _thinking(request, tok)
+    thinking = effort_switch(request.reasoning_effort, tok, "reasoning_effort")
     try:
         prompt = tok.render_chat(
             request.template_messages(), tools=tools.template_tools, template_kwargs=template_kwargs, thinking=thinking

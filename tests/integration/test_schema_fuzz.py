@@ -23,8 +23,8 @@ from schemathesis.generation.modes import GenerationMode
 from tests.integration.server import ServerProcess
 
 # Examples per operation: the generation endpoints get nearly all of them.
-GENERATION_CASES = 550
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+GENERATION_CASES = 300
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
 OTHER_CASES = 10
 MIN_TOTAL_CASES = 1000
 MAX_TOKENS_CAP = 4  # the fuzz is about shapes, not long answers
@@ -58,23 +58,31 @@ def _streamed(drawn: tuple[schemathesis.Case, dict | None]) -> schemathesis.Case
 def _cap_tokens(case: schemathesis.Case) -> None:
     if not isinstance(case.body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = case.body.get(key)
         if type(value) is int and value > MAX_TOKENS_CAP:
             case.body[key] = MAX_TOKENS_CAP
 
 
+# A named-event stream's first and last event: Anthropic's Messages, OpenAI's Responses.
+NAMED_STREAM_ENDS = {
+    "message_start": ("message_stop",),
+    "response.created": ("response.completed", "response.incomplete"),
+}
+
+
 def _check_named_stream(blocks: list[str]) -> None:
-    """Anthropic's Messages: each event named by its type, message_stop last, no error event."""
+    """Each event named by its type, the API's own first and last events, no error event."""
     events = [block.split("\n") for block in blocks]
     names = [lines[0].removeprefix("event: ") for lines in events]
     assert all(json.loads(lines[1].removeprefix("data: "))["type"] == name for name, lines in zip(names, events))
-    assert names[0] == "message_start" and names[-1] == "message_stop" and "error" not in names, names
+    assert names[-1] in NAMED_STREAM_ENDS[names[0]] and "error" not in names, names
 
 
 def _check_stream(text: str) -> None:
     """Beyond the declared event schema (schemathesis checks it): the stream ends
-    with [DONE], and no event is an error (a failure after the headers went out)."""
+    with [DONE] (or, named events, with the response's end), and no event is an
+    error (a failure after the headers went out)."""
     blocks = text.split("\n\n")
     assert blocks[-1] == "", text[-200:]
     if blocks[0].startswith("event: "):

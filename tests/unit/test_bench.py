@@ -159,6 +159,47 @@ def test_parse_line_reports_bad_json_as_error() -> None:
     assert event is not None and event.error is not None and "bad JSON" in event.error
 
 
+@pytest.mark.parametrize(
+    ("line", "api", "event"),
+    [
+        (b'data: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}', "messages",
+         Event(content=True)),
+        (b'data: {"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": "{"}}',
+         "messages", Event(content=False)),
+        (b'data: {"type": "message_delta", "usage": {"output_tokens": 7}}', "messages", Event(usage_tokens=7)),
+        (b'data: {"type": "message_stop"}', "messages", Event(done=True)),
+        (b'data: {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}', "messages",
+         Event(error="busy")),
+        (b'data: {"type": "response.output_text.delta", "delta": "Hi"}', "responses", Event(content=True)),
+        (b'data: {"type": "response.reasoning_text.delta", "delta": "Hm"}', "responses", Event(content=False)),
+        (b'data: {"type": "response.incomplete", "response": {"usage": {"output_tokens": 9}}}', "responses",
+         Event(usage_tokens=9, done=True)),
+        (b'data: {"type": "error", "code": null, "message": "engine died", "param": null}', "responses",
+         Event(error="engine died")),
+        (b'data: {"type": "response.failed", "response": {"error": {"message": "engine died"}}}', "responses",
+         Event(error="engine died")),
+    ],
+)  # fmt: skip
+def test_parse_line_reads_each_apis_events(line: bytes, api: str, event: Event) -> None:
+    assert parse_line(line, api) == event
+
+
+@pytest.mark.parametrize(
+    ("api", "max_tokens_field", "prompt_field"),
+    [("chat", "max_tokens", "messages"), ("completions", "max_tokens", "prompt"),
+     ("messages", "max_tokens", "messages"), ("responses", "max_output_tokens", "input")],
+)  # fmt: skip
+def test_each_apis_body_asks_for_the_same_load(api: str, max_tokens_field: str, prompt_field: str) -> None:
+    spec = LoadSpec(model="m", max_tokens=16, logit_bias={2: -100.0}, request_timeout_s=5, api=api)
+    prompt = make_prompts(_WordTokenizer(), 1, 12, "s")[0]
+    body = spec.body(prompt)
+    assert body[max_tokens_field] == 16 and body["stream"] is True and body["temperature"] == 0.0
+    assert body["logit_bias"] == {"2": -100.0}
+    expected = list(prompt.ids) if api == "completions" else [{"role": "user", "content": prompt.text}]
+    assert body[prompt_field] == expected
+    assert spec.path == loadgen.PATHS[api]
+
+
 def test_request_body_bans_eos_and_streams_usage() -> None:
     spec = LoadSpec(model="m", max_tokens=16, logit_bias={0: -100.0, 2: -100.0}, request_timeout_s=5)
     prompts = make_prompts(_WordTokenizer(), 1, 12, "s")
@@ -228,6 +269,15 @@ def test_cli_parses_lists_and_rejects_unknown_targets() -> None:
         parse_args(["--targets", "ours,vllm"])
     with pytest.raises(SystemExit):
         parse_args(["--concurrency", "0,8"])
+
+
+def test_cli_api_defaults_to_chat_and_keeps_mlx_lm_to_its_apis() -> None:
+    assert parse_args([]).api == "chat"
+    assert parse_args(["--api", "responses", "--targets", "ours,raw"]).api == "responses"
+    with pytest.raises(SystemExit):
+        parse_args(["--api", "responses", "--targets", "ours,mlx_lm"])
+    with pytest.raises(SystemExit):
+        parse_args(["--api", "grpc"])
 
 
 # --- report ---------------------------------------------------------------------
@@ -454,14 +504,38 @@ def test_gpu_model_tiny_shape_loads_in_mlx_lm(tmp_path: Path) -> None:
 # --- load generator against a stub server ---------------------------------------
 
 
+# Each API's stream in the stub: two text events, then usage and its end.
+_STUB_STREAMS = {
+    "/v1/chat/completions": b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+    b'data: {"choices": [{"delta": {"content": "b"}}]}\n\n'
+    b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n',
+    "/v1/completions": b'data: {"choices": [{"text": "a"}]}\n\ndata: {"choices": [{"text": "b"}]}\n\n'
+    b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n',
+    "/v1/messages": b'event: message_start\ndata: {"type": "message_start", "message": {}}\n\n'
+    b'event: content_block_start\ndata: {"type": "content_block_start", "index": 0}\n\n'
+    b'event: ping\ndata: {"type": "ping"}\n\n'
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "a"}}\n\n'
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "b"}}\n\n'
+    b'event: content_block_stop\ndata: {"type": "content_block_stop", "index": 0}\n\n'
+    b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 2}}\n\n'
+    b'event: message_stop\ndata: {"type": "message_stop"}\n\n',
+    "/v1/responses": b'event: response.created\ndata: {"type": "response.created", "response": {}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "delta": "a"}\n\n'
+    b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "delta": "b"}\n\n'
+    b'event: response.output_text.done\ndata: {"type": "response.output_text.done", "text": "ab"}\n\n'
+    b'event: response.completed\ndata: {"type": "response.completed", "response": {"usage": {"output_tokens": 2}}}'
+    b"\n\n",
+}
+
+
 class _StubSSE(http.server.BaseHTTPRequestHandler):
-    """Streams two content chunks, usage and [DONE]; answers 400 to a body without messages."""
+    """Streams each API's two text events, usage and end; answers 400 to a body without messages or input."""
 
     protocol_version = "HTTP/1.0"  # the body ends when the connection closes
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if not body.get("messages"):
+        if not (body.get("messages") or body.get("input") or body.get("prompt")):
             self.send_response(400)
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "no messages"}}')
@@ -469,10 +543,9 @@ class _StubSSE(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for text in ("a", "b"):
-            self.wfile.write(b'data: {"choices": [{"delta": {"content": "%s"}}]}\n\n' % text.encode())
+        for event in _STUB_STREAMS[self.path].split(b"\n\n")[:-1]:
+            self.wfile.write(event + b"\n\n")
             self.wfile.flush()
-        self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n')
 
     def log_message(self, *args: object) -> None:
         pass
@@ -491,8 +564,9 @@ def stub_url():
         thread.join(5)
 
 
-def test_run_load_streams_every_prompt_of_every_client(stub_url: str) -> None:
-    spec = LoadSpec(model="m", max_tokens=2, logit_bias={}, request_timeout_s=10)
+@pytest.mark.parametrize("api", sorted(loadgen.PATHS))
+def test_run_load_streams_every_prompt_of_every_client(stub_url: str, api: str) -> None:
+    spec = LoadSpec(model="m", max_tokens=2, logit_bias={}, request_timeout_s=10, api=api)
     prompts = [[Prompt("hi", (1,)), Prompt("there", (2,))] for _ in range(3)]
     results, wall = loadgen.run_load(stub_url, spec, prompts, deadline_s=30)
     assert len(results) == 6 and wall > 0

@@ -513,3 +513,11 @@ def test_reasoning_is_a_thinking_block_before_the_answer():
             "cache_read_input_tokens": 2,
         },
     }
+
+
+def test_logit_bias_extension_reaches_the_sampler(client, engine):
+    """mlx-server's extension, as in chat: bench.serving bans EOS with it."""
+    assert post(client, logit_bias={"7": -100}).status_code == 200
+    assert engine.submitted[0].sampling.logit_bias == {7: -100.0}
+    bad = post(client, logit_bias={"x": 1})
+    assert bad.status_code == 400 and "logit_bias" in bad.json["error"]["message"]
