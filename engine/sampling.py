@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import mlx.core as mx
+import msgspec
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -41,6 +42,8 @@ BiasKey = tuple[tuple[int, float], ...]
 # How many recent tokens the repetition/presence/frequency penalties look at
 # (mlx-lm's default context size for each of them).
 PENALTY_CONTEXT_TOKENS = 20
+# Smallest top_p the sampler applies: far below any real nucleus, far above float32's zero.
+MIN_TOP_P = 1e-9
 
 
 class RequestSampling(NamedTuple):
@@ -116,6 +119,9 @@ def _bias_key(params: SamplingParams) -> BiasKey:
 
 
 def _sampler(params: SamplingParams, bias: BiasKey = ()) -> Sampler:
+    if 0 < params.top_p < MIN_TOP_P:
+        # float32 rounds it to 0, and apply_top_p would then drop every token.
+        params = msgspec.structs.replace(params, top_p=MIN_TOP_P)
     if params.seed is not None and params.temperature != 0:
         return _seeded_sampler(params, params.seed, bias)
     return _shared_sampler(params.temperature, params.top_p, params.min_p, params.top_k, bias)

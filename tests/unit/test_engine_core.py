@@ -460,3 +460,12 @@ def test_decode_batch_never_exceeds_max_batch_size(model):
         sizes.append(rows.prefilling + rows.decoding)
     assert max(sizes) == 2
     assert s.stats.requests_finished == 5
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_top_p_that_float32_rounds_to_zero_keeps_the_top_token(seed):
+    """top_p = 5e-324 (valid JSON, > 0) is 0 in float32; it must still sample the likeliest token."""
+    logprobs = mx.log(mx.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    sampler = build_request_sampling(SamplingParams(top_p=5e-324, seed=seed), wants_logprobs=False).sampler
+    for _ in range(20):
+        assert sampler(logprobs).tolist() == [1, 0]
