@@ -17,7 +17,7 @@ import msgspec
 from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestStream
 from frontend.errors import generation_failed
 from frontend.tokenization import IncrementalDetokenizer
-from frontend.tools import ToolCall, ToolCallSplitter
+from frontend.tools import Splitter, ToolCall
 from ipc.messages import SamplingParams, TokenDelta
 
 # ---------------------------------------------------------------- sampling
@@ -141,7 +141,7 @@ class ChoiceRun:
         prompt_group: int = 0,
         *,
         logprobs: bool = False,
-        tools: ToolCallSplitter | None = None,
+        tools: Splitter | None = None,
     ) -> None:
         self.index = index
         self.prompt_group = prompt_group  # completions: which prompt this choice answers
@@ -229,12 +229,14 @@ class ChoiceRun:
 
     def _pieces(self, text: str, released: list[TokenLogprob] | None, *, final: bool) -> Iterator[Piece]:
         calls: list[ToolCall] = []
+        reasoning = ""
         if self._tools is not None:
-            text, calls = self._tools.feed(text)
+            split = self._tools.feed(text)
             if final:
-                text += self._tools.flush()
-        if text or released or calls:
-            yield Piece(text, released, calls or None)
+                split += self._tools.flush()
+            text, calls, reasoning = split
+        if text or released or calls or reasoning:
+            yield Piece(text, released, calls or None, reasoning)
 
     def _finish(self, reason: str) -> None:
         # OpenAI: a response that ends after tool calls finishes with "tool_calls".
@@ -250,13 +252,17 @@ class ChoiceRun:
         texts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if self._want_logprobs else None
         calls: list[ToolCall] = []
+        reasoning: list[str] = []
         for part in self.parts():
             texts.append(part.text)
+            reasoning.append(part.reasoning)
             if logprobs is not None and part.logprobs:
                 logprobs.extend(part.logprobs)
             calls += part.tool_calls or []
         assert self.finish_reason is not None
-        return FinishedChoice(self.index, "".join(texts), self.finish_reason, logprobs, calls or None)
+        return FinishedChoice(
+            self.index, "".join(texts), self.finish_reason, logprobs, calls or None, "".join(reasoning)
+        )
 
     def text(self) -> str:
         return "".join(self.pieces())
