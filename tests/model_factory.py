@@ -57,6 +57,9 @@ class ModelSize:
 
 SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+    # One layer: a prefill chunk only fills the KV cache (mlx evaluates attention for the last
+    # chunk alone), so a 64k-token prompt is answered in seconds on a CPU.
+    "long": ModelSize(hidden=16, layers=1, heads=1, kv_heads=1, intermediate=32),
     # ~34M parameters: enough compute per token to make benchmarks meaningful.
     "bench": ModelSize(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=2176),
 }
@@ -299,8 +302,8 @@ def build_tiny_model(
 ) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
 
-    `size` is "tiny" (hidden 64, 2 layers; builds in well under a second) or
-    "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
+    `size` is "tiny" (hidden 64, 2 layers; builds in well under a second),
+    "long" (one layer, for 64k-token prompts) or "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
     `chat_template`: another template than ChatML (e.g. one that renders tools).
     `tool_markers`: how the tokenizer holds ``<tool_call>``/``</tool_call>``
     (one of TOOL_MARKER_KINDS); ``markers``: which texts are the markers
