@@ -42,7 +42,7 @@ class Split(NamedTuple):
     calls: list[ToolCall] = []
     reasoning: str = ""
 
-    def __add__(self, other: tuple[Any, ...]) -> Split:  # type: ignore[override]
+    def __add__(self, other: tuple[Any, ...]) -> Split:
         text, calls, reasoning = other
         return Split(self.text + text, self.calls + calls, self.reasoning + reasoning)
 

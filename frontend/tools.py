@@ -181,7 +181,7 @@ def plan_tools(
     choice, name = _chosen(tool_choice, functions)
     if not functions and choice != "none":
         raise invalid_request("tool_choice requires tools", param="tool_choice")
-    plan = ToolPlan(template_tools=list(tools) if functions else None)
+    plan = ToolPlan(template_tools=list(tools or []) if functions else None)
     # Harmony output is always split (analysis is reasoning), with or without tools.
     if choice == "none" and model.tool_parser != "harmony":
         return plan  # the template shows the tools; the answer is text
@@ -290,7 +290,9 @@ class ToolCallSplitter:
         self._spaces = ""
         self._after_call = True
         self.done = self.single
-        return "", [ToolCall(new_call_id(), name, arguments) for name, arguments in parsed[: 1 if self.single else None]]
+        return "", [
+            ToolCall(new_call_id(), name, arguments) for name, arguments in parsed[: 1 if self.single else None]
+        ]
 
     def flush(self) -> Split:
         """Content left at the end: held text, or a call that never ended

@@ -115,7 +115,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
     "qwen3_coder": FormatModel(
         _chatml_with_tools(
             "<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>",
-            "{{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}" + _ARGS
+            "{{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}"
+            + _ARGS
             + "{{- '<parameter=' + key + '>\\n' + value | string + '\\n</parameter>\\n' }}{%- endfor %}"
             "{{- '</function>\\n</tool_call>' }}",
         ),
@@ -124,7 +125,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
     "glm47": FormatModel(
         _chatml_with_tools(
             "<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>",
-            "{{- '<tool_call>' + tool_call.name }}" + _ARGS
+            "{{- '<tool_call>' + tool_call.name }}"
+            + _ARGS
             + "{{- '<arg_key>' + key + '</arg_key><arg_value>' + value | tojson + '</arg_value>' }}{%- endfor %}"
             "{{- '</tool_call>' }}",
         ),
@@ -134,7 +136,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
         _chatml_with_tools(
             "<longcat_tool_call>NAME<longcat_arg_key>KEY</longcat_arg_key>"
             "<longcat_arg_value>VALUE</longcat_arg_value></longcat_tool_call>",
-            "{{- '<longcat_tool_call>' + tool_call.name }}" + _ARGS
+            "{{- '<longcat_tool_call>' + tool_call.name }}"
+            + _ARGS
             + "{{- '<longcat_arg_key>' + key + '</longcat_arg_key><longcat_arg_value>' + value | tojson"
             " + '</longcat_arg_value>' }}{%- endfor %}{{- '</longcat_tool_call>' }}",
         ),
@@ -167,8 +170,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
     "kimi_k3": FormatModel(
         _chatml_with_tools(
             "Call tools in a tools section.",
-            "{{- '<|open|>tools<|sep|><|open|>call tool=\"' + tool_call.name + '\" index=\"1\"<|sep|>"
-            "<|open|>json type=\"object\"<|sep|>' + tool_call.arguments | tojson"
+            '{{- \'<|open|>tools<|sep|><|open|>call tool="\' + tool_call.name + \'" index="1"<|sep|>'
+            '<|open|>json type="object"<|sep|>\' + tool_call.arguments | tojson'
             " + '<|close|>json<|sep|><|close|>call<|sep|><|close|>tools<|sep|>' }}",
         ),
         ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>"),
@@ -177,7 +180,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
         _chatml_with_tools(
             '<minimax:tool_call><invoke name="NAME"><parameter name="KEY">VALUE</parameter></invoke>'
             "</minimax:tool_call>",
-            "{{- '<minimax:tool_call><invoke name=\"' + tool_call.name + '\">' }}" + _ARGS
+            "{{- '<minimax:tool_call><invoke name=\"' + tool_call.name + '\">' }}"
+            + _ARGS
             + "{{- '<parameter name=\"' + key + '\">' + value | string + '</parameter>' }}{%- endfor %}"
             "{{- '</invoke></minimax:tool_call>' }}",
         ),
@@ -186,7 +190,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
     "minicpm5": FormatModel(
         _chatml_with_tools(
             '<function name="NAME"><param name="KEY">VALUE</param></function>',
-            "{{- '<function name=\"' + tool_call.name + '\">' }}" + _ARGS
+            "{{- '<function name=\"' + tool_call.name + '\">' }}"
+            + _ARGS
             + "{{- '<param name=\"' + key + '\">' + value | string + '</param>' }}{%- endfor %}"
             "{{- '</function>' }}",
         ),
@@ -196,7 +201,8 @@ FORMAT_MODELS: dict[str, FormatModel] = {
         _chatml_with_tools(
             '<atem:function_calls><atem:invoke name="NAME"><atem:parameter name="KEY">JSON</atem:parameter>'
             "</atem:invoke></atem:function_calls>",
-            "{{- '<atem:function_calls><atem:invoke name=\"' + tool_call.name + '\">' }}" + _ARGS
+            "{{- '<atem:function_calls><atem:invoke name=\"' + tool_call.name + '\">' }}"
+            + _ARGS
             + "{{- '<atem:parameter name=\"' + key + '\">' + value | tojson + '</atem:parameter>' }}"
             "{%- endfor %}{{- '</atem:invoke></atem:function_calls>' }}",
         ),

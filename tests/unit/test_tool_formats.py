@@ -185,7 +185,7 @@ def test_harmony_final_answer_and_reasoning():
 
 def test_harmony_recipient_in_the_role_header_and_call_at_eos():
     # <|call|> is an EOS token: the detokenizer may never show it.
-    text = '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}'
+    text = "<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}"
     out = run(splitter("harmony"), text, 2)
     assert [(c.name, c.arguments) for c in out.calls] == [("get_time", "{}")] and out.text == ""
 
