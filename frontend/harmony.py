@@ -47,8 +47,10 @@ def _call(functions: Sequence[Function], lit: Literal) -> str:
     return parts[0] if len(parts) == 1 else "(" + " | ".join(parts) + ")"
 
 
-# <|call|> ends the turn: one call per turn.
-FORMAT = ToolFormat("", "", _call, wrap_each=False, markers=MARKERS, parallel=False)
+# <|call|> ends the turn: one call per turn. A forced JSON answer is the final channel's message.
+FORMAT = ToolFormat(
+    "", "", _call, wrap_each=False, markers=MARKERS, parallel=False, answer_prefix=f"{CHANNEL}final{MESSAGE}"
+)
 
 
 def _first(buffer: str, markers: Sequence[str]) -> tuple[int, str]:

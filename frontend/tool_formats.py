@@ -68,6 +68,7 @@ class ToolFormat:
     separator: str = ""  # between two calls
     markers: tuple[str, ...] = ()  # the format's special pieces (inside calls too) the parser needs to see
     parallel: bool = True  # several calls in one turn
+    answer_prefix: str = ""  # what a forced JSON answer (response_format) starts with
 
     def all_markers(self) -> tuple[str, ...]:
         return tuple(m for m in (self.start, self.end, *self.markers) if m)

@@ -201,9 +201,10 @@ def plan_tools(
         chosen = [f for f in functions if name is None or f.name == name]
         grammar = _calls_grammar(chosen, plan, lit)
         plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
-    elif answer is not None and functions:
+    elif answer is not None and (functions or fmt.answer_prefix):
         assert answer.kind == "json_schema"  # response_format makes only these
-        grammar = _calls_grammar(functions, plan, lit, json.loads(answer.text))
+        usable = functions if choice != "none" else []
+        grammar = _calls_grammar(usable, plan, lit, json.loads(answer.text))
         plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
     return plan
 
@@ -215,9 +216,15 @@ def _calls_grammar(
     answer_schema: dict[str, Any] | None = None,
 ) -> str:
     """Lark: one call (or several) of the given functions in the model's format, nothing
-    else; or, with ``answer_schema``, calls or one JSON answer."""
+    else; or, with ``answer_schema``, calls or one JSON answer (only the answer without functions)."""
     fmt = plan.format
     assert fmt is not None and fmt.call is not None
+    answer = ""
+    if answer_schema is not None:
+        prefix = lit(fmt.answer_prefix) + " " if fmt.answer_prefix else ""
+        answer = f"answer: {prefix}%json{json.dumps(with_layout(answer_schema))}\n"
+        if not functions:
+            return f"start: answer\n{answer}"
     start, end = (lit(m) if m else "" for m in (fmt.start, fmt.end))
     sep = json.dumps(fmt.separator) + " " if fmt.separator else ""
     many = "" if plan.single else f" ({sep}call)*"
@@ -226,9 +233,7 @@ def _calls_grammar(
     else:
         rules = f"calls: {' '.join(p for p in (start, 'call' + many, end) if p)}\ncall: fn\n"
     rules += f"fn: {fmt.call(functions, lit)}\n"
-    start_rule = "start: calls" if answer_schema is None else "start: calls | answer"
-    answer_rule = "" if answer_schema is None else f"answer: %json{json.dumps(with_layout(answer_schema))}\n"
-    return f"{start_rule}\n{rules}{answer_rule}"
+    return f"start: calls | answer\n{rules}{answer}" if answer else f"start: calls\n{rules}"
 
 
 # ---------------------------------------------------------------- cutting calls out of text

@@ -95,10 +95,9 @@ def test_a_forced_call_parses_or_the_format_says_it_cannot(served, choice):
     check_calls(answer["message"]["tool_calls"], "get_weather" if choice == "named" else None)
 
 
+@pytest.mark.parametrize("served", [c for c in CASES if c[0] in FORCIBLE], indirect=True)
 def test_a_forced_call_streams(served):
-    name, _, client = served
-    if name not in FORCIBLE:
-        pytest.skip("a call cannot be forced in this format")
+    _, _, client = served
     result = chat(client, tool_choice="required", temperature=0.0, stream=True)
     assert result.status_code == 200, result.text
     calls, content, finish = streamed_calls(result)
@@ -111,3 +110,22 @@ def test_auto_answers(served):
     result = chat(client, temperature=0.0, max_tokens=16)
     assert result.status_code == 200, result.text
     assert result.json["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("served", [c for c in CASES if c[0] == "harmony"], indirect=True)
+def test_harmony_json_answer_is_the_final_channel(served):
+    _, _, client = served
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    for tools in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        body = {"messages": MESSAGES, "max_tokens": 60, "temperature": 0.0, "response_format": response_format, **tools}
+        result = client.simulate_post(CHAT, json=body)
+        assert result.status_code == 200, result.text
+        [answer] = result.json["choices"]
+        assert answer["finish_reason"] == "stop" and not answer["message"].get("tool_calls")
+        jsonschema.validate(json.loads(answer["message"]["content"]), schema)
