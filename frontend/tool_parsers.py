@@ -51,7 +51,11 @@ def load(name: str) -> types.ModuleType | None:
         package = types.ModuleType(_PACKAGE)
         package.__path__ = [str(folder)]
         sys.modules[_PACKAGE] = package
-    return importlib.import_module(f"{_PACKAGE}.{name}")
+    try:
+        return importlib.import_module(f"{_PACKAGE}.{name}")
+    except ImportError:  # a parser needing a package the frontend lacks: its format is unsupported
+        log.warning("mlx-lm tool parser %s cannot be loaded", name, exc_info=True)
+        return None
 
 
 def as_calls(parsed: Any) -> list[tuple[str, str]] | None:

@@ -150,15 +150,19 @@ def _chosen(tool_choice: Any, functions: list[Function]) -> tuple[str, str | Non
 
 
 def _model_format(model: ModelInfo) -> ToolFormat:
-    fmt = TOOL_FORMATS.get(model.tool_parser or "")
-    if fmt is None or (model.tool_parser != "harmony" and tool_parsers.load(model.tool_parser or "") is None):
+    name = model.tool_parser or ""
+    if name == "harmony":
+        return harmony.FORMAT
+    module = tool_parsers.load(name) if name else None
+    if module is None:
         why = (
             f"its tool-call format ({model.tool_parser}) is not supported"
             if model.tool_parser
             else "its chat template has no tool-call format"
         )
         raise unsupported("tools", f"tool calling is not available for this model: {why}")
-    return fmt
+    # A parser newer than this table: calls are parsed by its markers, not forced.
+    return TOOL_FORMATS.get(name) or ToolFormat(module.tool_call_start, module.tool_call_end, None)
 
 
 def plan_tools(

@@ -218,3 +218,12 @@ def test_markers_that_are_tokens_are_tokens_in_the_grammar():
     grammar = plan.constraint.text
     assert all(f"<[{i}]>" in grammar for i in ids.values()) and '"<|tool_call_end|>"' in grammar
     assert set(plan.marker_ids) == set(ids.values())
+
+
+def test_a_parser_newer_than_the_table_parses_by_its_own_markers(monkeypatch):
+    monkeypatch.delitem(TOOL_FORMATS, "qwen3_coder")
+    out = run(splitter("qwen3_coder"), OUTPUTS["qwen3_coder"], 7)
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [PARIS, TOKYO]
+    with pytest.raises(APIError) as info:
+        plan_tools(TOOLS, "required", None, make_model_info(tool_parser="qwen3_coder"), no_tokens)
+    assert info.value.status == 400
