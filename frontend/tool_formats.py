@@ -138,12 +138,81 @@ def kimi_k3_call(functions: Sequence[Function], lit: Literal) -> str:
     return _alternatives([one(f) for f in functions])
 
 
+class CannotForce(ValueError):
+    """A function whose parameters the format's grammar cannot write (the message says which)."""
+
+
+# A string schema with only these keys can be written as raw text (XML-style formats).
+_RAW_STRING_KEYS = {"type", "description", "title", "maxLength", "minLength"}
+_ENUM_KEYS = {"type", "enum", "description", "title"}
+_JSON_TYPES = {"integer", "number", "boolean", "object", "array"}
+
+
+def _raw_value(name: str, schema: Any) -> str:
+    """Lark for one argument written as text: strings raw, other types as JSON (as the parsers read them)."""
+    if not isinstance(schema, dict):
+        raise CannotForce(f"parameter {name!r} has no schema object")
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) and v for v in enum) and set(schema) <= _ENUM_KEYS:
+        return _alternatives([json.dumps(v) for v in enum])
+    if schema.get("type") == "string" and set(schema) <= _RAW_STRING_KEYS:
+        low, high = max(int(schema.get("minLength", 1)), 1), schema.get("maxLength")
+        return f"/[^<\\n]{{{low},{'' if high is None else int(high)}}}/"
+    if schema.get("type") in _JSON_TYPES:
+        return _json(schema)
+    raise CannotForce(f"parameter {name!r} has a schema that cannot be written as raw text")
+
+
+def _xml_arguments(f: Function, param: Callable[[str, str], str]) -> str:
+    """Lark for a function's arguments, one ``param(key, value)`` per property, in schema order."""
+    parameters = f.parameters
+    if set(parameters) - {"type", "properties", "required", "additionalProperties", "description", "title"}:
+        raise CannotForce(f"the parameters of {f.name!r} are not a plain object schema")
+    properties = parameters.get("properties") or {}
+    required = set(parameters.get("required") or [])
+    if not required <= set(properties):
+        raise CannotForce(f"{f.name!r} requires parameters it does not describe")
+    parts = []
+    for key, schema in properties.items():
+        part = param(key, _raw_value(key, schema))
+        parts.append(part if key in required else f"({part})?")
+    return " ".join(parts)
+
+
+def qwen3_coder_call(functions: Sequence[Function], lit: Literal) -> str:
+    # qwen3_coder.py: <function=NAME> with one <parameter=KEY>VALUE</parameter> per argument, one per line.
+    def param(key: str, value: str) -> str:
+        return f"{json.dumps(f'<parameter={key}>' + chr(10))} {value} {json.dumps(chr(10) + '</parameter>' + chr(10))}"
+
+    return _alternatives(
+        [
+            f'{json.dumps(f"{chr(10)}<function={f.name}>{chr(10)}")} {_xml_arguments(f, param)} "</function>\\n"'
+            for f in functions
+        ]
+    )
+
+
+def minimax_m2_call(functions: Sequence[Function], lit: Literal) -> str:
+    # minimax_m2.py: <invoke name="NAME"> with one <parameter name="KEY">VALUE</parameter> per argument.
+    def param(key: str, value: str) -> str:
+        return f"{json.dumps(f'<parameter name={json.dumps(key)}>')} {value} {json.dumps('</parameter>' + chr(10))}"
+
+    return _alternatives(
+        [
+            f"{json.dumps(f'{chr(10)}<invoke name={json.dumps(f.name)}>{chr(10)}')} {_xml_arguments(f, param)} "
+            '"</invoke>\\n"'
+            for f in functions
+        ]
+    )
+
+
 _KIMI_K3_MARKERS = ("<|open|>", "<|close|>", "<|sep|>")
 
 # mlx-lm parser name -> what the frontend needs beyond mlx-lm's parse_tool_call.
-# Formats with arguments as XML-ish text (qwen3_coder, minimax_m2, minicpm5,
-# muse_spark), Python calls (pythonic) or Gemma's own syntax are parsed but
-# cannot be forced.
+# qwen3_coder and minimax_m2 write arguments one by one as text: forced where
+# each argument's schema is a plain string, a string enum or a JSON-typed
+# value. minicpm5, muse_spark, Python calls (pythonic) and Gemma's own syntax
+# are parsed but not forced.
 MLX_LM_FORMATS: dict[str, ToolFormat] = {
     "json_tools": ToolFormat("<tool_call>", "</tool_call>", json_object_call, separator="\n"),
     "glm47": ToolFormat("<tool_call>", "</tool_call>", json_object_call, separator="\n"),
@@ -160,8 +229,8 @@ MLX_LM_FORMATS: dict[str, ToolFormat] = {
     "kimi_k3": ToolFormat(
         "<|open|>tools<|sep|>", "<|close|>tools<|sep|>", kimi_k3_call, wrap_each=False, markers=_KIMI_K3_MARKERS
     ),
-    "qwen3_coder": ToolFormat("<tool_call>", "</tool_call>", None),
-    "minimax_m2": ToolFormat("<minimax:tool_call>", "</minimax:tool_call>", None),
+    "qwen3_coder": ToolFormat("<tool_call>", "</tool_call>", qwen3_coder_call, separator="\n"),
+    "minimax_m2": ToolFormat("<minimax:tool_call>", "</minimax:tool_call>", minimax_m2_call, wrap_each=False),
     "minicpm5": ToolFormat("<function name=", "</function>", None),
     "muse_spark": ToolFormat("<atem:function_calls>", "</atem:function_calls>", None),
     "pythonic": ToolFormat("<|tool_call_start|>", "<|tool_call_end|>", None),

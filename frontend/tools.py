@@ -28,6 +28,7 @@ from frontend.constraints import check_constraint
 from frontend.errors import invalid_request, unsupported
 from frontend.tool_formats import (
     MLX_LM_FORMATS,
+    CannotForce,
     Function,
     Literal,
     Split,
@@ -201,15 +202,21 @@ def plan_tools(
             "does not write arguments as JSON, so no grammar can force a call",
             param="tool_choice",
         )
-    if forced:
-        chosen = [f for f in functions if name is None or f.name == name]
-        grammar = _calls_grammar(chosen, plan, lit)
-        plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
-    elif answer is not None and (functions or fmt.answer_prefix):
-        assert answer.kind == "json_schema"  # response_format makes only these
-        usable = functions if choice != "none" else []
-        grammar = _calls_grammar(usable, plan, lit, json.loads(answer.text))
-        plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
+    try:
+        if forced:
+            chosen = [f for f in functions if name is None or f.name == name]
+            grammar = _calls_grammar(chosen, plan, lit)
+            plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
+        elif answer is not None and (functions or fmt.answer_prefix):
+            assert answer.kind == "json_schema"  # response_format makes only these
+            usable = functions if choice != "none" else []
+            grammar = _calls_grammar(usable, plan, lit, json.loads(answer.text))
+            plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
+    except CannotForce as error:
+        raise invalid_request(
+            f"tool_choice {choice!r} cannot be enforced in this model's tool-call format ({plan.parser}): {error}",
+            param="tool_choice",
+        ) from None
     return plan
 
 

@@ -108,7 +108,18 @@ OUTPUTS: dict[str, str] = {
 OUTPUTS["laguna"] = OUTPUTS["glm47"]
 EXPECTED = {name: [PARIS, TOKYO] for name in OUTPUTS} | {"harmony": [PARIS]}
 # Formats whose arguments are JSON text: a grammar forces calls (the others get a 400).
-FORCIBLE = {"json_tools", "glm47", "laguna", "longcat", "mistral", "kimi_k2", "kimi_k3", "harmony"}
+FORCIBLE = {
+    "json_tools",
+    "glm47",
+    "laguna",
+    "longcat",
+    "mistral",
+    "kimi_k2",
+    "kimi_k3",
+    "harmony",
+    "qwen3_coder",
+    "minimax_m2",
+}
 
 
 def no_tokens(text: str) -> int | None:
@@ -222,8 +233,30 @@ def test_markers_that_are_tokens_are_tokens_in_the_grammar():
 
 def test_a_parser_newer_than_the_table_parses_by_its_own_markers(monkeypatch):
     monkeypatch.delitem(TOOL_FORMATS, "qwen3_coder")
+    monkeypatch.delitem(MLX_LM_FORMATS, "qwen3_coder")
     out = run(splitter("qwen3_coder"), OUTPUTS["qwen3_coder"], 7)
     assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [PARIS, TOKYO]
     with pytest.raises(APIError) as info:
         plan_tools(TOOLS, "required", None, make_model_info(tool_parser="qwen3_coder"), no_tokens)
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("parser", ["qwen3_coder", "minimax_m2"])
+def test_arguments_written_as_text_need_plain_schemas(parser):
+    model = make_model_info(tool_parser=parser)
+    patterned = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$"}},
+                "required": ["code"],
+            },
+        },
+    }
+    with pytest.raises(APIError) as info:
+        plan_tools([patterned], "required", None, model, no_tokens)
+    assert info.value.param == "tool_choice" and "'code'" in info.value.message
+    plan = plan_tools([patterned], "auto", None, model, no_tokens)  # not forced: fine
+    assert plan.constraint is None
