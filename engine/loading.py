@@ -81,11 +81,18 @@ def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
     return int(size) if size else len(tokenizer)
 
 
+# gpt-oss's Harmony format (mlx-lm has no parser for it): its tokenizer has these tokens.
+_HARMONY_TOKENS = ("<|channel|>", "<|message|>", "<|call|>")
+
+
 def _tool_parser_name(tokenizer: Any) -> str | None:
-    """mlx-lm's inferred tool-call parser (a module of mlx_lm.tool_parsers), by name."""
+    """mlx-lm's inferred tool-call parser (a module of mlx_lm.tool_parsers) by name, or "harmony"."""
     parser = getattr(tokenizer, "tool_parser", None)
     module = getattr(parser, "__module__", "") or ""
-    return module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers.") else None
+    if module.startswith("mlx_lm.tool_parsers."):
+        return module.rsplit(".", 1)[-1]
+    vocab = tokenizer.get_vocab()
+    return "harmony" if all(t in vocab for t in _HARMONY_TOKENS) else None
 
 
 def load_model(model_path: str, adapter_path: str | None = None) -> LoadedModel:

@@ -20,7 +20,7 @@ from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestS
 from frontend.errors import generation_failed
 from frontend.reasoning import ReasoningSplitter
 from frontend.tokenization import IncrementalDetokenizer
-from frontend.tools import ToolCall, ToolCallSplitter
+from frontend.tools import Splitter, ToolCall
 from ipc.messages import SamplingParams, TokenDelta
 
 # ---------------------------------------------------------------- sampling
@@ -150,7 +150,7 @@ class ChoiceRun:
         prompt_group: int = 0,
         *,
         logprobs: bool = False,
-        tools: ToolCallSplitter | None = None,
+        tools: Splitter | None = None,
         reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.index = index
@@ -272,9 +272,12 @@ class ChoiceRun:
     ) -> Iterator[Piece]:
         calls: list[ToolCall] = []
         if self._tools is not None:
-            text, calls = self._tools.feed(text)
+            split = self._tools.feed(text)
             if final:
-                text += self._tools.flush()
+                split += self._tools.flush()
+            # gpt-oss's analysis channel is reasoning the tool splitter finds.
+            text, calls, more_reasoning = split
+            reasoning += more_reasoning
         if text or released or calls or reasoning:
             yield Piece(text, released, calls or None, reasoning)
 

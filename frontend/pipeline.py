@@ -248,7 +248,8 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
     streams = _submit_all(ctx.engine, generates)
     thinking = ctx.tokenization.thinking if request.split_reasoning else None
     kept = (*(request.tools.marker_ids if request.tools is not None else ()), *_marker_ids(thinking))
-    exits = (request.tools.start,) if request.tools is not None and request.tools.format is not None else ()
+    tool_format = request.tools.format if request.tools is not None else None
+    exits = (tool_format.start,) if tool_format is not None else ()  # a call's start ends the reasoning
     exit_ids = [i for i in map(ctx.tokenization.marker_token_id, exits) if i is not None]
     try:
         runs = [

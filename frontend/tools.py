@@ -1,30 +1,46 @@
 """tools / tool_choice: validation, the grammar that forces a call, and calls parsed out of text.
 
 A model writes tool calls in its own format; mlx-lm infers which from the
-chat template, and the engine announces it in ModelInfo (``tool_parser``,
-``tool_call_start``/``tool_call_end``). The frontend must not import mlx-lm,
-so the formats it can parse live here (``TOOL_FORMATS``); a model whose
-format is not among them gets a 400 for tools, never unparsed calls.
+chat template, and the engine announces it in ModelInfo (``tool_parser``:
+an mlx-lm parser name, or ``harmony`` for gpt-oss). Calls are parsed with
+mlx-lm's own parsers (``frontend.tool_parsers``, loaded without mlx) or the
+Harmony splitter (``frontend.harmony``); ``frontend.tool_formats`` has each
+format's markers and call grammar.
 
 tool_choice "auto": the output is free; calls are cut out of the text.
 "required" / a named function: a grammar (llguidance Lark with ``%json``)
-makes the output one or more calls whose arguments match the function's
-JSON schema; the grammar then ends, so EOS follows. "none": tools reach the
-template, the output is plain text.
+makes the output one or more calls in the model's format whose arguments
+match the function's JSON schema; the grammar then ends, so EOS follows.
+A format whose arguments are not JSON cannot be forced: 400. "none": tools
+reach the template, the output is plain text.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from frontend.constraints import JSON_LAYOUT, check_constraint
+from frontend import harmony, tool_parsers
+from frontend.constraints import check_constraint
 from frontend.errors import invalid_request, unsupported
+from frontend.tool_formats import (
+    MLX_LM_FORMATS,
+    CannotForce,
+    Function,
+    Literal,
+    Split,
+    ToolCall,
+    ToolFormat,
+    literal_writer,
+    new_call_id,
+    with_layout,
+)
 from ipc.messages import Constraint, ModelInfo
+
+__all__ = ["MAX_TOOLS", "TOOL_FORMATS", "Split", "ToolCall", "ToolCallSplitter", "ToolPlan", "plan_tools"]
 
 # OpenAI: function names are a-z, A-Z, 0-9, underscores and dashes, at most 64.
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -34,59 +50,21 @@ MAX_TOOLS = 128
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
+class Splitter(Protocol):
+    """Cuts calls (and, for Harmony, reasoning) out of streamed output."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+    calls: int
+    done: bool
 
+    def feed(self, text: str) -> Split: ...
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-# ---------------------------------------------------------------- model formats
-
-
-def _parse_json_tools(body: str) -> list[tuple[str, str]] | None:
-    """mlx_lm.tool_parsers.json_tools: ``{"name": ..., "arguments": {...}}`` (or a list of them)."""
-    try:
-        parsed = json.loads(body.strip())
-    except ValueError:
-        return None
-    items = parsed if isinstance(parsed, list) else [parsed]
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        arguments = item.get("arguments", {})
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        out.append((item["name"], arguments))
-    return out
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How one model family writes a call: ``start + before + body + after + end``."""
-
-    parse: Callable[[str], list[tuple[str, str]] | None]
-    before: str = ""  # text the grammar puts between the start marker and the JSON body
-    after: str = ""
-    separator: str = ""  # between two calls
-
-
-# mlx-lm tool parser name -> format. json_tools: Hermes, Qwen 2.5, ...:
-# "<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>".
-TOOL_FORMATS: dict[str, ToolFormat] = {
-    "json_tools": ToolFormat(_parse_json_tools, before="\n", after="\n", separator="\n"),
-}
+    def flush(self) -> Split: ...
 
 
 # ---------------------------------------------------------------- the request's plan
+
+# Every format the frontend knows, by the parser name the engine announces.
+TOOL_FORMATS: dict[str, ToolFormat] = {**MLX_LM_FORMATS, "harmony": harmony.FORMAT}
 
 
 @dataclass
@@ -94,29 +72,38 @@ class ToolPlan:
     """What one chat request does with its tools."""
 
     template_tools: list[dict[str, Any]] | None = None  # what the chat template renders
-    start: str = ""
-    end: str = ""
-    format: ToolFormat | None = None  # None: no calls are parsed out of the text
+    parser: str = ""  # the format's name; "" when no calls are parsed out of the text
+    format: ToolFormat | None = None
     single: bool = False  # at most one call (parallel_tool_calls false or a named function)
     constraint: Constraint | None = None
     marker_ids: tuple[int, ...] = ()  # the markers' own tokens: their text must reach the splitter
 
-    def splitter(self) -> ToolCallSplitter | None:
+    def splitter(self) -> Splitter | None:
         if self.format is None:
             return None
-        return ToolCallSplitter(self.start, self.end, self.format.parse, single=self.single)
+        if self.parser == "harmony":
+            return harmony.HarmonySplitter(single=self.single)
+        parse = _mlx_lm_parse(self.parser, self.template_tools)
+        return ToolCallSplitter(self.format.start, self.format.end, parse, single=self.single)
 
 
-@dataclass(frozen=True)
-class _Function:
-    name: str
-    parameters: dict[str, Any]
+def _mlx_lm_parse(name: str, tools: list[dict[str, Any]] | None) -> Callable[[str], list[tuple[str, str]] | None]:
+    module = tool_parsers.load(name)
+    assert module is not None  # plan_tools checked it
+
+    def parse(body: str) -> list[tuple[str, str]] | None:
+        try:
+            return tool_parsers.as_calls(module.parse_tool_call(body, tools))
+        except Exception:  # mlx-lm's parsers raise ValueError, JSONDecodeError, AttributeError...
+            return None  # the text stays in the content
+
+    return parse
 
 
-def _functions(tools: Sequence[Any]) -> list[_Function]:
+def _functions(tools: Sequence[Any]) -> list[Function]:
     if len(tools) > MAX_TOOLS:
         raise invalid_request(f"at most {MAX_TOOLS} tools are allowed", param="tools")
-    out: list[_Function] = []
+    out: list[Function] = []
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
@@ -139,11 +126,11 @@ def _functions(tools: Sequence[Any]) -> list[_Function]:
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise invalid_request("a function description must be a string", param=f"{param}.function.description")
-        out.append(_Function(name, parameters))
+        out.append(Function(name, parameters))
     return out
 
 
-def _chosen(tool_choice: Any, functions: list[_Function]) -> tuple[str, str | None]:
+def _chosen(tool_choice: Any, functions: list[Function]) -> tuple[str, str | None]:
     """("none" | "auto" | "required" | "named", the named function)."""
     if tool_choice is None:
         return ("auto" if functions else "none"), None
@@ -161,6 +148,22 @@ def _chosen(tool_choice: Any, functions: list[_Function]) -> tuple[str, str | No
         "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
         param="tool_choice",
     )
+
+
+def _model_format(model: ModelInfo) -> ToolFormat:
+    name = model.tool_parser or ""
+    if name == "harmony":
+        return harmony.FORMAT
+    module = tool_parsers.load(name) if name else None
+    if module is None:
+        why = (
+            f"its tool-call format ({model.tool_parser}) is not supported"
+            if model.tool_parser
+            else "its chat template has no tool-call format"
+        )
+        raise unsupported("tools", f"tool calling is not available for this model: {why}")
+    # A parser newer than this table: calls are parsed by its markers, not forced.
+    return TOOL_FORMATS.get(name) or ToolFormat(module.tool_call_start, module.tool_call_end, None)
 
 
 def plan_tools(
@@ -181,87 +184,67 @@ def plan_tools(
     """
     functions = _functions(tools or [])
     choice, name = _chosen(tool_choice, functions)
-    if not functions:
-        if choice != "none":
-            raise invalid_request("tool_choice requires tools", param="tool_choice")
-        return ToolPlan()
-    plan = ToolPlan(template_tools=list(tools or []))
-    if choice == "none":
+    if not functions and choice != "none":
+        raise invalid_request("tool_choice requires tools", param="tool_choice")
+    plan = ToolPlan(template_tools=list(tools or []) if functions else None)
+    # Harmony output is always split (analysis is reasoning), with or without tools.
+    if choice == "none" and model.tool_parser != "harmony":
         return plan  # the template shows the tools; the answer is text
-    fmt = TOOL_FORMATS.get(model.tool_parser or "")
-    if fmt is None or not model.tool_call_start or not model.tool_call_end:
-        why = (
-            f"its tool-call format ({model.tool_parser}) is not supported yet"
-            if model.tool_parser
-            else "its chat template has no tool-call format"
+    fmt = _model_format(model)
+    plan.parser, plan.format = model.tool_parser or "", fmt
+    plan.single = choice == "named" or parallel_tool_calls is False or not fmt.parallel
+    lit = literal_writer(fmt.all_markers(), marker_token_id)
+    plan.marker_ids = tuple(i for i in map(marker_token_id, fmt.all_markers()) if i is not None)
+    forced = choice in ("required", "named")
+    if (forced or answer is not None) and fmt.call is None:
+        raise invalid_request(
+            f"tool_choice {choice!r} cannot be enforced for this model: its tool-call format ({plan.parser}) "
+            "does not write arguments as JSON, so no grammar can force a call",
+            param="tool_choice",
         )
-        raise unsupported("tools", f"tool calling is not available for this model: {why}")
-    plan.start, plan.end, plan.format = model.tool_call_start, model.tool_call_end, fmt
-    plan.single = choice == "named" or parallel_tool_calls is False
-    markers = {text: marker_token_id(text) for text in (plan.start, plan.end)}
-    plan.marker_ids = tuple(i for i in markers.values() if i is not None)
-    if choice in ("required", "named"):
-        chosen = [f for f in functions if name is None or f.name == name]
-        grammar = _calls_grammar(chosen, plan, markers)
-        plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
-    elif answer is not None:
-        assert answer.kind == "json_schema"  # response_format makes only these
-        grammar = _calls_grammar(functions, plan, markers, json.loads(answer.text))
-        plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
+    try:
+        if forced:
+            chosen = [f for f in functions if name is None or f.name == name]
+            grammar = _calls_grammar(chosen, plan, lit)
+            plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "tools")
+        elif answer is not None and (functions or fmt.answer_prefix):
+            assert answer.kind == "json_schema"  # response_format makes only these
+            usable = functions if choice != "none" else []
+            grammar = _calls_grammar(usable, plan, lit, json.loads(answer.text))
+            plan.constraint = check_constraint(Constraint(kind="lark", text=grammar), "response_format")
+    except CannotForce as error:
+        raise invalid_request(
+            f"tool_choice {choice!r} cannot be enforced in this model's tool-call format ({plan.parser}): {error}",
+            param="tool_choice",
+        ) from None
     return plan
 
 
-def _literal(text: str, markers: dict[str, int | None]) -> str:
-    """A marker in the grammar: its token when the tokenizer has one, else its bytes.
-
-    llguidance keeps added tokens (special or not, as Qwen's ``<tool_call>``)
-    out of byte matching: a grammar asking for the marker's bytes would
-    force that token, then refuse it.
-    """
-    token_id = markers.get(text)
-    return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
-
-
-def _call_schema(function: _Function) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function.name}, "arguments": function.parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
-def _with_layout(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "x-guidance": {**JSON_LAYOUT, **schema.get("x-guidance", {})}}
-
-
 def _calls_grammar(
-    functions: list[_Function],
+    functions: list[Function],
     plan: ToolPlan,
-    markers: dict[str, int | None],
+    lit: Literal,
     answer_schema: dict[str, Any] | None = None,
 ) -> str:
-    """Lark: one call (or several, separated) of the given functions, nothing
-    else; or, with ``answer_schema``, calls or one JSON answer."""
-    assert plan.format is not None
-    schemas = [_call_schema(f) for f in functions]
-    schema = _with_layout(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
-    start, end = _literal(plan.start, markers), _literal(plan.end, markers)
-    body = " ".join(
-        part
-        for part in (
-            start,
-            json.dumps(plan.format.before) if plan.format.before else "",
-            f"%json{json.dumps(schema)}",
-            json.dumps(plan.format.after) if plan.format.after else "",
-            end,
-        )
-        if part
-    )
-    many = "" if plan.single else f" ({json.dumps(plan.format.separator)} call)*" if plan.format.separator else " call*"
-    start_rule = "start: calls" if answer_schema is None else "start: calls | answer"
-    answer_rule = "" if answer_schema is None else f"answer: %json{json.dumps(_with_layout(answer_schema))}\n"
-    return f"{start_rule}\ncalls: call{many}\ncall: {body}\n{answer_rule}"
+    """Lark: one call (or several) of the given functions in the model's format, nothing
+    else; or, with ``answer_schema``, calls or one JSON answer (only the answer without functions)."""
+    fmt = plan.format
+    assert fmt is not None and fmt.call is not None
+    answer = ""
+    if answer_schema is not None:
+        prefix = lit(fmt.answer_prefix) + " " if fmt.answer_prefix else ""
+        answer = f"answer: {prefix}%json{json.dumps(with_layout(answer_schema))}\n"
+        if not functions:
+            return f"start: answer\n{answer}"
+    start, end = (lit(m) if m else "" for m in (fmt.start, fmt.end))
+    sep = json.dumps(fmt.separator) + " " if fmt.separator else ""
+    many = "" if plan.single else f" ({sep}call)*"
+    if fmt.wrap_each:
+        rules = f"calls: call{many}\ncall: {' '.join(p for p in (start, 'fn', end) if p)}\n"
+    else:
+        rules = f"calls: {' '.join(p for p in (start, 'call' + many, end) if p)}\ncall: fn\n"
+    rules += f"fn: {fmt.call(functions, lit)}\n"
+    return f"start: calls | answer\n{rules}{answer}" if answer else f"start: calls\n{rules}"
 
 
 # ---------------------------------------------------------------- cutting calls out of text
@@ -289,8 +272,8 @@ class ToolCallSplitter:
     _after_call: bool = False  # nothing but whitespace since the last call
     done: bool = field(default=False)  # single: the one call is complete
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(content text, calls completed) for this piece of output."""
+    def feed(self, text: str) -> Split:
+        """Content text and calls completed in this piece of output."""
         self._buffer += text
         content, calls = "", []
         while not self.done:
@@ -305,31 +288,47 @@ class ToolCallSplitter:
                 self._buffer = self._buffer[i + len(self.start) :]
                 self._inside = True
             else:
-                j = self._buffer.find(self.end)
+                j = self._buffer.find(self.end) if self.end else -1  # no end marker: calls run to the end
                 if j < 0:
                     break
                 body, self._buffer = self._buffer[:j], self._buffer[j + len(self.end) :]
                 self._inside = False
-                parsed = self.parse(body)
-                if parsed is None:
-                    content += self._content(self.start + body + self.end, before_call=False)
-                    continue
-                calls += [ToolCall(new_call_id(), name, arguments) for name, arguments in parsed]
-                self.calls += len(parsed)
-                self._spaces = ""
-                self._after_call = True
-                self.done = self.single
-        return content, calls
+                text_, calls_ = self._call(body)
+                content += text_
+                calls += calls_
+        return Split(content, calls)
 
-    def flush(self) -> str:
-        """Content left at the end: held text, or a call that never ended."""
+    def _call(self, body: str) -> tuple[str, list[ToolCall]]:
+        parsed = self.parse(body)
+        if parsed is None:
+            return self._content(self.start + body + self.end, before_call=False), []
+        self.calls += len(parsed)
+        self._spaces = ""
+        self._after_call = True
+        self.done = self.single
+        return "", [
+            ToolCall(new_call_id(), name, arguments) for name, arguments in parsed[: 1 if self.single else None]
+        ]
+
+    def flush(self) -> Split:
+        """Content left at the end: held text, or a call that never ended
+        (Mistral's calls have no end marker: they end here)."""
         if self.done:  # the one call allowed is out; what follows is not the answer
-            return ""
+            return Split()
+        calls: list[ToolCall] = []
+        if self._inside and not self.end:
+            body, self._buffer, self._inside = self._buffer, "", False
+            out, calls = self._call(body)
+            if calls:
+                return Split(out, calls)
+            return Split(out + self._flush_spaces())
         rest = (self.start if self._inside else "") + self._buffer
         self._buffer, self._inside = "", False
         out = self._content(rest, before_call=False)
-        if not self._after_call:
-            out += self._spaces
+        return Split(out + self._flush_spaces(), calls)
+
+    def _flush_spaces(self) -> str:
+        out = "" if self._after_call else self._spaces
         self._spaces = ""
         return out
 

@@ -77,8 +77,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     vocab_size: int
     created: int  # unix seconds when the engine loaded the model
     # How the model writes tool calls, as mlx-lm infers it from the chat
-    # template (its tool_parsers module name, e.g. "json_tools") and the text
-    # that opens and closes one call; None when the model has no tool calling.
+    # template (its tool_parsers module name, e.g. "json_tools"; "harmony" for
+    # gpt-oss, which mlx-lm does not parse) and the text that opens and closes
+    # one call; None when the model has no tool calling.
     tool_parser: str | None = None
     tool_call_start: str | None = None
     tool_call_end: str | None = None

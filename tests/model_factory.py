@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,9 @@ class ModelSize:
 
 SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+    # One layer: a prefill chunk only fills the KV cache (mlx evaluates attention for the last
+    # chunk alone), so a 64k-token prompt is answered in seconds on a CPU.
+    "long": ModelSize(hidden=16, layers=1, heads=1, kv_heads=1, intermediate=32),
     # ~34M parameters: enough compute per token to make benchmarks meaningful.
     "bench": ModelSize(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=2176),
 }
@@ -172,7 +176,7 @@ def _with_think_markers(tokenizer_json: str) -> str:
     return tok.to_str(pretty=True)
 
 
-def _with_tool_markers(tokenizer_json: str, kind: str) -> str:
+def _with_tool_markers(tokenizer_json: str, kind: str, markers: Sequence[str]) -> str:
     """The tokenizer with the tool-call markers as ``kind`` says (ids follow the vocabulary)."""
     if kind not in TOOL_MARKER_KINDS:
         raise ValueError(f"unknown tool marker kind {kind!r}; expected one of {TOOL_MARKER_KINDS}")
@@ -180,7 +184,7 @@ def _with_tool_markers(tokenizer_json: str, kind: str) -> str:
         return tokenizer_json
     tok = Tokenizer.from_str(tokenizer_json)
     special = kind == "special"
-    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in (TOOL_CALL_START, TOOL_CALL_END)])
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in markers])
     return tok.to_str(pretty=True)
 
 
@@ -203,7 +207,7 @@ def _tokenizer_json() -> str:
     return tok.to_str(pretty=True)
 
 
-def _tokenizer_config(chat_template: str = CHATML_TEMPLATE) -> dict:
+def _tokenizer_config(chat_template: str = CHATML_TEMPLATE, context: int = MAX_POSITION_EMBEDDINGS) -> dict:
     return {
         # PreTrainedTokenizerFast = "use tokenizer.json as is" in transformers 4 and 5
         # (a GPT2Tokenizer class would rebuild the pipeline in transformers 5).
@@ -215,7 +219,7 @@ def _tokenizer_config(chat_template: str = CHATML_TEMPLATE) -> dict:
         "add_bos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_POSITION_EMBEDDINGS,
+        "model_max_length": context,
         "chat_template": chat_template,
     }
 
@@ -270,7 +274,7 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, 
     return weights
 
 
-def _model_config(size: ModelSize, vocab: int, eos_ids: list[int]) -> dict:
+def _model_config(size: ModelSize, vocab: int, eos_ids: list[int], context: int = MAX_POSITION_EMBEDDINGS) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -282,7 +286,7 @@ def _model_config(size: ModelSize, vocab: int, eos_ids: list[int]) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_position_embeddings": context,
         "vocab_size": vocab,
         "tie_word_embeddings": False,
         "bos_token_id": None,
@@ -303,32 +307,39 @@ def build_tiny_model(
     chat_template: str | None = None,
     tool_markers: str = "text",
     thinking: bool = False,
+    markers: Sequence[str] = (TOOL_CALL_START, TOOL_CALL_END),
+    eos_markers: Sequence[str] = (),
+    context: int = MAX_POSITION_EMBEDDINGS,
 ) -> Path:
     """Write a deterministic llama model directory for `mlx_lm.load`; return it.
 
-    `size` is "tiny" (hidden 64, 2 layers; builds in well under a second) or
-    "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
+    `size` is "tiny" (hidden 64, 2 layers; builds in well under a second),
+    "long" (one layer, for 64k-token prompts) or "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
     `chat_template`: another template than ChatML (e.g. one that renders tools).
     `tool_markers`: how the tokenizer holds ``<tool_call>``/``</tool_call>``
-    (one of TOOL_MARKER_KINDS). `thinking`: add ``<think>``/``</think>`` as added
-    tokens, which makes it a thinking model to mlx-lm and to the server (pair it
-    with a template of tests/thinking_template.py).
+    (one of TOOL_MARKER_KINDS); ``markers``: which texts are the markers
+    (a format's tool-call or Harmony tokens); ``eos_markers``: those of them
+    that end the output too (Harmony's ``<|call|>``, ``<|return|>``).
+    ``context``: max_position_embeddings (64k for long-prompt tests).
+    `thinking`: add ``<think>``/``</think>`` as added tokens, which makes it a
+    thinking model to mlx-lm and to the server (pair it with a template of
+    tests/thinking_template.py).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer_json = _with_tool_markers(_tokenizer_json(), tool_markers)
+    tokenizer_json = _with_tool_markers(_tokenizer_json(), tool_markers, markers)
     if thinking:
         tokenizer_json = _with_think_markers(tokenizer_json)
     tok = Tokenizer.from_str(tokenizer_json)
     vocab = tok.get_vocab_size()
-    eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]
+    eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT), *(tok.token_to_id(m) for m in eos_markers)]
 
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(chat_template or CHATML_TEMPLATE))
-    _write_json(out_dir / "config.json", _model_config(SIZES[size], vocab, eos_ids))
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(chat_template or CHATML_TEMPLATE, context))
+    _write_json(out_dir / "config.json", _model_config(SIZES[size], vocab, eos_ids, context))
     weights = _random_weights(_weight_shapes(SIZES[size], vocab), seed)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "mlx"})
     return out_dir

@@ -14,7 +14,7 @@ import pytest
 from frontend.app import create_app
 from frontend.errors import APIError
 from frontend.tokenization import Tokenization
-from frontend.tools import ToolCallSplitter, plan_tools
+from frontend.tools import Splitter, plan_tools
 from ipc.messages import Constraint
 from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
@@ -49,20 +49,20 @@ def no_specials(text: str):
     return None
 
 
-def splitter(single: bool = False) -> ToolCallSplitter:
+def splitter(single: bool = False) -> Splitter:
     plan = plan_tools(TOOLS, "auto", False if single else None, TOOL_MODEL, no_specials)
     out = plan.splitter()
     assert out is not None
     return out
 
 
-def run_splitter(s: ToolCallSplitter, pieces: list[str]) -> tuple[str, list]:
+def run_splitter(s: Splitter, pieces: list[str]) -> tuple[str, list]:
     content, calls = "", []
     for piece in pieces:
-        text, new = s.feed(piece)
+        text, new, _ = s.feed(piece)
         content += text
         calls += new
-    return content + s.flush(), calls
+    return content + s.flush().text, calls
 
 
 # ---------------------------------------------------------------- splitter
@@ -96,9 +96,9 @@ def test_splitter_drops_whitespace_around_calls_only():
 
 def test_splitter_single_call_ignores_the_rest():
     s = splitter(single=True)
-    content, calls = s.feed(CALL + "\n" + CALL)
+    content, calls, _ = s.feed(CALL + "\n" + CALL)
     assert len(calls) == 1 and s.done and content == ""
-    assert s.flush() == ""
+    assert s.flush().text == ""
 
 
 def test_list_of_calls_in_one_block():
@@ -169,10 +169,10 @@ def test_model_without_tool_format_refuses_tools_but_not_none():
     with pytest.raises(APIError) as info:
         plan_tools(TOOLS, "auto", None, plain, no_specials)
     assert info.value.param == "tools" and info.value.code == "unsupported_parameter"
-    other = make_model_info(tool_parser="mistral", tool_call_start="[TOOL_CALLS]", tool_call_end="")
+    unknown = make_model_info(tool_parser="no_such_parser")
     with pytest.raises(APIError) as info:
-        plan_tools(TOOLS, "required", None, other, no_specials)
-    assert "mistral" in info.value.message
+        plan_tools(TOOLS, "auto", None, unknown, no_specials)
+    assert "no_such_parser" in info.value.message and info.value.param == "tools"
     assert plan_tools(TOOLS, "none", None, plain, no_specials).template_tools == TOOLS
 
 
