@@ -3,6 +3,7 @@ template opens <think> in the generation prompt unless enable_thinking is false.
 
 from __future__ import annotations
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -96,3 +97,43 @@ def test_tokenize_counts_the_prompt_the_chat_sends(thinking_server):
     assert counted["count"] == chat["usage"]["prompt_tokens"]
     text = httpx.post(f"{base}/detokenize", json={"tokens": counted["tokens"]}, timeout=30).json()["prompt"]
     assert text.endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_anthropic_thinking_block_on_a_thinking_model(thinking_server, no_eos):
+    """Anthropic's SDK: the reasoning is a thinking block before the text, streamed as
+    thinking_delta; thinking disabled leaves no thinking block."""
+    client = anthropic.Anthropic(base_url=thinking_server.base_url, api_key="unused", max_retries=0)
+    request = {
+        "model": "x",
+        "max_tokens": 12,
+        "messages": MESSAGES,
+        # SDK 2.x no longer lists temperature; agent clients still send it.
+        "extra_body": {"logit_bias": no_eos, "temperature": 0},
+    }
+    message = client.messages.create(**request, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert message.content[0].type == "thinking" and message.content[0].thinking
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 12
+    with client.messages.stream(**request, thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.content[0].thinking == message.content[0].thinking
+    off = client.messages.create(**request, thinking={"type": "disabled"})
+    assert [block.type for block in off.content] == ["text"] and off.content[0].text
+
+
+def test_responses_reasoning_item_on_a_thinking_model(thinking_client, no_eos):
+    """OpenAI's Responses: the reasoning is a reasoning item (incomplete, cut by max_output_tokens),
+    the same streamed; reasoning.effort none gives a message only."""
+    request = {"model": "x", "input": "What time is it?", "max_output_tokens": 12, "temperature": 0}
+    extra = {"extra_body": {"logit_bias": no_eos}}
+    response = thinking_client.responses.create(**request, **extra)
+    assert response.status == "incomplete" and response.output[0].type == "reasoning"
+    reasoning = "".join(part.text for part in response.output[0].content or [])
+    assert reasoning and response.usage.output_tokens_details.reasoning_tokens == 12
+    deltas = [
+        event.delta
+        for event in thinking_client.responses.create(**request, **extra, stream=True)
+        if event.type == "response.reasoning_text.delta"
+    ]
+    assert "".join(deltas) == reasoning
+    off = thinking_client.responses.create(**request, **extra, reasoning={"effort": "none"})
+    assert [item.type for item in off.output] == ["message"] and off.output_text
