@@ -19,6 +19,7 @@ import msgspec
 from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestStream
 from frontend.errors import generation_failed
 from frontend.reasoning import ReasoningSplitter
+from frontend.text_scan import partial_suffix
 from frontend.tokenization import IncrementalDetokenizer
 from frontend.tools import Splitter, ToolCall
 from ipc.messages import SamplingParams, TokenDelta
@@ -59,19 +60,9 @@ class StopMatcher:
             self._held = ""
             at, self.matched = min(hits)
             return buffer[:at], True
-        keep = self._partial_suffix(buffer)
+        keep = partial_suffix(buffer, self._stops)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
-
-    def _partial_suffix(self, buffer: str) -> int:
-        """Length of the longest end of ``buffer`` that begins some stop string."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
-                if buffer.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from frontend.errors import invalid_request, unsupported
+from frontend.text_scan import partial_suffix
 
 if TYPE_CHECKING:
     from frontend.tokenization import Tokenization
@@ -164,7 +165,7 @@ class ReasoningSplitter:
         while True:
             markers = (self._end, *self._exits) if self.inside else (self._start,)
             i, marker = min(((buffer.find(m), m) for m in markers if m in buffer), default=(-1, ""))
-            cut = i if i >= 0 else len(buffer) - max(_partial_suffix(buffer, m) for m in markers)
+            cut = i if i >= 0 else len(buffer) - partial_suffix(buffer, markers)
             (reasoning if self.inside else answer).append(self._part(buffer[:cut]))
             if i < 0:
                 self._held = buffer[cut:]
@@ -192,11 +193,3 @@ class ReasoningSplitter:
             return ""
         out, self._spaces = self._spaces + body, text[len(body) :]
         return out
-
-
-def _partial_suffix(buffer: str, marker: str) -> int:
-    """Length of the longest end of ``buffer`` that begins ``marker``."""
-    for size in range(min(len(marker) - 1, len(buffer)), 0, -1):
-        if buffer.endswith(marker[:size]):
-            return size
-    return 0

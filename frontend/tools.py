@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from frontend import harmony, tool_parsers
 from frontend.constraints import check_constraint
 from frontend.errors import invalid_request, unsupported
+from frontend.text_scan import partial_suffix
 from frontend.tool_formats import (
     MLX_LM_FORMATS,
     CannotForce,
@@ -280,7 +281,7 @@ class ToolCallSplitter:
             if not self._inside:
                 i = self._buffer.find(self.start)
                 if i < 0:
-                    keep = _partial_suffix(self._buffer, self.start)
+                    keep = partial_suffix(self._buffer, (self.start,))
                     content += self._content(self._buffer[: len(self._buffer) - keep], before_call=False)
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
@@ -351,10 +352,3 @@ class ToolCallSplitter:
             return ""
         out, self._spaces = self._spaces + body, text[len(body) :]
         return out
-
-
-def _partial_suffix(buffer: str, marker: str) -> int:
-    for size in range(min(len(marker) - 1, len(buffer)), 0, -1):
-        if buffer.endswith(marker[:size]):
-            return size
-    return 0
