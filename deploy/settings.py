@@ -168,6 +168,7 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = Field(None, description="file with accepted API keys, one per line")
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS (default: CORS off)")
+    ui: bool = Field(True, description="serve the web page (status and chat playground) at / (false: 404)")
     # Graceful stop: new requests get 503 while running ones may finish this long.
     drain_timeout_s: float = Field(30.0, ge=0, description="seconds running requests may take to finish on SIGTERM")
     # A crash loop (bad weights, out of memory at load) must end, not spin forever.
@@ -298,6 +299,7 @@ class Settings(BaseSettings):
                 max_queued_requests=self.max_queued_requests,
                 api_keys=self.api_keys(),
                 cors_origins=self.cors_origin_list(),
+                ui=self.ui,
                 drain_flag=drain_flag,
                 supervisor_pid=supervisor_pid,
             ),
@@ -342,7 +344,7 @@ class _ModelFlag(argparse.Action):
 
 
 # Flag metavars by value type; others show their name (HOST, LOG_LEVEL, IPC_ADDRESS).
-METAVARS: dict[type, str] = {int: "N", float: "SECONDS", Path: "PATH"}
+METAVARS: dict[type, str] = {int: "N", float: "SECONDS", Path: "PATH", bool: "BOOL"}
 
 
 def _metavar(name: str, field: FieldInfo) -> str:

@@ -27,6 +27,7 @@ from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
 from frontend.resources.responses import ResponsesResource
 from frontend.resources.status import StatusResource
+from frontend.resources.ui import AssetResource, PageResource, UiRedirectResource
 from frontend.resources.tokenize import DetokenizeResource, TokenizeResource
 from frontend.tokenization import Tokenization
 
@@ -51,6 +52,9 @@ ROUTES: dict[str, type] = {
     "/health": LivenessResource,
     "/health/ready": ReadinessResource,
     "/metrics": MetricsResource,
+    "/": PageResource,
+    "/ui": UiRedirectResource,  # /ui/ too (trailing slashes are stripped)
+    "/ui/{name}": AssetResource,
     # Removed in 0.2: 410 Gone with what to do instead.
     "/v1/models/{model_id:path}": RetrieveModelResource,
     "/v1/mlx/models/{rest:path}": ModelManagementResource,

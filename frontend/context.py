@@ -34,6 +34,8 @@ class FrontendSettings:
     api_keys: tuple[str, ...] = ()
     # Origins allowed by CORS; empty: CORS off (browsers can't call us cross-origin).
     cors_origins: tuple[str, ...] = ()
+    # The built-in web page at / (off: 404).
+    ui: bool = True
     # The supervisor creates this file when a graceful stop begins.
     drain_flag: str | None = None
 

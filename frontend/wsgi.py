@@ -32,6 +32,7 @@ def frontend_settings(web: runtime.WebConfig) -> FrontendSettings:
         default_max_tokens=web.default_max_tokens,
         api_keys=web.api_keys,
         cors_origins=web.cors_origins,
+        ui=web.ui,
         drain_flag=web.drain_flag,
     )
 

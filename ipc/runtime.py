@@ -36,6 +36,7 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_queued_requests: int
     api_keys: tuple[str, ...]  # empty: no authentication
     cors_origins: tuple[str, ...]  # empty: CORS off
+    ui: bool  # the web page at /
     # Set only under the supervisor: the file whose existence means "graceful stop in
     # progress", and the pid whose death makes gunicorn shut down.
     drain_flag: str | None
