@@ -19,6 +19,7 @@ ASSETS: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 
@@ -62,7 +63,7 @@ class UiRedirectResource:
 class AssetResource:
     """The page's script and stylesheet."""
 
-    openapi = {"get": Operation("A file of the web page (app.js, app.css)", media_type="text/plain", errors=(404,))}
+    openapi = {"get": Operation("A file of the web page (app.js, app.css, favicon.svg)", media_type="text/plain", errors=(404,))}
 
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx
