@@ -27,8 +27,8 @@ from frontend.resources.openapi import OpenAPIResource
 from frontend.resources.removed import ModelManagementResource, RetrieveModelResource
 from frontend.resources.responses import ResponsesResource
 from frontend.resources.status import StatusResource
-from frontend.resources.ui import AssetResource, PageResource, UiRedirectResource
 from frontend.resources.tokenize import DetokenizeResource, TokenizeResource
+from frontend.resources.ui import AssetResource, PageResource, UiRedirectResource
 from frontend.tokenization import Tokenization
 
 __all__ = ["FrontendSettings", "ROUTES", "create_app"]

@@ -63,7 +63,11 @@ class UiRedirectResource:
 class AssetResource:
     """The page's script and stylesheet."""
 
-    openapi = {"get": Operation("A file of the web page (app.js, app.css, favicon.svg)", media_type="text/plain", errors=(404,))}
+    openapi = {
+        "get": Operation(
+            "A file of the web page (app.js, app.css, favicon.svg)", media_type="text/plain", errors=(404,)
+        )
+    }
 
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx

@@ -9,11 +9,9 @@ Without chromium/chromedriver these tests skip with the install hint (fail under
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import httpx
@@ -22,7 +20,7 @@ import pytest
 from deploy.proxy.render import render
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
-from tests.integration.server import ServerProcess, free_port
+from tests.integration.server import free_port
 from tests.integration.test_proxy import Nginx, nginx_binary
 from tests.system_tools import require_system_tool
 from tests.unit.defaults import frontend_settings
@@ -79,6 +77,10 @@ def open_page(driver: webdriver.Chrome, url: str, state: str = "ready") -> None:
     wait_until(lambda: text(driver, "state") == state, f"the page to show {state}", PAGE_WAIT_S)
 
 
+def chart_points(driver: webdriver.Chrome) -> int:
+    return len((driver.find_element(By.ID, "chart-line").get_attribute("points") or "").split())
+
+
 def status(base: str) -> dict:
     return httpx.get(f"{base}/v1/mlx/status", timeout=HTTP_TIMEOUT_S).json()
 
@@ -107,9 +109,7 @@ def test_status_matches_the_api(driver, base):
     open_page(driver, base + "/ui/")  # /ui/ redirects to the page
     wait_until(lambda: text(driver, "s-model") != "–", "the status to show")
     expected = status(base)
-    wait_until(
-        lambda: text(driver, "s-tokens") == str(status(base)["engine"]["tokens_generated"]), "the token count"
-    )
+    wait_until(lambda: text(driver, "s-tokens") == str(status(base)["engine"]["tokens_generated"]), "the token count")
     assert text(driver, "s-model") == expected["model"]["id"]
     assert text(driver, "s-adapter") == "none"
     assert text(driver, "s-context") == str(expected["model"]["context_length"])
@@ -145,6 +145,7 @@ def test_stop_aborts_the_engine_request(driver, base, no_eos, tmp_path):
     send(driver, "Count.", context - 64)
     wait_until(lambda: status(base)["engine"]["running_requests"] == 1, "the chat to run")
     wait_until(lambda: text(driver, "s-running") == "1", "the page to show it running")
+    wait_until(lambda: chart_points(driver) >= 3, "the tokens/s chart to draw a line")
     driver.save_screenshot(str(tmp_path / "ui-under-load.png"))  # an artifact of the run
     driver.find_element(By.ID, "stop-button").click()
     wait_until(lambda: status(base)["engine"]["running_requests"] == 0, "the engine request to be aborted")
@@ -231,4 +232,4 @@ def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(driver, keyed_base):
     assert not form.is_displayed()
     assert driver.execute_script("return sessionStorage.getItem('mlx-server-api-key')") == API_KEY
     assert driver.execute_script("return localStorage.length") == 0
-    assert json.loads(driver.execute_script("return JSON.stringify(document.cookie)")) == ""
+    assert driver.execute_script("return document.cookie") == ""

@@ -18,7 +18,11 @@ from tests.waiting import wait_until
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTEST_TIMEOUT_S = 300
 # The tests that need a program from a system package (tests/system_tools.py).
-SYSTEM_TOOL_TESTS = ["tests/integration/test_proxy.py", "tests/integration/test_docs.py::test_quickstart_command_runs"]
+SYSTEM_TOOL_TESTS = [
+    "tests/integration/test_proxy.py",
+    "tests/integration/test_docs.py::test_quickstart_command_runs",
+    "tests/integration/test_web_page.py",
+]
 
 
 def pytest_run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,7 +42,7 @@ def collected(result: subprocess.CompletedProcess[str]) -> set[str]:
 
 @pytest.mark.parametrize(("ci", "exit_code"), [(None, 0), ("1", 1)])
 def test_tests_needing_a_missing_system_tool_skip_unless_ci(tmp_path: Path, ci: str | None, exit_code: int) -> None:
-    # A fresh machine: nginx and curl are on no directory of PATH.
+    # A fresh machine: nginx, curl and chromium are on no directory of PATH.
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["PATH"] = str(tmp_path)
     if ci:
@@ -46,7 +50,12 @@ def test_tests_needing_a_missing_system_tool_skip_unless_ci(tmp_path: Path, ci: 
     result = pytest_run(SYSTEM_TOOL_TESTS, env)
     out = result.stdout + result.stderr
     assert result.returncode == exit_code, out
-    for hint in ("nginx is not on PATH. Install it: apt-get install nginx", "curl is not on PATH. Install it: apt-get"):
+    hints = (
+        "nginx is not on PATH. Install it: apt-get install nginx",
+        "curl is not on PATH. Install it: apt-get",
+        "chromium is not on PATH. Install it: apt-get install chromium chromium-driver",
+    )
+    for hint in hints:
         assert hint in out, out
     if ci:
         assert "CI is set, so tests that need it must run" in out, out
