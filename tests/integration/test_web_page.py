@@ -23,6 +23,7 @@ from frontend.tokenization import Tokenization
 from tests.integration.server import free_port
 from tests.integration.test_proxy import Nginx, nginx_binary
 from tests.system_tools import require_system_tool
+from tests.thinking_template import QWEN3_THINKING_TEMPLATE
 from tests.unit.defaults import frontend_settings
 from tests.unit.fakes import FakeEngineClient, Script, write_tokenizer_dir
 from tests.waiting import wait_until
@@ -220,6 +221,27 @@ def test_model_output_that_looks_like_html_is_text(driver, fake_base, fake_engin
     assert driver.find_elements(By.CSS_SELECTOR, "#transcript img, #transcript script") == []
     assert driver.execute_script("return window.pwned === undefined")
     assert console_errors(driver) == []
+
+
+def test_reasoning_shows_apart_from_the_answer(driver, fake_engine, tmp_path):
+    path = write_tokenizer_dir(tmp_path / "qwen3", chat_template=QWEN3_THINKING_TEMPLATE, think_markers="added")
+    tok = Tokenization.from_pretrained(str(path))
+    fake_engine.script(Script(tok.encode_prompt("<think>Weighing it up.</think>The answer.", add_special_tokens=False)))
+    for base in serve(fake_engine, tok):
+        open_page(driver, base + "/")
+        send(driver, "Think first.", 200)
+        wait_until(lambda: "finish:" in last_answer(driver)[1], "the answer")
+        turn = driver.find_elements(By.CSS_SELECTOR, "#transcript .turn")[-1]
+        assert turn.find_element(By.CLASS_NAME, "reasoning").text == "Weighing it up."
+        assert last_answer(driver)[0] == "The answer."
+
+
+def test_engine_down_shows_and_recovers_by_itself(driver, fake_base, fake_engine):
+    open_page(driver, fake_base + "/")
+    fake_engine.available = False  # /v1/mlx/status answers 503, as while the engine restarts
+    wait_until(lambda: text(driver, "state") == "restarting", "the page to show the engine down")
+    fake_engine.available = True
+    wait_until(lambda: text(driver, "state") == "ready", "the page to recover")
 
 
 def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(driver, keyed_base):
