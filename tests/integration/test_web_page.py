@@ -186,9 +186,9 @@ def fake_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenization:
     return Tokenization.from_pretrained(str(write_tokenizer_dir(tmp_path_factory.mktemp("tok"))))
 
 
-def serve(engine: FakeEngineClient, tok: Tokenization, **settings: object) -> Iterator[str]:
+def serve(engine: FakeEngineClient, tok: Tokenization, port: int = 0, **settings: object) -> Iterator[str]:
     app = create_app(engine, tok, settings=frontend_settings(**settings))
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
+    server = make_server("127.0.0.1", port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -242,6 +242,18 @@ def test_engine_down_shows_and_recovers_by_itself(driver, fake_base, fake_engine
     wait_until(lambda: text(driver, "state") == "restarting", "the page to show the engine down")
     fake_engine.available = True
     wait_until(lambda: text(driver, "state") == "ready", "the page to recover")
+
+
+def test_server_gone_shows_unreachable_and_recovers_by_itself(driver, fake_engine, fake_tok):
+    port = free_port()
+    first = serve(fake_engine, fake_tok, port)
+    base = next(first)
+    open_page(driver, base + "/")
+    first.close()  # the server stops: the page's polls fail
+    wait_until(lambda: text(driver, "state") == "unreachable", "the page to show the server gone")
+    for again in serve(fake_engine, fake_tok, port):
+        assert again == base
+        wait_until(lambda: text(driver, "state") == "ready", "the page to recover")
 
 
 def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(driver, keyed_base):

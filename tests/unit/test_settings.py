@@ -428,3 +428,15 @@ def test_every_mlx_server_variable_the_code_reads_is_known() -> None:
 def test_unknown_env_warning_ignores_empty_prefix_and_other_programs() -> None:
     assert unknown_env_warnings({"MLX_OTHER": "1", "PATH": "/bin"}) == []
     assert unknown_env_warnings({"MLX_SERVER_ZZZ": "1"}) == ["MLX_SERVER_ZZZ is not a setting and is ignored"]
+
+
+# ---------------------------------------------------------------- the web page switch
+
+
+def test_ui_is_on_by_default_and_off_from_each_layer(tmp_path: Path, model: Path) -> None:
+    assert load([str(model)]).runtime_config("ipc:///x").web.ui is True
+    assert load([str(model), "--ui", "false"]).ui is False
+    assert load([str(model)], {"MLX_SERVER_UI": "0"}).ui is False
+    config = write_config(tmp_path, {"ui": False})
+    assert load([str(model), "--config", str(config)]).runtime_config("ipc:///x").web.ui is False
+    assert "ui" in error_of([str(model), "--ui", "maybe"])

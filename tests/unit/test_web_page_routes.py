@@ -6,6 +6,8 @@ import falcon.testing
 
 from frontend.app import create_app
 from frontend.resources.ui import CSP
+from frontend.wsgi import frontend_settings as wsgi_frontend_settings
+from ipc.runtime import WebConfig
 from tests.unit.defaults import frontend_settings
 
 
@@ -38,3 +40,17 @@ def test_ui_false_turns_the_page_off(engine, tok):
     for path in ("/", "/ui/", "/ui/app.js"):
         assert client.simulate_get(path).status_code == 404, path
     assert client.simulate_get("/health").status_code == 200
+
+
+def test_workers_take_the_setting_from_the_runtime_config():
+    web = WebConfig(
+        default_max_tokens=16,
+        request_timeout_s=1.0,
+        max_queued_requests=1,
+        api_keys=(),
+        cors_origins=(),
+        ui=False,
+        drain_flag=None,
+        supervisor_pid=None,
+    )
+    assert wsgi_frontend_settings(web).ui is False
