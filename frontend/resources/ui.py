@@ -56,8 +56,10 @@ class UiRedirectResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self._ctx.settings.ui:
             raise falcon.HTTPNotFound()
-        # From /ui and /ui/ alike, "../" is the root (or the proxy's /m/NAME/).
-        raise falcon.HTTPFound("../")
+        # Relative to the URL the browser holds, so a proxy prefix (/m/NAME/) survives:
+        # from .../ui/ the page is "../", from .../ui it is "./" (falcon strips the slash
+        # from req.path, not from PATH_INFO).
+        raise falcon.HTTPFound("../" if req.env.get("PATH_INFO", "").endswith("/") else "./")
 
 
 class AssetResource:
