@@ -17,26 +17,8 @@ from tests.model_factory import build_tiny_model
 from tests.tool_template import FORMAT_MODELS
 from tests.unit.defaults import frontend_settings
 from tests.unit.scheduler_client import SchedulerClient
-from tests.unit.test_tool_markers import streamed_calls
+from tests.unit.test_tool_markers import CHAT, MESSAGES, NAMED, TOOLS, streamed_calls
 
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-# Bounded strings and enums: any path through the schema ends well within max_tokens.
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time"}}
-TOOLS = [WEATHER, TIME]
-NAMED = {"type": "function", "function": {"name": "get_weather"}}
 FORCIBLE = {"json_tools", "glm47", "longcat", "mistral", "kimi_k2", "kimi_k3", "harmony", "qwen3_coder", "minimax_m2"}
 # (format, how the tokenizer holds its markers): special tokens as the real models, and a few others.
 CASES = [(name, "special") for name in FORMAT_MODELS] + [
