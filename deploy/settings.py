@@ -289,6 +289,7 @@ class Settings(BaseSettings):
         return runtime.RuntimeConfig(
             model_path=str(self.model_path),
             adapter_path=None if self.adapter_path is None else str(self.adapter_path),
+            distributed=None,
             ipc_address=address,
             log_level=self.log_level,
             log_format=self.log_format,

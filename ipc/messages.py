@@ -26,7 +26,8 @@ import msgspec
 # 4: TokenDelta.finish_reason is a FinishReason; EngineStatus.state is gone
 #    (an engine that answers is ready; draining is the frontend's drain flag);
 #    StepPlan (rank 0 to the other ranks of a sharded engine).
-PROTOCOL_VERSION = 4
+# 5: EngineStatus.group (a sharded engine's ranks).
+PROTOCOL_VERSION = 5
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.
@@ -162,6 +163,23 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True, gc=False):
     deltas: list[TokenDelta]
 
 
+class RankStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One rank of a sharded engine, as its last report to rank 0 gave it."""
+
+    rank: int
+    host: str
+    active_memory_bytes: int
+    peak_memory_bytes: int
+
+
+class GroupStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A sharded engine's group: how it is split and each rank's memory."""
+
+    mode: Literal["tensor", "pipeline"]
+    backend: Literal["ring", "jaccl"]
+    ranks: list[RankStatus]
+
+
 class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     query_id: str
     uptime_s: float
@@ -182,6 +200,8 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     # the time per step over a window is (delta step_seconds) / (delta steps).
     steps: int = 0
     step_seconds: float = 0.0
+    # None: one engine process, not a sharded group.
+    group: GroupStatus | None = None
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True, gc=False):

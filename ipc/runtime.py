@@ -9,6 +9,7 @@ second copy of ``deploy/settings.py``'s.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 
@@ -43,9 +44,28 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     supervisor_pid: int | None
 
 
+DistributedMode = Literal["tensor", "pipeline"]
+DistributedBackend = Literal["ring", "jaccl"]
+
+
+class DistributedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One model sharded over a group of engine processes (mlx.distributed).
+
+    Every rank is started (by mlx.launch) with the same RuntimeConfig; rank 0
+    is the engine the HTTP workers talk to, the others follow its step plans.
+    """
+
+    mode: DistributedMode  # tensor: model.shard(group); pipeline: layers split over ranks
+    backend: DistributedBackend
+    ranks: int  # the group's size
+    hostfile: str | None  # mlx.launch's hostfile; None: every rank on this machine
+
+
 class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model_path: str
     adapter_path: str | None
+    # None: one engine process (no mlx.distributed group).
+    distributed: DistributedConfig | None
     ipc_address: str
     log_level: LogLevel
     log_format: LogFormat
