@@ -143,6 +143,17 @@ class Settings(BaseSettings):
     # 4096 fits any ordinary answer (mlx_lm.server's own default is 512).
     default_max_tokens: int = Field(4096, ge=1, description="max_tokens of a request that does not set it")
     prompt_cache_bytes: int = Field(2 * GIB, ge=0, description="byte cap of the engine's prefix cache; 0 disables it")
+    # Admission by memory: a request enters the batch only while its prompt + max_tokens
+    # fit beside the running ones; otherwise it waits (and beyond max_queued_requests, 429).
+    # The derived default leaves the model, a headroom and the OS their share, so a flood of
+    # long prompts queues instead of taking the engine out of memory.
+    kv_cache_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="KV cache memory of the running requests and the prefix cache together; "
+        "0: derived at startup: the device's usable memory (Metal's recommended working set, "
+        "else RAM; at most MLX's memory limit) - the loaded model - a headroom of 10% (at least 1 GiB)",
+    )
     max_batch_size: int = Field(64, ge=1, description="sequences the engine decodes together")
     prefill_batch_size: int = Field(
         64, ge=1, description="prompts the engine prefills together (one forward for a whole burst)"
@@ -279,6 +290,7 @@ class Settings(BaseSettings):
             prefill_step_size=self.prefill_step_size,
             prompt_cache_bytes=self.prompt_cache_bytes,
             max_queued_requests=self.max_queued_requests,
+            kv_cache_budget_bytes=self.kv_cache_budget_bytes,
         )
 
     def runtime_config(

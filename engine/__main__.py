@@ -68,16 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine: failed to load model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     info = loaded.info
-    scheduler = Scheduler(
-        loaded.model,
-        SchedulerConfig(
-            eos_token_ids=tuple(info.eos_token_ids),
-            vocab_size=info.vocab_size,
-            context_length=info.context_length,
-            **msgspec.structs.asdict(config.engine),
-        ),
-        grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
-    )
+    try:
+        scheduler = Scheduler(
+            loaded.model,
+            SchedulerConfig(
+                eos_token_ids=tuple(info.eos_token_ids),
+                vocab_size=info.vocab_size,
+                context_length=info.context_length,
+                **msgspec.structs.asdict(config.engine),
+            ),
+            grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
+        )
+    except ValueError as exc:  # the KV budget: no memory left, or a model it cannot size
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 1
     loop = EngineLoop(scheduler, info, config.ipc_address, restarts=args.restarts)
     loop.install_signal_handlers()
     freeze_startup_heap()

@@ -25,6 +25,8 @@ from mlx_lm.generate import StopSequences
 
 from engine.batch_adapter import Batch, StepCosts
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
+from engine.kv_budget import KvLedger
+from engine.kv_memory import DEFAULT_KV_GROUP_SIZE, model_bytes_per_token, resolve_budget
 from engine.prefill import PrefillPolicy
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RequestSampling, build_request_sampling
@@ -58,6 +60,9 @@ class SchedulerConfig:
     prompt_cache_bytes: int
     # Requests waiting for a batch slot (or in prefill) beyond this are refused.
     max_queued_requests: int
+    # KV memory of the batch and the prefix cache together; 0: derived from
+    # the device's memory and the loaded model (engine.kv_memory.derive_budget).
+    kv_cache_budget_bytes: int
 
 
 @dataclass
@@ -87,6 +92,11 @@ class RequestRejected(ValueError):
 
 class Overloaded(RequestRejected):
     """The queue is full: the request ends with finish_reason "overloaded" (HTTP 429)."""
+
+
+class TooLarge(RequestRejected):
+    """The request exceeds a limit of this engine whatever its load (the context
+    length, the KV budget): it ends with finish_reason "too_large" (HTTP 400)."""
 
 
 @dataclass
@@ -144,8 +154,13 @@ class EngineCore:
             prefill_chunk=config.prefill_step_size,
         )
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
+        # The kv_bits settings arrive with the quantized batch cache; until then full precision.
+        bytes_per_token = model_bytes_per_token(
+            model, getattr(config, "kv_bits", None), getattr(config, "kv_group_size", DEFAULT_KV_GROUP_SIZE)
+        )
+        self.kv = KvLedger(bytes_per_token, resolve_budget(config.kv_cache_budget_bytes, bytes_per_token))
         self._prefix_cache = PrefixCache(
-            max(config.prompt_cache_bytes, 0), PREFIX_CACHE_MAX_ENTRIES, MIN_PREFIX_REUSE_TOKENS
+            max(config.prompt_cache_bytes, 0), PREFIX_CACHE_MAX_ENTRIES, bytes_per_token, MIN_PREFIX_REUSE_TOKENS
         )
         self._by_uid: dict[int, _Active] = {}
         self._by_id: dict[str, _Active] = {}
@@ -180,6 +195,10 @@ class EngineCore:
         self._abort(plan.aborts, deltas)
         for request in plan.inserts:
             self._insert(request, deltas)
+        if plan.inserts:
+            # The prefix cache yields to the rows just admitted (their cached
+            # prefixes are copied out by now).
+            self._prefix_cache.trim_to(self.kv.cache_room())
         self.batch.set_prefill(plan.prefill_rows, plan.prefill_chunk)
         # Unseeded samplers draw from mx.random's global state: the plan's seed
         # makes every rank draw the same.
@@ -196,6 +215,7 @@ class EngineCore:
         for active in list(self._by_id.values()):
             self._forget(active)
         self._failures.clear()
+        self.kv.clear()
         self.batch.reset()
 
     def _abort(self, request_ids: list[str], deltas: list[TokenDelta]) -> None:
@@ -247,6 +267,8 @@ class EngineCore:
         uid = self.batch.insert(rest, request.max_tokens, cache, prompt[:cached], sampling.sampler, guarded, stops)
         if guarded:
             guarded[0].uid = uid
+        # The whole prompt: a cached prefix is copied into the row's own cache.
+        self.kv.reserve(uid, len(prompt) + request.max_tokens)
         active = _Active(request.request_id, uid, cached, logprobs=request.logprobs, grammar=grammar)
         self._by_uid[uid] = active
         self._by_id[request.request_id] = active
@@ -263,6 +285,7 @@ class EngineCore:
         return self._prefix_cache.fetch(prompt)
 
     def _forget(self, active: _Active) -> None:
+        self.kv.release(active.uid)
         self._by_uid.pop(active.uid, None)
         self._by_id.pop(active.request_id, None)
         self.stats.requests_finished += 1
@@ -330,8 +353,8 @@ class EngineCore:
         mx.eval([c.state for _, cache in finished for c in cache])
         for tokens, cache in finished:
             self._prefix_cache.insert(tokens, cache)
-        # Live batch caches count against the same budget (as in mlx_lm.server).
-        self._prefix_cache.trim_to(n_bytes=budget - self.batch.prompt_cache_nbytes)
+        # What the rows reserve counts against the same budget.
+        self._prefix_cache.trim_to(self.kv.cache_room())
 
     def memory(self) -> tuple[int, int]:
         return mx.get_active_memory(), mx.get_peak_memory()
@@ -387,6 +410,18 @@ class Scheduler:
     def prefix_cache_bytes(self) -> int:
         return self.core.prefix_cache_bytes
 
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.core.kv.budget_bytes
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        return self.core.kv.reserved_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.core.kv.bytes_per_token
+
     def memory(self) -> tuple[int, int]:
         return self.core.memory()
 
@@ -404,6 +439,8 @@ class Scheduler:
             self._validate(request)
         except Overloaded as exc:
             self._finish_now(worker, request.request_id, "overloaded", str(exc))
+        except TooLarge as exc:
+            self._finish_now(worker, request.request_id, "too_large", str(exc))
         except RequestRejected as exc:
             self._finish_now(worker, request.request_id, "error", str(exc))
         except Exception as exc:  # a bad request must not take the engine down
@@ -433,9 +470,18 @@ class Scheduler:
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestRejected(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if len(prompt) + request.max_tokens > cfg.context_length:
-            raise RequestRejected(
+            raise TooLarge(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) "
                 f"exceeds the context length {cfg.context_length}"
+            )
+        kv = self.core.kv
+        need = kv.alone_bytes(len(prompt) + request.max_tokens)
+        if need > kv.budget_bytes:
+            # It would wait forever: even an empty engine cannot hold it.
+            raise TooLarge(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) need {need / 1e6:.1f} MB "
+                f"of KV cache ({kv.bytes_per_token} bytes per token), more than the engine's KV budget of "
+                f"{kv.budget_bytes / 1e6:.1f} MB (kv_cache_budget_bytes): shorten the prompt or max_tokens"
             )
 
     def abort(self, request_ids: list[str]) -> None:
@@ -484,8 +530,8 @@ class Scheduler:
         chunk size, come from the clock and the measured costs: only here."""
         if not (self._inbox or self._aborts or self.core.active):
             return None
-        inserts, self._inbox = list(self._inbox.values()), {}
         aborts, self._aborts = list(self._aborts), {}
+        inserts = self._admit_by_kv(aborts)
         rows = self.core.batch.rows(without=self.core.uids(aborts))
         waiting = rows.waiting + len(inserts)
         free_rows = max(min(self._prefill_rows - rows.prefilling, self._config.max_batch_size - rows.decoding), 0)
@@ -500,6 +546,19 @@ class Scheduler:
             prefill_chunk=self._prefill.chunk(rows.prefilling + admitted, decoding_rows=rows.decoding),
             seed=self._seeds.getrandbits(32),
         )
+
+    def _admit_by_kv(self, aborts: list[str]) -> list[Generate]:
+        """Take from the inbox, in arrival order, the requests whose KV reservation
+        fits the budget beside the rows that stay; the others keep waiting
+        (counted in ``queued``). The prefix cache yields what they need."""
+        waiting = list(self._inbox.values())
+        fit = self.core.kv.admissible(
+            (len(r.prompt_token_ids) + r.max_tokens for r in waiting), without=self.core.uids(aborts)
+        )
+        admitted = waiting[:fit]
+        for request in admitted:
+            del self._inbox[request.request_id]
+        return admitted
 
     def collect(self, result: StepResult | None) -> Outputs:
         """The finals decided here, then the step's deltas, grouped by worker;

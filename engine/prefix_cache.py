@@ -11,6 +11,10 @@ entries x suffix length squared: milliseconds per request at the engine's
 the shared prefix is too short to be worth it. Here every trie node keeps
 the length of the shortest entry below it, so the cheapest entry to copy is
 found in one descent, and nothing is copied below ``min_reuse`` tokens.
+
+An entry's size is its tokens x the whole model's KV bytes per token, not
+its arrays' nbytes: every rank of a sharded engine (each holding its own
+part of every cache) counts the same bytes and evicts the same entries.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, max_entries: int, min_reuse: int = 1) -> None:
+    def __init__(self, max_bytes: int, max_entries: int, bytes_per_token: int, min_reuse: int = 1) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.bytes_per_token = bytes_per_token
         # A shorter shared prefix is never reused (the caller's judgement: its
         # copy would cost about what prefilling it does).
         self.min_reuse = max(min_reuse, 1)
@@ -108,7 +113,7 @@ class PrefixCache:
             return
         if key in self._lru:
             self._remove(key)
-        entry = _Entry(key, cache, sum(c.nbytes for c in cache), can_trim_prompt_cache(cache))
+        entry = _Entry(key, cache, len(key) * self.bytes_per_token, can_trim_prompt_cache(cache))
         node = self._root
         node.shortest = min(node.shortest, len(key))
         shorter: list[tuple[int, ...]] = []

@@ -208,5 +208,8 @@ class EngineLoop:
                 restarts=self._restarts,
                 steps=self._steps,
                 step_seconds=self._step_seconds,
+                kv_budget_bytes=s.kv_budget_bytes,
+                kv_reserved_bytes=s.kv_reserved_bytes,
+                kv_bytes_per_token=s.kv_bytes_per_token,
             ),
         )

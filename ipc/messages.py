@@ -27,7 +27,9 @@ import msgspec
 #    (an engine that answers is ready; draining is the frontend's drain flag);
 #    StepPlan (rank 0 to the other ranks of a sharded engine).
 # 5: EngineStatus.group (a sharded engine's ranks).
-PROTOCOL_VERSION = 5
+# 6: finish_reason "too_large"; EngineStatus.kv_budget_bytes, .kv_reserved_bytes,
+#    .kv_bytes_per_token (with defaults).
+PROTOCOL_VERSION = 6
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.
@@ -36,7 +38,9 @@ LOGPROB_FLOOR = -9999.0
 # Final outcomes a request can have. "stop"/"length" are OpenAI's finish
 # reasons; "abort" and "error" never reach a client as a finish_reason.
 # "overloaded": refused because the engine's queue is full (HTTP 429).
-FinishReason = Literal["stop", "length", "abort", "error", "overloaded"]
+# "too_large": refused because no load would let it run: it exceeds the
+# context length or needs more KV cache than the engine's whole budget (HTTP 400).
+FinishReason = Literal["stop", "length", "abort", "error", "overloaded", "too_large"]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -202,6 +206,13 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     step_seconds: float = 0.0
     # None: one engine process, not a sharded group.
     group: GroupStatus | None = None
+    # KV cache memory, counted as tokens x the whole model's bytes per token:
+    # the budget of the batch and the prefix cache together, and what the
+    # running rows reserve (prompt + max_tokens each, in the batch's padded
+    # layout). The prefix cache's share is prompt_cache_bytes.
+    kv_budget_bytes: int = 0
+    kv_reserved_bytes: int = 0
+    kv_bytes_per_token: int = 0
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True, gc=False):

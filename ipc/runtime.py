@@ -27,6 +27,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     prefill_step_size: int
     prompt_cache_bytes: int
     max_queued_requests: int
+    kv_cache_budget_bytes: int  # 0: derived by the engine from its device and model
 
 
 class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
