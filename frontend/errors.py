@@ -85,6 +85,13 @@ def generation_failed(detail: str | None) -> APIError:
     return APIError(500, f"generation failed in the engine: {summary}", code="engine_error")
 
 
+def request_too_large(detail: str) -> APIError:
+    """The engine refused a request that no load would let it run (finish_reason
+    "too_large": past the context length, or more KV cache than its whole budget):
+    the client's to shorten, so a 400 that passes on the engine's numbers."""
+    return invalid_request(detail, code="request_too_large")
+
+
 def engine_unavailable(exc: BaseException, headers: Mapping[str, str] | None = None) -> APIError:
     message = f"the engine is unavailable: {exc}" if str(exc) else "the engine is unavailable"
     return APIError(503, message, code="engine_unavailable", headers=headers)

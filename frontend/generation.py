@@ -17,7 +17,7 @@ from typing import NamedTuple
 import msgspec
 
 from frontend.engine_client import EngineOverloaded, EngineUnavailable, RequestStream
-from frontend.errors import generation_failed
+from frontend.errors import generation_failed, request_too_large
 from frontend.reasoning import ReasoningSplitter
 from frontend.text_scan import partial_suffix
 from frontend.tokenization import IncrementalDetokenizer
@@ -90,8 +90,12 @@ def _overloaded(delta: TokenDelta) -> Exception:
     return EngineOverloaded(delta.error or "the engine's queue is full")
 
 
+def _too_large(delta: TokenDelta) -> Exception:
+    return request_too_large(delta.error or "the request exceeds the engine's limits")
+
+
 # Engine finish reasons that end a choice in error, and how.
-_FAILURES = {"abort": _unexpected_abort, "error": _failed, "overloaded": _overloaded}
+_FAILURES = {"abort": _unexpected_abort, "error": _failed, "overloaded": _overloaded, "too_large": _too_large}
 
 
 @dataclass(frozen=True)

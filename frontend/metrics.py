@@ -151,6 +151,12 @@ def _engine_gauges(status: EngineStatus) -> dict[str, tuple[str, float]]:
         "queued_requests": ("Requests waiting for a batch slot (queue depth)", status.queued_requests),
         "prompt_cache_entries": ("Prompts held in the engine's prefix cache", status.prompt_cache_entries),
         "prompt_cache_bytes": ("Bytes held by the engine's prefix cache", status.prompt_cache_bytes),
+        "kv_budget_bytes": ("KV cache budget of running requests and prefix cache together", status.kv_budget_bytes),
+        "kv_reserved_bytes": (
+            "KV cache reserved by the requests in the batch (prompt + max_tokens each)",
+            status.kv_reserved_bytes,
+        ),
+        "kv_bytes_per_token": ("KV cache bytes per token of the loaded model", status.kv_bytes_per_token),
         "memory_active_bytes": ("Accelerator memory in use by the engine", status.active_memory_bytes),
         "memory_peak_bytes": ("Peak accelerator memory of the engine", status.peak_memory_bytes),
         "uptime_seconds": ("Seconds since the engine process started serving", status.uptime_s),

@@ -283,7 +283,8 @@ def _marker_ids(thinking: ThinkingMarkers | None) -> tuple[int, ...]:
 def _as_api_error(exc: Exception) -> APIError:
     """A failure after the headers went out, as the error the client is told."""
     if isinstance(exc, APIError):
-        log.error("stream failed: %s", exc.message)
+        # A client error (a request too large for the engine) is not the server's failure.
+        log.log(logging.ERROR if exc.status >= 500 else logging.WARNING, "stream failed: %s", exc.message)
         return exc
     if isinstance(exc, EngineUnavailable):
         log.warning("stream failed: engine unavailable: %s", exc)

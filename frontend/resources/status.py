@@ -44,6 +44,15 @@ class StatusPromptCache(Shape):
     hit_tokens: int
 
 
+class StatusKvCache(Shape):
+    """KV cache memory, counted as tokens x the model's bytes per token."""
+
+    budget_bytes: int  # running requests and prefix cache together
+    reserved_bytes: int  # by the requests in the batch: prompt + max_tokens each
+    prefix_cache_bytes: int  # the prefix cache's share (it yields to new requests)
+    bytes_per_token: int
+
+
 class StatusMemory(Shape):
     active_bytes: int
     peak_bytes: int
@@ -61,6 +70,7 @@ class Status(Shape):
     model: StatusModel
     engine: StatusEngine
     prompt_cache: StatusPromptCache
+    kv_cache: StatusKvCache
     memory: StatusMemory
     frontend: StatusFrontend
 
@@ -94,6 +104,12 @@ def status_body(ctx: AppContext, status: EngineStatus) -> Status:
             bytes=status.prompt_cache_bytes,
             hits=status.prompt_cache_hits,
             hit_tokens=status.prompt_cache_hit_tokens,
+        ),
+        kv_cache=StatusKvCache(
+            budget_bytes=status.kv_budget_bytes,
+            reserved_bytes=status.kv_reserved_bytes,
+            prefix_cache_bytes=status.prompt_cache_bytes,
+            bytes_per_token=status.kv_bytes_per_token,
         ),
         memory=StatusMemory(active_bytes=status.active_memory_bytes, peak_bytes=status.peak_memory_bytes),
         frontend=StatusFrontend(pid=os.getpid(), uptime_s=round(time.monotonic() - ctx.started_at, 3)),

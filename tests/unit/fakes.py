@@ -109,8 +109,10 @@ def fake_top_logprobs(token_id: int, position: int, k: int) -> list[tuple[int, f
 
 def _deltas(request: Generate, script: Script) -> list[TokenDelta]:
     rid = request.request_id
-    if script.finish_reason == "error":
-        return [TokenDelta(rid, list(script.token_ids), "error", script.cached_prompt_tokens, script.error)]
+    if script.finish_reason in ("error", "overloaded", "too_large"):  # finals that carry the engine's words
+        return [
+            TokenDelta(rid, list(script.token_ids), script.finish_reason, script.cached_prompt_tokens, script.error)
+        ]
     tokens = list(script.token_ids)[: request.max_tokens]
     # Like the engine: max_tokens reached before the script's end (its EOS) is "length".
     reason = "length" if len(script.token_ids) >= request.max_tokens else script.finish_reason
@@ -184,6 +186,9 @@ class FakeEngineClient:
             peak_memory_bytes=2 << 20,
             steps=300,
             step_seconds=1.5,
+            kv_budget_bytes=1 << 30,
+            kv_reserved_bytes=3 << 20,
+            kv_bytes_per_token=2048,
         )
 
     def all_closed(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import falcon.testing
@@ -23,6 +24,21 @@ def test_engine_overloaded_finish_is_429_with_retry_after(tok):
     assert r.status_code == 429 and r.headers["Retry-After"]
     validate(r.json, "ErrorResponse")
     assert r.json["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_engine_too_large_finish_is_400_with_the_engines_numbers(tok):
+    engine = FakeEngineClient()
+    why = "prompt (900 tokens) + max_tokens (100) need 131.1 MB of KV cache, more than the engine's KV budget"
+    engine.script(*[Script([], finish_reason="too_large", error=why)] * 2)
+    client = falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
+    r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 400, r.text
+    validate(r.json, "ErrorResponse")
+    assert r.json["error"] == {"message": why, "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+    # Streamed, the headers are out before the engine answers: the same error as an event.
+    r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
+    errors = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"error"')]
+    assert [e["error"]["code"] for e in errors] == ["request_too_large"]
 
 
 def test_peer_closed_sees_eof_but_not_pipelined_bytes():

@@ -58,6 +58,12 @@ def test_status(client, engine):
     assert body["engine"]["steps"] == 300 and body["engine"]["step_seconds"] == 1.5
     assert body["prompt_cache"]["hits"] == 7
     assert body["memory"]["peak_bytes"] == 2 << 20
+    assert body["kv_cache"] == {
+        "budget_bytes": 1 << 30,
+        "reserved_bytes": 3 << 20,
+        "prefix_cache_bytes": 4096,
+        "bytes_per_token": 2048,
+    }
     assert body["frontend"]["pid"] > 0
     assert engine.status_queries == 1
 

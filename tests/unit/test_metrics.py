@@ -211,6 +211,9 @@ def test_engine_status_at_scrape_time(client, engine):
     assert value(samples, "mlx_server_engine_prompt_cache_hit_tokens_total") == 99
     assert value(samples, "mlx_server_engine_prompt_cache_bytes") == 4096
     assert value(samples, "mlx_server_engine_prompt_cache_entries") == 3
+    assert value(samples, "mlx_server_engine_kv_budget_bytes") == 1 << 30
+    assert value(samples, "mlx_server_engine_kv_reserved_bytes") == 3 << 20
+    assert value(samples, "mlx_server_engine_kv_bytes_per_token") == 2048
     assert value(samples, "mlx_server_engine_generation_tokens_total") == 1234
     assert value(samples, "mlx_server_engine_uptime_seconds") == 12.5
     assert value(samples, "mlx_server_engine_steps_total") == 300
