@@ -67,9 +67,10 @@ def kv_shape(model: Any) -> KvShape:
     layers = get("num_hidden_layers")
     heads = get("num_attention_heads")
     kv_heads = get("num_key_value_heads") or heads
-    head_dim = get("head_dim") or (get("hidden_size") // heads if heads and get("hidden_size") else None)
-    missing = [name for name, v in (("layers", layers), ("kv heads", kv_heads), ("head size", head_dim)) if not v]
-    if missing:
+    hidden = get("hidden_size")
+    head_dim = get("head_dim") or (hidden // heads if heads and hidden else None)
+    if not (layers and kv_heads and head_dim):
+        missing = [name for name, v in (("layers", layers), ("kv heads", kv_heads), ("head size", head_dim)) if not v]
         raise ValueError(
             f"the model's config ({get('model_type') or type(model).__name__}) names no {', '.join(missing)}: "
             "its KV bytes per token cannot be computed"

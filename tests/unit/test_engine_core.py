@@ -165,18 +165,19 @@ def test_drop_worker_frees_its_slots_only(model):
 
 
 @pytest.mark.parametrize(
-    "request_, message",
+    "request_, reason, message",
     [
-        (gen("e1", [], 5), "empty prompt"),
-        (gen("e2", [VOCAB + 5], 5), "token ids"),
-        (gen("e3", [5] * 500, 100), "context length"),
+        (gen("e1", [], 5), "error", "empty prompt"),
+        (gen("e2", [VOCAB + 5], 5), "error", "token ids"),
+        # A limit no load lifts: the client's to shorten (HTTP 400).
+        (gen("e3", [5] * 500, 100), "too_large", "context length"),
     ],
 )
-def test_invalid_requests_end_with_one_error(model, request_, message):
+def test_invalid_requests_end_with_one_error(model, request_, reason, message):
     s = make_scheduler(model)
     s.add(b"w", request_)
     r = run_to_end(s)[request_.request_id]
-    assert len(r["finals"]) == 1 and r["finals"][0].finish_reason == "error"
+    assert len(r["finals"]) == 1 and r["finals"][0].finish_reason == reason
     assert message in r["finals"][0].error
 
 

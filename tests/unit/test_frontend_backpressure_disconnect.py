@@ -34,7 +34,12 @@ def test_engine_too_large_finish_is_400_with_the_engines_numbers(tok):
     r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES})
     assert r.status_code == 400, r.text
     validate(r.json, "ErrorResponse")
-    assert r.json["error"] == {"message": why, "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+    assert r.json["error"] == {
+        "message": why,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "request_too_large",
+    }
     # Streamed, the headers are out before the engine answers: the same error as an event.
     r = client.simulate_post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
     errors = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"error"')]
