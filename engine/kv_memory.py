@@ -105,11 +105,15 @@ class DerivedBudget:
     budget_bytes: int
 
     def describe(self) -> str:
-        gb = 1e9
         return (
-            f"{self.budget_bytes / gb:.2f} GB = usable {self.usable_bytes / gb:.2f} GB "
-            f"- model {self.weights_bytes / gb:.2f} GB - headroom {self.headroom_bytes / gb:.2f} GB"
+            f"{size(self.budget_bytes)} = usable {size(self.usable_bytes)} "
+            f"- model {size(self.weights_bytes)} - headroom {size(self.headroom_bytes)}"
         )
+
+
+def size(n_bytes: int) -> str:
+    """Bytes for a log line: GB, or MB below one GB."""
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def usable_memory() -> int:
@@ -142,7 +146,7 @@ def resolve_budget(setting_bytes: int, bytes_per_token: int) -> int:
     on each rank's own device and share of the model."""
     if setting_bytes > 0:
         budget = setting_bytes
-        log.info("KV cache budget %.2f GB (kv_cache_budget_bytes)", budget / 1e9)
+        log.info("KV cache budget %s (kv_cache_budget_bytes)", size(budget))
     else:
         derived = derive_budget()
         if derived.budget_bytes <= 0:
