@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from bench.kv_table import MODELS, kv_budget, streams
 from engine.core import Scheduler, SchedulerConfig
 from engine.kv_budget import KV_STEP_TOKENS, KvLedger, padded
 from engine.kv_memory import (
@@ -260,3 +261,15 @@ def test_a_cached_prefix_is_reused_while_the_budget_leaves_it_room(model):
     results = run(s)
     assert results["again"]["finals"][0].finish_reason == "length"
     assert s.stats.prompt_cache_hits == 1 and s.stats.prompt_cache_hit_tokens >= PROMPT
+
+
+def test_the_benchmarks_table_counts_streams_as_admission_does():
+    """bench.kv_table's streams x context are what the ledger would admit."""
+    for shape in MODELS:
+        budget = kv_budget(64, shape.weights_4bit)
+        for bits in (None, 8, 4):
+            bpt = shape.shape.bytes_per_token(bits)
+            for context in (4096, 32768):
+                ledger = KvLedger(bpt, budget)
+                assert ledger.admissible([context] * 1000) == streams(budget, bpt, context)
+    assert kv_budget(16, MODELS[1].weights_4bit) < 0  # 70B 4-bit does not fit 16 GB
