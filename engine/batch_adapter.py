@@ -112,7 +112,3 @@ class Batch:
         """The timers so far; ``costs().since(before)`` is what steps in between cost."""
         c = self._gen._counters
         return StepCosts(c.generation_steps, c.decode_time, c.prompt_tokens, c.prompt_time)
-
-    @property
-    def prompt_cache_nbytes(self) -> int:
-        return self._gen.prompt_cache_nbytes

@@ -2,7 +2,8 @@
 
 The Scheduler decides. ``add`` and ``abort`` may be called between steps;
 ``plan`` turns what arrived, what was aborted and the batch's load into a
-StepPlan, the one place where clocks (admission hold, prefill costs) count.
+StepPlan, the one place where clocks (admission hold, prefill costs) count
+and where arrivals wait for KV memory (engine.kv_budget).
 The EngineCore executes a plan: aborts, inserts, prefill settings, batch
 steps, and the deltas they produce. Executing depends only on the plan, so
 another rank that executes the same plans produces the same tokens.
