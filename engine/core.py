@@ -455,8 +455,6 @@ class Scheduler:
         cfg = self._config
         if request.request_id in self._owners:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
-        if self.queued >= cfg.max_queued_requests:
-            raise Overloaded(f"{self.queued} requests are already waiting (max_queued_requests)")
         prompt = request.prompt_token_ids
         if not prompt:
             raise RequestRejected("empty prompt")
@@ -484,6 +482,9 @@ class Scheduler:
                 f"of KV cache ({kv.bytes_per_token} bytes per token), more than the engine's KV budget of "
                 f"{kv.budget_bytes / 1e6:.1f} MB (kv_cache_budget_bytes): shorten the prompt or max_tokens"
             )
+        # Last: a request that no load would let run is told so, not to retry.
+        if self.queued >= cfg.max_queued_requests:
+            raise Overloaded(f"{self.queued} requests are already waiting (max_queued_requests)")
 
     def abort(self, request_ids: list[str]) -> None:
         """End requests; unknown or finished ids are ignored."""

@@ -214,6 +214,7 @@ def test_waiting_for_memory_counts_as_queued_and_beyond_the_bound_is_overloaded(
     for i in range(1, 6):
         s.add(b"w", gen(f"r{i}", prompt(i)))
     assert s.queued == 3
+    s.add(b"w", gen("big", prompt(9, 300)))  # no retry would help it: told so, not 429
     results = run(s)
     reasons = {rid: [f.finish_reason for f in r["finals"]] for rid, r in results.items()}
     assert reasons == {
@@ -223,6 +224,7 @@ def test_waiting_for_memory_counts_as_queued_and_beyond_the_bound_is_overloaded(
         "r3": ["length"],
         "r4": ["overloaded"],
         "r5": ["overloaded"],
+        "big": ["too_large"],
     }
 
 
