@@ -79,13 +79,15 @@ def kv_shape(model: Any) -> KvShape:
 
 
 def activation_dtype(model: Any) -> mx.Dtype:
-    """The dtype keys and values are computed in: the model's floating point parameters'
-    (a quantized model's scales; its packed weights are integers)."""
+    """The dtype keys and values are computed in: that of most of the model's floating
+    point parameters (a quantized model's scales: its packed weights are integers; a
+    few norms kept in float32 do not count)."""
     params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    by_dtype: dict[mx.Dtype, int] = {}
     for _, value in params:
         if mx.issubdtype(value.dtype, mx.floating):
-            return value.dtype
-    return mx.float16
+            by_dtype[value.dtype] = by_dtype.get(value.dtype, 0) + value.nbytes
+    return max(by_dtype, key=lambda d: by_dtype[d]) if by_dtype else mx.float16
 
 
 def model_bytes_per_token(model: Any, kv_bits: int | None = None, kv_group_size: int = DEFAULT_KV_GROUP_SIZE) -> int:

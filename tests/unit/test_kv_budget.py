@@ -4,6 +4,7 @@ with the real Scheduler and BatchGenerator on a tiny llama."""
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
@@ -275,3 +276,13 @@ def test_the_benchmarks_table_counts_streams_as_admission_does():
                 ledger = KvLedger(bpt, budget)
                 assert ledger.admissible([context] * 1000) == streams(budget, bpt, context)
     assert kv_budget(16, MODELS[1].weights_4bit) < 0  # 70B 4-bit does not fit 16 GB
+
+
+def test_a_quantized_bfloat16_model_counts_its_scales_dtype():
+    """4-bit weights are integers; keys and values come out in the scales' dtype."""
+    quantized = make_model()
+    quantized.set_dtype(mx.bfloat16)
+    nn.quantize(quantized, group_size=64, bits=4)
+    assert kv_shape(quantized).dtype_bytes == 2
+    assert model_bytes_per_token(quantized) == BPT // 2
+    assert cache_bytes(quantized, [KVCache() for _ in quantized.layers]) == KV_STEP_TOKENS * BPT // 2
