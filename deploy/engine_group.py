@@ -140,11 +140,17 @@ class RankZeroWatch:
         self._ctx.term()
 
 
+LaunchCommand = Callable[[runtime.DistributedConfig, int, int, "str | None"], list[str]]
+
+
 class EngineGroup:
     """The ranks of one sharded engine: start, tell death, kill, stop; always as a whole."""
 
-    def __init__(self, config: runtime.RuntimeConfig, environment: Mapping[str, str]) -> None:
+    def __init__(
+        self, config: runtime.RuntimeConfig, environment: Mapping[str, str], launch: LaunchCommand = launch_command
+    ) -> None:
         assert config.distributed is not None
+        self._launch = launch
         self.group = config.distributed
         self.address = config.ipc_address
         self.environment = dict(environment)
@@ -154,7 +160,7 @@ class EngineGroup:
 
     def start(self, restarts: int) -> subprocess.Popen:
         port = free_port_range(ports_needed(self.group))
-        command = launch_command(self.group, port, restarts, self.config_for_remote)
+        command = self._launch(self.group, port, restarts, self.config_for_remote)
         log.info(
             "starting the engine group: %d ranks, %s mode, %s backend, ports from %d",
             self.group.ranks, self.group.mode, self.group.backend, port,
