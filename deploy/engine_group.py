@@ -4,9 +4,12 @@ mlx.launch starts every rank (a host named 127.0.0.1 as its own child, any other
 `ssh -tt` client) and relays their output. Measured: when a rank exits non-zero it SIGTERMs
 the others and exits 0, so its exit code means nothing but its exit means the group is gone;
 a rank that ignores SIGTERM keeps it waiting forever. Hence the group runs in a session of
-its own, and it is dead when mlx.launch exits, when rank 0 stops answering status queries,
-or when the handshake after a start fails; then the whole session is SIGKILLed. A remote
-rank dies with its ssh client: killing the client hangs up the remote pty (SIGHUP).
+its own, and it is dead when mlx.launch exits, when one of its children (a local rank, or the
+ssh client of a remote one) exits, when rank 0 stops answering status queries, or when the
+handshake after a start fails; then the whole session is SIGKILLed. Watching the children
+matters: the ranks left wait inside a collective for the lost one until rank 0's own bound
+(engine/group.py) ends them, and a rank blocked there cannot act on mlx.launch's SIGTERM. A
+remote rank dies with its ssh client: killing the client hangs up the remote pty (SIGHUP).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
+import psutil
 import zmq
 
 from deploy.hostfile import read_hostfile
@@ -157,6 +161,7 @@ class EngineGroup:
         self.config_for_remote = remote_config(config)
         self.proc: subprocess.Popen | None = None
         self._watch: RankZeroWatch | None = None
+        self._ranks: list[psutil.Process] = []  # mlx.launch's children once the group is up
 
     def start(self, restarts: int) -> subprocess.Popen:
         port = free_port_range(ports_needed(self.group))
@@ -172,9 +177,26 @@ class EngineGroup:
         return self.proc
 
     def watch(self) -> None:
-        """Start asking rank 0 for its status (after the handshake: it answers only once loaded)."""
+        """Start watching the ranks and asking rank 0 for its status (after the handshake:
+        rank 0 answers only once every rank has joined the group)."""
+        assert self.proc is not None
         self._close_watch()
         self._watch = RankZeroWatch(self.address)
+        try:
+            self._ranks = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            self._ranks = []  # mlx.launch is gone already: dead() says so next
+
+    def _lost_rank(self) -> int | None:
+        """The pid of a rank process (or remote rank's ssh client) that exited, if any."""
+        for rank in self._ranks:
+            try:
+                if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.NoSuchProcess:
+                pass
+            return rank.pid
+        return None
 
     def dead(self) -> str | None:
         """Why the group is gone, having killed what was left of it; None while it serves."""
@@ -182,6 +204,8 @@ class EngineGroup:
             return None
         if self.proc.poll() is not None:
             reason = "mlx.launch exited (a rank of the engine group stopped)"
+        elif (lost := self._lost_rank()) is not None:
+            reason = f"a rank of the engine group exited (process {lost})"
         elif self._watch is not None and (silent := self._watch.silent_s()) > GROUP_SILENCE_LIMIT_S:
             reason = f"rank 0 of the engine group did not answer for {silent:.0f} s"
         else:
@@ -230,6 +254,7 @@ class EngineGroup:
             pass  # every process of the session is gone already
 
     def _close_watch(self) -> None:
+        self._ranks = []
         if self._watch is not None:
             self._watch.close()
             self._watch = None

@@ -212,6 +212,19 @@ def test_a_launcher_that_exits_is_a_dead_group_and_nothing_of_it_is_left(tmp_pat
     wait_until(lambda: gone(procs), "the ranks the launcher left behind to be killed", timeout_s=10)
 
 
+def test_a_rank_that_dies_is_a_dead_group_at_once(tmp_path: Path) -> None:
+    group, procs = fake_group(tmp_path, "wait")
+    group.watch()  # after the handshake: the ranks are the launcher's children then
+    try:
+        assert group.dead() is None
+        procs[1].kill()  # the launcher itself lives on (mlx.launch waits for the others)
+        reason = wait_until(group.dead, "the group's death", timeout_s=10)
+        assert reason == f"a rank of the engine group exited (process {procs[1].pid})"
+        wait_until(lambda: gone(procs), "every process of the group to be gone", timeout_s=10)
+    finally:
+        group.kill()
+
+
 def test_rank_zero_silence_is_measured_from_its_last_answer(tmp_path: Path) -> None:
     now = [100.0]
     watch = RankZeroWatch(f"ipc://{tmp_path / 'nobody.sock'}", clock=lambda: now[0])
