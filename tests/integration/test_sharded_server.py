@@ -1,6 +1,6 @@
 """A sharded engine under mlx-server: its startup errors, and one group of 2 ranks on this machine
-(ring backend over 127.0.0.1) that serves like one process, heals a killed follower and leaves
-nothing behind on SIGTERM. One group start (plus its one restart): each loads the model."""
+(ring backend over 127.0.0.1) that serves like one process, heals a killed and a hung follower
+and leaves nothing behind on SIGTERM. One group start plus its two restarts: each loads the model."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ FAST_EXIT_S = 60  # the engine's pre-check imports mlx: seconds on a loaded 2-co
 # A killed follower: the supervisor sees its rank process gone and kills the group at once, so
 # the stream's error comes within about a second; bounded generously for a loaded CI box.
 GROUP_DEATH_DEADLINE_S = 8.0
+# A stopped follower: rank 0 gives up on it after its group bound (engine.group, 10 s).
+HUNG_GROUP_DEADLINE_S = 40.0
 RESTART_WAIT_S = 90.0
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24, "temperature": 0}
 
@@ -122,11 +124,42 @@ def greedy(base: str) -> str:
 def long_stream(base: str, no_eos: dict[str, int], out: dict) -> None:
     payload = {**CHAT, "max_tokens": 3500, "stream": True, "logit_bias": no_eos}
     events = []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
         for data in sse_data(r.iter_text()):
             events.append(data)
             out.setdefault("first_at", time.monotonic())
     out["events"] = events
+
+
+def fault_during_a_stream(server: ServerProcess, no_eos: dict[str, int], fault: str, deadline_s: float) -> None:
+    """Hit the follower (kill or stop it) while a long stream runs: the stream must end with the
+    engine-unavailable error within deadline_s, and every process of that group must go."""
+    launcher, ranks = group_processes(server)
+    assert [r.environ()["MLX_RANK"] for r in ranks] == ["0", "1"]
+    result: dict = {}
+    stream = threading.Thread(target=long_stream, args=(server.base_url, no_eos, result))
+    stream.start()
+    wait_until(lambda: "first_at" in result, "the stream to start", context=server.log_text)
+    getattr(ranks[1], fault)()
+    stream.join(deadline_s)
+    assert not stream.is_alive(), f"the stream outlived its group ({fault})"
+    last = json.loads(result["events"][-1])
+    assert last["error"]["type"] == "server_error"
+    wait_until(lambda: not any(p.is_running() for p in [launcher, *ranks]), "the old group to be gone", 30)
+
+
+def back_after_restart(server: ServerProcess, restarts: int, expected: str) -> None:
+    """503 with Retry-After while the group restarts, then the same answers as before."""
+    base = server.base_url
+    down = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30)
+    if down.status_code == 503:  # the group may already be back: both are right
+        assert down.headers["Retry-After"]
+        validate(down.json(), "ErrorResponse")
+    wait_until(lambda: ready(base), "the restarted group", RESTART_WAIT_S, context=server.log_text)
+    assert greedy(base) == expected
+    status = wait_until(lambda: status_answer(base), "a worker's status after the restart")
+    assert status.json()["engine"]["restarts"] == restarts
+    assert status.json()["group"]["size"] == 2
 
 
 def status_answer(base: str) -> httpx.Response | None:
@@ -134,7 +167,7 @@ def status_answer(base: str) -> httpx.Response | None:
     return response if response.status_code == 200 else None
 
 
-def test_two_ranks_serve_heal_a_killed_follower_and_stop_whole(qwen2_dir: Path, server_logs: Path) -> None:
+def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(qwen2_dir: Path, server_logs: Path) -> None:
     with ServerProcess(qwen2_dir, server_logs, workers=1) as single:
         expected = greedy(single.base_url)
 
@@ -153,32 +186,16 @@ def test_two_ranks_serve_heal_a_killed_follower_and_stop_whole(qwen2_dir: Path, 
         assert 'mlx_server_engine_group_info{backend="ring",mode="tensor"} 1.0' in metrics
         assert 'mlx_server_engine_rank_memory_active_bytes{host="' in metrics
 
-        launcher, ranks = group_processes(server)
-        assert [r.environ()["MLX_RANK"] for r in ranks] == ["0", "1"]
-        first_group = [launcher, *ranks]
-
         eos = json.loads((qwen2_dir / "config.json").read_text())["eos_token_id"]
-        result: dict = {}
-        stream = threading.Thread(target=long_stream, args=(base, {str(t): -100 for t in eos}, result))
-        stream.start()
-        wait_until(lambda: "first_at" in result, "the stream to start", context=server.log_text)
-        ranks[1].kill()
-        stream.join(GROUP_DEATH_DEADLINE_S)
-        assert not stream.is_alive(), "the stream outlived its group"
-        last = json.loads(result["events"][-1])
-        assert last["error"]["type"] == "server_error"
-        wait_until(lambda: not any(p.is_running() for p in first_group), "the first group to be gone", 30)
-
-        down = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30)
-        if down.status_code == 503:  # the group may already be back: both are right
-            assert down.headers["Retry-After"]
-            validate(down.json(), "ErrorResponse")
-        wait_until(lambda: ready(base), "the restarted group", RESTART_WAIT_S, context=server.log_text)
+        no_eos = {str(t): -100 for t in eos}
+        fault_during_a_stream(server, no_eos, "kill", GROUP_DEATH_DEADLINE_S)
+        back_after_restart(server, 1, expected)
         assert "a rank of the engine group exited" in server.log_text()
-        assert greedy(base) == expected
-        restarted = wait_until(lambda: status_answer(base), "a worker's status after the restart")
-        assert restarted.json()["engine"]["restarts"] == 1
-        assert restarted.json()["group"]["size"] == 2
+
+        # A follower that hangs (SIGSTOP) never returns from a collective by itself: rank 0's
+        # bound ends it, and the group goes whole (SIGKILL reaches a stopped process too).
+        fault_during_a_stream(server, no_eos, "suspend", HUNG_GROUP_DEADLINE_S)
+        back_after_restart(server, 2, expected)
 
         launcher, ranks = group_processes(server)
         second_group = [launcher, *ranks]

@@ -10,13 +10,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
+import zmq
 
 from deploy import engine_group
 from deploy.engine_group import EngineGroup, RankZeroWatch, free_port_range, launch_command, remote_config
 from deploy.hostfile import check_backend, read_hostfile
-from ipc import runtime
+from ipc import codec, runtime
+from ipc.messages import EngineStatus, StatusQuery
+from ipc.sockets import bind_router
 from tests.waiting import wait_until
 
 RING_2 = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac-b", "ips": ["10.0.0.2"]}]
@@ -226,11 +230,24 @@ def test_a_rank_that_dies_is_a_dead_group_at_once(tmp_path: Path) -> None:
 
 
 def test_rank_zero_silence_is_measured_from_its_last_answer(tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path / 'engine.sock'}"
+    ctx = zmq.Context()
+    rank_zero = bind_router(ctx, address)
     now = [100.0]
-    watch = RankZeroWatch(f"ipc://{tmp_path / 'nobody.sock'}", clock=lambda: now[0])
+    watch = RankZeroWatch(address, clock=lambda: now[0])
     try:
-        assert watch.silent_s() == 0.0
+        assert watch.silent_s() == 0.0  # asks at once
+        identity, query = rank_zero.recv_multipart()
+        assert isinstance(codec.decode_frontend_message(query), StatusQuery)
+        counts = {f.name: 0 for f in msgspec.structs.fields(EngineStatus) if f.required and f.name != "query_id"}
+        status = EngineStatus(**{**counts, "query_id": "q"})
+        rank_zero.send_multipart([identity, codec.encode(status)])
+        now[0] += 5.0
+        wait_until(lambda: watch.silent_s() == 0.0, "the answer to count")  # answered at t=105
         now[0] += engine_group.GROUP_SILENCE_LIMIT_S + 1
-        assert watch.silent_s() > engine_group.GROUP_SILENCE_LIMIT_S  # nobody answers
+        assert watch.silent_s() == engine_group.GROUP_SILENCE_LIMIT_S + 1  # asked again, no answer
+        assert rank_zero.poll(5000)  # every STATUS_PROBE_INTERVAL_S a new query
     finally:
         watch.close()
+        rank_zero.close()
+        ctx.term()
