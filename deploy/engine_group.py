@@ -116,6 +116,16 @@ def launch_command(
     return [*command, "--", "-m", "engine", "--restarts", str(restarts)]
 
 
+def _describe(child: psutil.Process) -> str:
+    """ "rank N (process P)" for a local rank (mlx.launch exports MLX_RANK before exec), else
+    the ssh client of a remote one."""
+    try:
+        rank = child.environ().get("MLX_RANK")
+    except psutil.Error:  # macOS may refuse another process's environment
+        rank = None
+    return f"rank {rank} (process {child.pid})" if rank else f"the ssh client of a remote rank (process {child.pid})"
+
+
 class RankZeroWatch:
     """Asks rank 0 for its status every STATUS_PROBE_INTERVAL_S, without ever blocking;
     `silent_s()` is how long it has not answered."""
@@ -161,7 +171,8 @@ class EngineGroup:
         self.config_for_remote = remote_config(config)
         self.proc: subprocess.Popen | None = None
         self._watch: RankZeroWatch | None = None
-        self._ranks: list[psutil.Process] = []  # mlx.launch's children once the group is up
+        # mlx.launch's children once the group is up, each with how to name it in a log line.
+        self._ranks: list[tuple[psutil.Process, str]] = []
 
     def start(self, restarts: int) -> subprocess.Popen:
         port = free_port_range(ports_needed(self.group))
@@ -183,19 +194,19 @@ class EngineGroup:
         self._close_watch()
         self._watch = RankZeroWatch(self.address)
         try:
-            self._ranks = psutil.Process(self.proc.pid).children()
+            self._ranks = [(child, _describe(child)) for child in psutil.Process(self.proc.pid).children()]
         except psutil.NoSuchProcess:
             self._ranks = []  # mlx.launch is gone already: dead() says so next
 
-    def _lost_rank(self) -> int | None:
-        """The pid of a rank process (or remote rank's ssh client) that exited, if any."""
-        for rank in self._ranks:
+    def _lost_rank(self) -> str | None:
+        """Which rank process (or remote rank's ssh client) exited, if one did."""
+        for child, name in self._ranks:
             try:
-                if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE:
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
                     continue
             except psutil.NoSuchProcess:
                 pass
-            return rank.pid
+            return name
         return None
 
     def dead(self) -> str | None:
@@ -205,7 +216,7 @@ class EngineGroup:
         if self.proc.poll() is not None:
             reason = "mlx.launch exited (a rank of the engine group stopped)"
         elif (lost := self._lost_rank()) is not None:
-            reason = f"a rank of the engine group exited (process {lost})"
+            reason = f"{lost} of the engine group exited"
         elif self._watch is not None and (silent := self._watch.silent_s()) > GROUP_SILENCE_LIMIT_S:
             reason = f"rank 0 of the engine group did not answer for {silent:.0f} s"
         else:

@@ -169,10 +169,11 @@ def test_free_port_range_skips_a_busy_port(monkeypatch: pytest.MonkeyPatch) -> N
 # (mlx.launch would wait for it forever); it prints the pids, then waits.
 FAKE_LAUNCHER = textwrap.dedent(
     """
-    import signal, subprocess, sys, time
+    import os, signal, subprocess, sys, time
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
-    ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-             for code in ("import time; print('up', flush=True); time.sleep(600)", stubborn)]
+    codes = ("import time; print('up', flush=True); time.sleep(600)", stubborn)
+    ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env={**os.environ, "MLX_RANK": str(i)})
+             for i, code in enumerate(codes)]
     for r in ranks:
         r.stdout.readline()  # started (and the stubborn one ignores SIGTERM)
     print(" ".join(str(r.pid) for r in ranks), flush=True)
@@ -223,7 +224,7 @@ def test_a_rank_that_dies_is_a_dead_group_at_once(tmp_path: Path) -> None:
         assert group.dead() is None
         procs[1].kill()  # the launcher itself lives on (mlx.launch waits for the others)
         reason = wait_until(group.dead, "the group's death", timeout_s=10)
-        assert reason == f"a rank of the engine group exited (process {procs[1].pid})"
+        assert reason == f"rank 0 (process {procs[1].pid}) of the engine group exited"
         wait_until(lambda: gone(procs), "every process of the group to be gone", timeout_s=10)
     finally:
         group.kill()
