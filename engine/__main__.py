@@ -38,7 +38,6 @@ from engine.core import EngineCore, Scheduler, SchedulerConfig  # noqa: E402
 from engine.follower import Follower  # noqa: E402
 from engine.group import (  # noqa: E402
     EXIT_GROUP_FAILED,
-    GROUP_STEP_TIMEOUT_S,
     CollectiveChannel,
     GroupError,
     GroupLink,
@@ -144,10 +143,11 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
     info = loaded.info
     channel = CollectiveChannel(group)
     watchdog = Watchdog()
+    watchdog.start()
     try:
-        with watchdog.watch(GROUP_STEP_TIMEOUT_S, "waiting for every rank to load"):
-            watchdog.start()
-            hosts = gather_host_names(channel)
+        # Unbounded: hosts load at their own disks' speed (minutes for a big
+        # model); a rank that dies meanwhile closes its connections.
+        hosts = gather_host_names(channel)
     except GroupError as exc:
         log.error("engine group failed at start: %s", exc)
         return EXIT_GROUP_FAILED

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -10,13 +13,14 @@ import pytest
 
 from engine.core import EngineCore, Scheduler, SchedulerConfig
 from engine.follower import Follower
-from engine.group import GroupLink, Watchdog
+from engine.group import EXIT_GROUP_FAILED, GroupLink, Watchdog
 from ipc import codec
 from ipc.messages import GroupPoll, GroupStatus, GroupStop, RankStatus, SamplingParams, StepPlan
 from tests.unit import test_engine_core as core
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
 SHARED_PREFIX = list(range(5, 45))  # long enough for the prefix cache
 
@@ -162,3 +166,28 @@ def test_a_follower_fed_rank_0s_messages_produces_rank_0s_tokens(model):
     Follower(follower_core, FollowerChannel(channel.sent), Watchdog()).run()
     assert [d for step in follower_core.deltas for d in step] == rank0_deltas
     assert any(d.cached_prompt_tokens for d in rank0_deltas if d.request_id == "cached")
+
+
+WATCHDOG_SCRIPT = """
+import sys, time
+from engine.group import Watchdog
+w = Watchdog()
+w.start()
+if sys.argv[1] == "bound":
+    with w.watch(0.3, "a test wait"):
+        time.sleep(30)
+else:
+    w.add_check(lambda: "a test check failed")
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("cause", ["bound", "check"])
+def test_the_watchdog_ends_a_process_stuck_past_its_bound_or_failing_a_check(cause):
+    """The main thread may be blocked in a collective forever: the watchdog's thread exits the process."""
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHDOG_SCRIPT, cause], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == EXIT_GROUP_FAILED
+    expected = "a test wait did not finish within 0.3 s" if cause == "bound" else "a test check failed"
+    assert expected in done.stderr
