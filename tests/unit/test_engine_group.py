@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections import deque
@@ -13,9 +14,11 @@ import pytest
 
 from engine.core import EngineCore, Scheduler, SchedulerConfig
 from engine.follower import Follower
-from engine.group import EXIT_GROUP_FAILED, GroupLink, Watchdog
+from engine.group import EXIT_GROUP_FAILED, GroupError, GroupLink, Watchdog
+from engine.proc import EngineLoop
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStatus, GroupStop, RankStatus, SamplingParams, StepPlan
+from ipc.messages import GroupPoll, GroupStatus, GroupStop, ModelInfo, RankStatus, SamplingParams, StepPlan
+from ipc.sockets import default_ipc_address, make_private_runtime_dir
 from tests.unit import test_engine_core as core
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen
@@ -191,3 +194,38 @@ def test_the_watchdog_ends_a_process_stuck_past_its_bound_or_failing_a_check(cau
     assert done.returncode == EXIT_GROUP_FAILED
     expected = "a test wait did not finish within 0.3 s" if cause == "bound" else "a test check failed"
     assert expected in done.stderr
+
+
+class FailingLink:
+    """Rank 0's link when a follower is gone: the next plan's broadcast fails."""
+
+    status = GroupStatus(mode="tensor", backend="ring", ranks=[])
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def step(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def poll(self, memory: tuple[int, int]) -> GroupStatus:
+        self.polls += 1
+        return self.status
+
+    def send_plan(self, plan: StepPlan) -> None:
+        raise GroupError("collective failed: [ring] connection to a peer was lost")
+
+
+def test_a_failed_step_in_a_group_ends_rank_0s_loop_instead_of_failing_the_requests(model):
+    """One process fails the batch's requests and goes on; a group's ranks no longer
+    agree, so rank 0's loop ends (closing its socket) and the supervisor restarts the group."""
+    link = FailingLink()
+    scheduler = Scheduler(model, CONFIG, plan_sink=link.send_plan)
+    info = ModelInfo(
+        model_id="tiny", model_path="/nowhere", adapter_path=None, context_length=512,
+        eos_token_ids=[EOS], vocab_size=VOCAB, created=0,
+    )  # fmt: skip
+    loop = EngineLoop(scheduler, info, default_ipc_address(make_private_runtime_dir()), group=link)  # type: ignore[arg-type]
+    scheduler.add(b"w", gen("doomed", [5, 6, 7], 4))
+    with pytest.raises(GroupError, match="connection to a peer was lost"):
+        loop.run()
+    assert link.polls == 1  # housekeeping polled the group before the step
