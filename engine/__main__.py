@@ -38,7 +38,6 @@ from engine.core import EngineCore, Scheduler, SchedulerConfig  # noqa: E402
 from engine.follower import Follower  # noqa: E402
 from engine.group import (  # noqa: E402
     EXIT_GROUP_FAILED,
-    GROUP_STEP_TIMEOUT_S,
     CollectiveChannel,
     GroupError,
     GroupLink,
@@ -144,37 +143,48 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
     info = loaded.info
     channel = CollectiveChannel(group)
     watchdog = Watchdog()
+    watchdog.start()
     try:
-        with watchdog.watch(GROUP_STEP_TIMEOUT_S, "waiting for every rank to load"):
-            watchdog.start()
-            hosts = gather_host_names(channel)
+        # Unbounded: hosts load at their own disks' speed (minutes for a big
+        # model); a rank that dies meanwhile closes its connections.
+        hosts = gather_host_names(channel)
     except GroupError as exc:
         log.error("engine group failed at start: %s", exc)
         return EXIT_GROUP_FAILED
     sched_config = _scheduler_config(config, info)
     grammars = GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids)
     if rank != 0:
-        follower = Follower(EngineCore(loaded.model, sched_config, grammars), channel, watchdog)
-        follower.install_signal_handlers()
-        freeze_startup_heap()
-        try:
-            follower.run()
-        except Exception as exc:
-            log.error("rank %d leaves the group: %s: %s", rank, type(exc).__name__, exc)
-            return EXIT_GROUP_FAILED
-        return 0
+        return _follow(EngineCore(loaded.model, sched_config, grammars), channel, watchdog)
     link = GroupLink(channel, watchdog, dist.mode, dist.backend, hosts)
     scheduler = Scheduler(loaded.model, sched_config, grammars=grammars, plan_sink=link.send_plan)
     loop = EngineLoop(scheduler, info, config.ipc_address, restarts=restarts, group=link)
+    log.info("engine group of %d ranks (%s, %s backend) on %s", dist.ranks, dist.mode, dist.backend, ", ".join(hosts))
+    return _lead(loop, link)
+
+
+def _lead(loop: EngineLoop, link: GroupLink) -> int:
+    """Rank 0: serve the HTTP workers, sending every step's plan to the group."""
     loop.install_signal_handlers()
     freeze_startup_heap()
-    log.info("engine group of %d ranks (%s, %s backend) on %s", dist.ranks, dist.mode, dist.backend, ", ".join(hosts))
     try:
         loop.run()
         link.stop()
     except Exception as exc:
         # The socket is closed already, so the HTTP workers fail their requests at once.
         log.error("engine group failed: %s: %s", type(exc).__name__, exc)
+        return EXIT_GROUP_FAILED
+    return 0
+
+
+def _follow(core: EngineCore, channel: CollectiveChannel, watchdog: Watchdog) -> int:
+    """Any other rank: execute rank 0's plans until it stops the group."""
+    follower = Follower(core, channel, watchdog)
+    follower.install_signal_handlers()
+    freeze_startup_heap()
+    try:
+        follower.run()
+    except Exception as exc:
+        log.error("rank %d leaves the group: %s: %s", channel.rank, type(exc).__name__, exc)
         return EXIT_GROUP_FAILED
     return 0
 

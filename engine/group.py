@@ -204,7 +204,7 @@ class Watchdog:
             time.sleep(WATCHDOG_INTERVAL_S)
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                self._exit(f"{self._what} did not finish within {self._limit_s:.0f} s: a rank of the group hangs")
+                self._exit(f"{self._what} did not finish within {self._limit_s:g} s: a rank of the group hangs")
             for check in self._checks:
                 reason = check()
                 if reason is not None:

@@ -1,254 +1,231 @@
-"""The sharded engine's group: hostfile checks, mlx.launch's command line, ports, and a group
-of real processes (a stand-in launcher, no mlx) killed and stopped as a whole."""
+"""A sharded engine's control messages and the follower loop, over a fake channel (no processes)."""
 
 from __future__ import annotations
 
-import json
-import random
-import socket
+import contextlib
+import subprocess
 import sys
-import textwrap
+from collections import deque
 from pathlib import Path
+from typing import Any
 
-import msgspec
-import psutil
+import mlx.core as mx
 import pytest
-import zmq
 
-from deploy import engine_group
-from deploy.engine_group import EngineGroup, RankZeroWatch, free_port_range, launch_command, remote_config
-from deploy.hostfile import check_backend, read_hostfile
-from ipc import codec, runtime
-from ipc.messages import EngineStatus, StatusQuery
-from ipc.sockets import bind_router
-from tests.waiting import wait_until
+from engine.core import EngineCore, Scheduler, SchedulerConfig
+from engine.follower import Follower
+from engine.group import EXIT_GROUP_FAILED, GroupError, GroupLink, Watchdog
+from engine.proc import EngineLoop
+from ipc import codec
+from ipc.messages import GroupPoll, GroupStatus, GroupStop, ModelInfo, RankStatus, SamplingParams, StepPlan
+from ipc.sockets import default_ipc_address, make_private_runtime_dir
+from tests.unit import test_engine_core as core
+from tests.unit.defaults import ENGINE_LIMITS
+from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen
 
-RING_2 = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac-b", "ips": ["10.0.0.2"]}]
-
-
-def write(tmp_path: Path, data: object, name: str = "hosts.json") -> Path:
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    return path
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG = SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
+SHARED_PREFIX = list(range(5, 45))  # long enough for the prefix cache
 
 
-def config(group: runtime.DistributedConfig | None, api_keys: tuple[str, ...] = ()) -> runtime.RuntimeConfig:
-    return runtime.RuntimeConfig(
-        model_path="/models/m",
-        adapter_path=None,
-        distributed=group,
-        ipc_address="ipc:///tmp/none.sock",
-        log_level="info",
-        log_format="text",
-        engine=runtime.EngineConfig(
-            max_batch_size=4, prefill_batch_size=4, prefill_step_size=64, prompt_cache_bytes=0, max_queued_requests=8
-        ),
-        web=runtime.WebConfig(
-            default_max_tokens=16,
-            request_timeout_s=60.0,
-            max_queued_requests=8,
-            api_keys=api_keys,
-            cors_origins=(),
-            ui=False,
-            drain_flag=None,
-            supervisor_pid=None,
-        ),
+class Rank0Channel:
+    """Rank 0's side: keeps what it broadcast; every gather answers with ``peer_rows``."""
+
+    rank = 0
+    size = 2
+
+    def __init__(self, peer_rows: list[int] | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.peer_rows = peer_rows or [0, 0]
+
+    def broadcast(self, payload: bytes | None) -> bytes:
+        assert payload is not None
+        self.sent.append(payload)
+        return payload
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [values, self.peer_rows]
+
+
+class FollowerChannel:
+    """A follower's side: receives the given messages in order; records its gathers."""
+
+    rank = 1
+    size = 2
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.inbox = deque(messages)
+        self.gathered: list[list[int]] = []
+
+    def broadcast(self, payload: bytes | None) -> bytes:
+        assert payload is None, "a follower never sends"
+        return self.inbox.popleft()  # an empty inbox (no GroupStop) fails the test
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        self.gathered.append(values)
+        return [[0, 0], values]
+
+
+class RecordingCore:
+    """An EngineCore whose calls (and deltas) are recorded in order."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+        self.deltas: list[list] = []
+
+    def execute(self, plan: StepPlan) -> Any:
+        self.calls.append("execute")
+        if self.inner is None:
+            return None
+        result = self.inner.execute(plan)
+        self.deltas.append(result.deltas)
+        return result
+
+    def remember_finished(self) -> None:
+        self.calls.append("remember_finished")
+        if self.inner is not None:
+            self.inner.remember_finished()
+
+    def memory(self) -> tuple[int, int]:
+        self.calls.append("memory")
+        return (111, 222)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return core.model.__wrapped__()  # the same seeded tiny llama as test_engine_core
+
+
+def test_control_messages_round_trip_through_the_codec():
+    plan = StepPlan(aborts=["a"], inserts=[gen("x", [1, 2], 3)], prefill_rows=4, prefill_chunk=64, seed=7)
+    for message in (plan, GroupPoll(), GroupStop()):
+        assert codec.decode_group_message(codec.encode(message)) == message
+
+
+def test_follower_dispatches_plans_polls_and_the_stop():
+    plan = StepPlan(prefill_rows=1, prefill_chunk=8, seed=0)
+    messages = [codec.encode(m) for m in (plan, GroupPoll(), plan, GroupStop())]
+    channel = FollowerChannel(messages)
+    fake = RecordingCore()
+    follower = Follower(fake, channel, Watchdog())
+    follower.run()
+    # Each plan is followed by remember_finished, as rank 0 does after sending the step's deltas.
+    assert fake.calls == ["execute", "remember_finished", "memory", "execute", "remember_finished"]
+    assert channel.gathered == [[111, 222]]
+    assert follower.steps == 2 and not channel.inbox
+
+
+def test_rank_0_poll_reports_every_rank_by_host():
+    channel = Rank0Channel(peer_rows=[5, 6])
+    link = GroupLink(channel, Watchdog(), "pipeline", "ring", ["mac-a", "mac-b"])
+    status = link.poll((3, 4))
+    assert codec.decode_group_message(channel.sent[-1]) == GroupPoll()
+    assert (
+        status
+        == link.status
+        == GroupStatus(
+            mode="pipeline",
+            backend="ring",
+            ranks=[
+                RankStatus(rank=0, host="mac-a", active_memory_bytes=3, peak_memory_bytes=4),
+                RankStatus(rank=1, host="mac-b", active_memory_bytes=5, peak_memory_bytes=6),
+            ],
+        )
     )
+    link.stop()
+    assert codec.decode_group_message(channel.sent[-1]) == GroupStop()
 
 
-# ---------------------------------------------------------------- hostfile
+def test_a_follower_fed_rank_0s_messages_produces_rank_0s_tokens(model):
+    """Rank 0's scheduler hands each plan to the link before executing it; a
+    follower that executes what the link sent ends with the same deltas
+    (sampling seeded per request and per step, prefix cache hits included)."""
+    channel = Rank0Channel()
+    link = GroupLink(channel, Watchdog(), "tensor", "ring", ["h0", "h1"])
+    scheduler = Scheduler(model, CONFIG, plan_sink=link.send_plan)
+    arrivals = {
+        0: [gen("greedy", SHARED_PREFIX + [50], 10), gen("seeded", [5, 6], 10, sampling=SamplingParams(seed=3))],
+        2: [gen("unseeded", [7, 8, 9], 10, sampling=SamplingParams(temperature=1.0))],
+        15: [gen("cached", SHARED_PREFIX + [51], 5, sampling=SamplingParams(temperature=1.0))],
+    }
+    rank0_deltas = []
+    for step in range(MAX_STEPS):
+        for request in arrivals.pop(step, []):
+            scheduler.add(b"w", request)
+        if step % 4 == 0:
+            link.poll(scheduler.memory())
+        if not arrivals and not scheduler.has_work():
+            break
+        outputs = scheduler.step()
+        rank0_deltas.extend(d for deltas in outputs.values() for d in deltas)
+        scheduler.remember_finished()
+    else:
+        raise AssertionError("scheduler did not go idle")
+    link.stop()
+
+    mx.random.seed(12345)  # the follower's own random state must not matter
+    follower_core = RecordingCore(EngineCore(model, CONFIG))
+    Follower(follower_core, FollowerChannel(channel.sent), Watchdog()).run()
+    assert [d for step in follower_core.deltas for d in step] == rank0_deltas
+    assert any(d.cached_prompt_tokens for d in rank0_deltas if d.request_id == "cached")
 
 
-def test_hostfile_object_and_list_forms(tmp_path: Path) -> None:
-    listed = read_hostfile(write(tmp_path, RING_2))
-    wrapped = read_hostfile(write(tmp_path, {"backend": "ring", "envs": ["A=1"], "hosts": RING_2}, "b.json"))
-    assert listed.hosts == wrapped.hosts
-    assert [h.ssh for h in listed.hosts] == ["127.0.0.1", "mac-b"]
-    assert (listed.backend, wrapped.backend) == (None, "ring")
-    assert listed.ring_ports() == 2
-    assert not listed.all_local
-    check_backend(listed, "ring")
+WATCHDOG_SCRIPT = """
+import sys, time
+from engine.group import Watchdog
+w = Watchdog()
+w.start()
+if sys.argv[1] == "bound":
+    with w.watch(0.3, "a test wait"):
+        time.sleep(30)
+else:
+    w.add_check(lambda: "a test check failed")
+    time.sleep(30)
+"""
 
 
-@pytest.mark.parametrize(
-    "data, needle",
-    [
-        ("{not json", "not valid JSON"),
-        ({"hosts": "mac-a"}, "list of hosts"),
-        ([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}], "at least 2"),
-        ([{"ips": ["10.0.0.1"]}, {"ssh": "b"}], "host 0 has no `ssh`"),
-        ([{"ssh": "a", "ip": ["10.0.0.1"]}, {"ssh": "b"}], "unknown key `ip`"),
-        ({"hosts": RING_2, "backnd": "ring"}, "unknown key `backnd`"),
-        ([{"ssh": "a", "ips": "10.0.0.1"}, {"ssh": "b"}], "list of non-empty strings"),
-    ],
-)
-def test_hostfile_that_mlx_launch_could_not_use(tmp_path: Path, data: object, needle: str) -> None:
-    with pytest.raises(ValueError, match=needle.replace("`", ".")):
-        read_hostfile(write(tmp_path, data))
-
-
-def test_missing_hostfile(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot read hostfile"):
-        read_hostfile(tmp_path / "nope.json")
-
-
-def test_ring_needs_ip_addresses(tmp_path: Path) -> None:
-    no_ips = read_hostfile(write(tmp_path, [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac-b"}]))
-    with pytest.raises(ValueError, match="host 1 .mac-b. has no `ips`"):
-        check_backend(no_ips, "ring")
-    names = read_hostfile(write(tmp_path, [{"ssh": "a", "ips": ["mac-a.local"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]))
-    with pytest.raises(ValueError, match="not an IP address"):
-        check_backend(names, "ring")
-
-
-def test_jaccl_needs_a_full_rdma_mesh(tmp_path: Path) -> None:
-    good = [
-        {"ssh": "127.0.0.1", "ips": ["10.0.0.1"], "rdma": [None, "rdma_en2"]},
-        {"ssh": "mac-b", "ips": ["10.0.0.2"], "rdma": ["rdma_en2", None]},
-    ]
-    check_backend(read_hostfile(write(tmp_path, good)), "jaccl")
-    one_way = [dict(good[0]), {**good[1], "rdma": [None, None]}]
-    with pytest.raises(ValueError, match="host 1 .mac-b. has no RDMA device towards host 0"):
-        check_backend(read_hostfile(write(tmp_path, one_way)), "jaccl")
-    short = [{**good[0], "rdma": [None]}, good[1]]
-    with pytest.raises(ValueError, match="lists 1 RDMA devices for 2 hosts"):
-        check_backend(read_hostfile(write(tmp_path, short)), "jaccl")
-
-
-def test_backend_named_in_the_hostfile_must_match(tmp_path: Path) -> None:
-    hostfile = read_hostfile(write(tmp_path, {"backend": "jaccl", "hosts": RING_2}))
-    with pytest.raises(ValueError, match="names backend 'jaccl' but distributed_backend is 'ring'"):
-        check_backend(hostfile, "ring")
-
-
-# ---------------------------------------------------------------- mlx.launch's command line
-
-
-def test_launch_command_for_ranks_on_this_machine() -> None:
-    group = runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=None)
-    command = launch_command(group, 21000, 3, None)
-    assert command[:2] == [sys.executable, str(Path(sys.executable).parent / "mlx.launch")]
-    assert command[2:] == [
-        "--backend", "ring", "-n", "2", "--starting-port", "21000", "--python", sys.executable,
-        "--", "-m", "engine", "--restarts", "3",
-    ]  # fmt: skip
-
-
-def test_launch_command_for_a_hostfile_carries_the_config_to_remote_hosts(tmp_path: Path) -> None:
-    path = str(write(tmp_path, RING_2))
-    group = runtime.DistributedConfig(mode="pipeline", backend="ring", ranks=2, hostfile=path)
-    encoded = remote_config(config(group, api_keys=("secret-key",)))
-    assert encoded is not None and "secret-key" not in encoded  # command lines are visible to ps
-    assert runtime.from_environ({runtime.CONFIG_ENV: encoded}).distributed == group
-    command = launch_command(group, 21000, 0, encoded)
-    assert command[command.index("--hostfile") + 1] == path
-    assert command[command.index("--env") + 1] == f"{runtime.CONFIG_ENV}={encoded}"
-    assert "-n" not in command
-
-
-def test_an_all_local_hostfile_needs_no_config_on_the_command_line(tmp_path: Path) -> None:
-    local = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
-    group = runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=str(write(tmp_path, local)))
-    assert remote_config(config(group)) is None
-    assert remote_config(config(None)) is None
-
-
-def test_free_port_range_skips_a_busy_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as busy:
-        busy.bind(("", 0))
-        taken = busy.getsockname()[1]
-        # The first draw lands on the busy port; the range picked must avoid it.
-        monkeypatch.setattr(engine_group, "RING_PORTS", range(taken - 1, taken + 400))
-        first = free_port_range(3, random.Random(0))
-        assert taken not in range(first, first + 3)
-
-
-# ---------------------------------------------------------------- the group's processes
-
-# A stand-in for mlx.launch: two "ranks" in its process group, one of which ignores SIGTERM
-# (mlx.launch would wait for it forever); it prints the pids, then waits.
-FAKE_LAUNCHER = textwrap.dedent(
-    """
-    import os, signal, subprocess, sys, time
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
-    codes = ("import time; print('up', flush=True); time.sleep(600)", stubborn)
-    ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env={**os.environ, "MLX_RANK": str(i)})
-             for i, code in enumerate(codes)]
-    for r in ranks:
-        r.stdout.readline()  # started (and the stubborn one ignores SIGTERM)
-    print(" ".join(str(r.pid) for r in ranks), flush=True)
-    if sys.argv[1] == "exit":
-        sys.exit(0)  # as mlx.launch after a rank failed: exit 0, other ranks maybe still there
-    time.sleep(600)
-    """
-)
-
-
-def fake_group(tmp_path: Path, behaviour: str) -> tuple[EngineGroup, list[psutil.Process]]:
-    pids_file = tmp_path / "pids"
-
-    def launch(group: runtime.DistributedConfig, port: int, restarts: int, remote: str | None) -> list[str]:
-        script = f"import sys; sys.stdout = open({str(pids_file)!r}, 'w')\n" + FAKE_LAUNCHER
-        return [sys.executable, "-c", script, behaviour]
-
-    group = EngineGroup(
-        config(runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=None)), {}, launch
+@pytest.mark.parametrize("cause", ["bound", "check"])
+def test_the_watchdog_ends_a_process_stuck_past_its_bound_or_failing_a_check(cause):
+    """The main thread may be blocked in a collective forever: the watchdog's thread exits the process."""
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHDOG_SCRIPT, cause], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
-    launcher = psutil.Process(group.start(0).pid)
-    pids = wait_until(lambda: pids_file.exists() and pids_file.read_text().split(), "the fake ranks")
-    return group, [launcher, *(psutil.Process(int(pid)) for pid in pids)]
+    assert done.returncode == EXIT_GROUP_FAILED
+    expected = "a test wait did not finish within 0.3 s" if cause == "bound" else "a test check failed"
+    assert expected in done.stderr
 
 
-def gone(procs: list[psutil.Process]) -> bool:
-    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+class FailingLink:
+    """Rank 0's link when a follower is gone: the next plan's broadcast fails."""
+
+    status = GroupStatus(mode="tensor", backend="ring", ranks=[])
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def step(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def poll(self, memory: tuple[int, int]) -> GroupStatus:
+        self.polls += 1
+        return self.status
+
+    def send_plan(self, plan: StepPlan) -> None:
+        raise GroupError("collective failed: [ring] connection to a peer was lost")
 
 
-def test_stop_terms_then_kills_every_process_of_the_group(tmp_path: Path) -> None:
-    group, procs = fake_group(tmp_path, "wait")
-    assert group.dead() is None
-    group.stop(timeout_s=1.0)
-    wait_until(lambda: gone(procs), "every process of the group to be gone", timeout_s=10)
-
-
-def test_a_launcher_that_exits_is_a_dead_group_and_nothing_of_it_is_left(tmp_path: Path) -> None:
-    group, procs = fake_group(tmp_path, "exit")
-    reason = wait_until(group.dead, "the group's death", timeout_s=10)
-    assert "mlx.launch exited" in reason
-    wait_until(lambda: gone(procs), "the ranks the launcher left behind to be killed", timeout_s=10)
-
-
-def test_a_rank_that_dies_is_a_dead_group_at_once(tmp_path: Path) -> None:
-    group, procs = fake_group(tmp_path, "wait")
-    group.watch()  # after the handshake: the ranks are the launcher's children then
-    try:
-        assert group.dead() is None
-        procs[1].kill()  # the launcher itself lives on (mlx.launch waits for the others)
-        reason = wait_until(group.dead, "the group's death", timeout_s=10)
-        assert reason == f"rank 0 (process {procs[1].pid}) of the engine group exited"
-        wait_until(lambda: gone(procs), "every process of the group to be gone", timeout_s=10)
-    finally:
-        group.kill()
-
-
-def test_rank_zero_silence_is_measured_from_its_last_answer(tmp_path: Path) -> None:
-    address = f"ipc://{tmp_path / 'engine.sock'}"
-    ctx = zmq.Context()
-    rank_zero = bind_router(ctx, address)
-    now = [100.0]
-    watch = RankZeroWatch(address, clock=lambda: now[0])
-    try:
-        assert watch.silent_s() == 0.0  # asks at once
-        identity, query = rank_zero.recv_multipart()
-        assert isinstance(codec.decode_frontend_message(query), StatusQuery)
-        counts = {f.name: 0 for f in msgspec.structs.fields(EngineStatus) if f.required and f.name != "query_id"}
-        status = EngineStatus(**{**counts, "query_id": "q"})
-        rank_zero.send_multipart([identity, codec.encode(status)])
-        now[0] += 5.0
-        wait_until(lambda: watch.silent_s() == 0.0, "the answer to count")  # answered at t=105
-        now[0] += engine_group.GROUP_SILENCE_LIMIT_S + 1
-        assert watch.silent_s() == engine_group.GROUP_SILENCE_LIMIT_S + 1  # asked again, no answer
-        assert rank_zero.poll(5000)  # every STATUS_PROBE_INTERVAL_S a new query
-    finally:
-        watch.close()
-        rank_zero.close()
-        ctx.term()
+def test_a_failed_step_in_a_group_ends_rank_0s_loop_instead_of_failing_the_requests(model):
+    """One process fails the batch's requests and goes on; a group's ranks no longer
+    agree, so rank 0's loop ends (closing its socket) and the supervisor restarts the group."""
+    link = FailingLink()
+    scheduler = Scheduler(model, CONFIG, plan_sink=link.send_plan)
+    info = ModelInfo(
+        model_id="tiny", model_path="/nowhere", adapter_path=None, context_length=512,
+        eos_token_ids=[EOS], vocab_size=VOCAB, created=0,
+    )  # fmt: skip
+    loop = EngineLoop(scheduler, info, default_ipc_address(make_private_runtime_dir()), group=link)  # type: ignore[arg-type]
+    scheduler.add(b"w", gen("doomed", [5, 6, 7], 4))
+    with pytest.raises(GroupError, match="connection to a peer was lost"):
+        loop.run()
+    assert link.polls == 1  # housekeeping polled the group before the step
