@@ -106,8 +106,9 @@ def remote_config(config: runtime.RuntimeConfig) -> str | None:
 def launch_command(
     group: runtime.DistributedConfig, starting_port: int, restarts: int, config_for_remote: str | None
 ) -> list[str]:
-    """mlx.launch running `python -m engine` on every rank (the config comes from the environment)."""
-    command = [sys.executable, launcher_path(), "--backend", group.backend]
+    """mlx.launch running `python -m engine` on every rank (the config comes from the environment),
+    through deploy.group_launch: the group dies with mlx-server even if it is SIGKILLed."""
+    command = [sys.executable, "-m", "deploy.group_launch", launcher_path(), "--backend", group.backend]
     command += ["--hostfile", group.hostfile] if group.hostfile else ["-n", str(group.ranks)]
     # --python: every host runs the engine with this interpreter's path (the same venv path on each Mac).
     command += ["--starting-port", str(starting_port), "--python", sys.executable]

@@ -197,3 +197,31 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_
     finally:
         if server.proc.poll() is None:
             server.kill()
+
+
+def test_pipeline_group_answers_alike_and_dies_with_a_killed_supervisor(
+    tiny_qwen2_dir: Path, server_logs: Path
+) -> None:
+    with ServerProcess(tiny_qwen2_dir, server_logs, workers=1) as single:
+        expected = greedy(single.base_url)
+    server = ServerProcess(
+        tiny_qwen2_dir, server_logs, "--distributed-ranks", "2", "--distributed-mode", "pipeline", workers=1
+    ).wait_ready()
+    everything = server.process_tree()
+    try:
+        assert greedy(server.base_url) == expected
+        status = status_answer(server.base_url)
+        assert status is not None and status.json()["group"]["mode"] == "pipeline"
+        launcher, ranks = group_processes(server)
+        assert {launcher, *ranks} <= set(everything)
+        server.proc.kill()  # no drain, no stop: the group must notice on its own
+        server.proc.wait(30)
+        _, alive = psutil.wait_procs(everything, timeout=30)
+        assert not alive, f"left behind by a killed mlx-server: {alive}"
+    finally:
+        for p in reversed(everything):  # a failed check must not leave its processes behind
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        server.kill()
