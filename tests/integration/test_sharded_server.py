@@ -191,7 +191,10 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_
         no_eos = {str(t): -100 for t in eos}
         fault_during_a_stream(server, no_eos, "kill", GROUP_DEATH_DEADLINE_S)
         back_after_restart(server, 1, expected)
-        assert "rank 1 (process " in server.log_text()
+        # Who is seen first (the lost rank, or mlx.launch that stopped the other and left) is a race.
+        assert "of the engine group exited; restart 1 of 5" in server.log_text() or (
+            "mlx.launch exited (a rank of the engine group stopped); restart 1 of 5" in server.log_text()
+        )
 
         # A follower that hangs (SIGSTOP) never returns from a collective by itself: rank 0's
         # bound ends it, and the group goes whole (SIGKILL reaches a stopped process too).
