@@ -5,6 +5,7 @@ and leaves nothing behind on SIGTERM. One group start plus its two restarts: eac
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,7 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.integration.server import REPO_ROOT, ServerProcess, child_env, mlx_server_command
+from ipc import runtime
+from tests.integration.server import REPO_ROOT, ServerProcess, child_env, free_port, mlx_server_command
 from tests.integration.test_startup_errors import assert_one_line_error
 from tests.openai_schema import validate
 from tests.sse import sse_data
@@ -38,10 +40,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def processes_naming(text: str) -> list[psutil.Process]:
+    """Processes with `text` (a model path) in their command line or their runtime config (the
+    ranks' command line is only `python -m engine`)."""
     found = []
     for p in psutil.process_iter():
         try:
-            if text in " ".join(p.cmdline()):
+            if text in " ".join(p.cmdline()) or text in p.environ().get(runtime.CONFIG_ENV, ""):
                 found.append(p)
         except psutil.Error:
             pass
@@ -88,6 +92,25 @@ def test_engine_pre_check_refuses_a_model_that_cannot_split_that_way(tiny_model_
     assert_usage_error(result, "llama", "pipeline")
     assert "engine group" not in result.stderr  # no group was started
     assert not processes_naming(str(tiny_model_dir))
+
+
+def test_a_group_whose_ranks_cannot_load_exits_with_the_cause(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(tiny_qwen2_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")  # config.json passes every pre-check
+    done = subprocess.run(
+        mlx_server_command(str(broken), "--port", str(free_port()), "--distributed-ranks", "2"),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=FAST_EXIT_S * 2,
+    )
+    assert done.returncode == 1
+    assert "mlx-server: error: the engine group exited while starting" in done.stderr
+    assert "engine: failed to load model" in done.stderr  # a rank's own line, relayed by mlx.launch
+    assert not processes_naming(str(broken))
 
 
 # ---------------------------------------------------------------- one group of 2 ranks
