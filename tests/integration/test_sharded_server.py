@@ -1,6 +1,7 @@
-"""A sharded engine under mlx-server: its startup errors, and one group of 2 ranks on this machine
-(ring backend over 127.0.0.1) that serves like one process, heals a killed and a hung follower
-and leaves nothing behind on SIGTERM. One group start plus its two restarts: each loads the model."""
+"""A sharded engine under mlx-server: its startup errors, and groups of 2 ranks on this machine
+(ring backend over 127.0.0.1). A tensor group serves like one process, heals a killed and a
+hung follower and leaves nothing behind on SIGTERM; a pipeline group from a hostfile serves
+alike and dies with a SIGKILLed mlx-server. Group starts are few: each loads the model."""
 
 from __future__ import annotations
 
@@ -234,19 +235,25 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_
             server.kill()
 
 
-def test_pipeline_group_answers_alike_and_dies_with_a_killed_supervisor(
-    tiny_qwen2_dir: Path, server_logs: Path
+def test_pipeline_group_from_a_hostfile_answers_alike_and_dies_with_a_killed_supervisor(
+    tiny_qwen2_dir: Path, server_logs: Path, tmp_path: Path
 ) -> None:
     with ServerProcess(tiny_qwen2_dir, server_logs, workers=1) as single:
         expected = greedy(single.base_url)
+    hostfile = tmp_path / "hosts.json"  # both hosts are this machine: mlx.launch runs them without ssh
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
     server = ServerProcess(
-        tiny_qwen2_dir, server_logs, "--distributed-ranks", "2", "--distributed-mode", "pipeline", workers=1
+        tiny_qwen2_dir,
+        server_logs,
+        *("--distributed-hostfile", str(hostfile), "--distributed-mode", "pipeline"),
+        workers=1,
     ).wait_ready()
     everything = server.process_tree()
     try:
         assert greedy(server.base_url) == expected
         status = status_answer(server.base_url)
-        assert status is not None and status.json()["group"]["mode"] == "pipeline"
+        assert status is not None
+        assert (status.json()["group"]["mode"], status.json()["group"]["size"]) == ("pipeline", 2)
         launcher, ranks = group_processes(server)
         assert {launcher, *ranks} <= set(everything)
         server.proc.kill()  # no drain, no stop: the group must notice on its own
