@@ -18,12 +18,12 @@ from typing import Any, Protocol
 
 from engine.group import (
     FOLLOWER_STOP_GRACE_S,
-    GROUP_STEP_TIMEOUT_S,
     GROUP_SYNC_TIMEOUT_S,
     LEADER_SILENCE_LIMIT_S,
     Channel,
     Watchdog,
     settle,
+    step_timeout_s,
 )
 from ipc import codec
 from ipc.messages import GroupPoll, GroupStop, StepPlan
@@ -35,6 +35,8 @@ class Core(Protocol):
     """What a follower needs of engine.core.EngineCore."""
 
     def execute(self, plan: StepPlan) -> Any: ...
+
+    def pending_prompt_tokens(self) -> int: ...
 
     def remember_finished(self) -> None: ...
 
@@ -94,7 +96,8 @@ class Follower:
         log.info("follower stopped")
 
     def _on_plan(self, plan: StepPlan) -> None:
-        with self._watchdog.watch(GROUP_STEP_TIMEOUT_S, "an engine step"):
+        bound_s = step_timeout_s(plan, self._core.pending_prompt_tokens())
+        with self._watchdog.watch(bound_s, "an engine step"):
             self._core.execute(plan)
             # Rank 0 calls this once the step's deltas are out, before its next plan.
             self._core.remember_finished()
