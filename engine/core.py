@@ -108,6 +108,15 @@ class StepResult:
     costs: StepCosts
 
 
+# Where the Scheduler hands each plan before executing it: a sharded engine's
+# rank 0 sends it to the other ranks (engine.group.GroupLink.send_plan).
+PlanSink = Callable[[StepPlan], None]
+
+
+def _no_sink(plan: StepPlan) -> None:
+    """One engine process: nobody else executes the plans."""
+
+
 # Test-only seam (never reachable from settings or the wire): given a request,
 # an extra logits processor to run for it, e.g. one that raises.
 FaultInjector = Callable[[Generate], Callable[[Any, Any], Any] | None]
@@ -183,6 +192,9 @@ class EngineCore:
     @property
     def prefix_cache_bytes(self) -> int:
         return self._prefix_cache.nbytes
+
+    def pending_prompt_tokens(self) -> int:
+        return self.batch.pending_prompt_tokens()
 
     def uids(self, request_ids: list[str]) -> list[int]:
         return [self._by_id[r].uid for r in request_ids if r in self._by_id]
@@ -370,9 +382,11 @@ class Scheduler:
         config: SchedulerConfig,
         grammars: GrammarCompiler | None = None,
         fault_injector: FaultInjector | None = None,
+        plan_sink: PlanSink = _no_sink,
     ) -> None:
         self._config = config
         self.core = EngineCore(model, config, grammars, fault_injector)
+        self._plan_sink = plan_sink
         # Admission and chunk sizes of prefill, from measured costs.
         self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
         self._prefill = PrefillPolicy(config.prefill_step_size)
@@ -523,7 +537,10 @@ class Scheduler:
     def step(self) -> Outputs:
         """Plan a step, execute it, and return all deltas grouped by worker."""
         plan = self.plan()
-        return self.collect(self.core.execute(plan) if plan is not None else None)
+        if plan is None:
+            return self.collect(None)
+        self._plan_sink(plan)
+        return self.collect(self.core.execute(plan))
 
     def plan(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to execute.

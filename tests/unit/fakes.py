@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from frontend.engine_client import ClientDisconnected, EngineUnavailable
-from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
+from ipc.messages import EngineStatus, Generate, GroupStatus, ModelInfo, TokenDelta
 
 # ---------------------------------------------------------------- engine client
 
@@ -142,6 +142,7 @@ class FakeEngineClient:
     aborted: list[str] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
     status_queries: int = 0
+    group: GroupStatus | None = None  # a sharded engine's ranks, as rank 0 reports them
     _scripts: deque = field(default_factory=deque)
 
     @property
@@ -189,6 +190,7 @@ class FakeEngineClient:
             kv_budget_bytes=1 << 30,
             kv_reserved_bytes=3 << 20,
             kv_bytes_per_token=2048,
+            group=self.group,
         )
 
     def all_closed(self) -> bool:
