@@ -21,6 +21,7 @@ from deploy.hostfile import check_backend, read_hostfile
 from ipc import codec, runtime
 from ipc.messages import EngineStatus, StatusQuery
 from ipc.sockets import bind_router
+from tests.unit.defaults import DEFAULTS
 from tests.waiting import wait_until
 
 RING_2 = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac-b", "ips": ["10.0.0.2"]}]
@@ -40,9 +41,7 @@ def config(group: runtime.DistributedConfig | None, api_keys: tuple[str, ...] = 
         ipc_address="ipc:///tmp/none.sock",
         log_level="info",
         log_format="text",
-        engine=runtime.EngineConfig(
-            max_batch_size=4, prefill_batch_size=4, prefill_step_size=64, prompt_cache_bytes=0, max_queued_requests=8
-        ),
+        engine=DEFAULTS.engine_config(),
         web=runtime.WebConfig(
             default_max_tokens=16,
             request_timeout_s=60.0,
