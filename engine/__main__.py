@@ -30,6 +30,7 @@ from engine.constraints import GrammarCompiler  # noqa: E402
 from engine.core import Scheduler, SchedulerConfig  # noqa: E402
 from engine.loading import load_model  # noqa: E402
 from engine.proc import EngineLoop  # noqa: E402
+from engine.quantized_cache import KVQuantizationUnsupported  # noqa: E402
 from ipc import runtime  # noqa: E402
 from ipc.logging_setup import configure as configure_logging  # noqa: E402
 
@@ -68,16 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine: failed to load model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     info = loaded.info
-    scheduler = Scheduler(
-        loaded.model,
-        SchedulerConfig(
-            eos_token_ids=tuple(info.eos_token_ids),
-            vocab_size=info.vocab_size,
-            context_length=info.context_length,
-            **msgspec.structs.asdict(config.engine),
-        ),
-        grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
-    )
+    try:
+        scheduler = Scheduler(
+            loaded.model,
+            SchedulerConfig(
+                eos_token_ids=tuple(info.eos_token_ids),
+                vocab_size=info.vocab_size,
+                context_length=info.context_length,
+                **msgspec.structs.asdict(config.engine),
+            ),
+            grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
+        )
+    except KVQuantizationUnsupported as exc:
+        # A setting this model cannot take: one line and exit 2, as a bad setting gets.
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 2
     loop = EngineLoop(scheduler, info, config.ipc_address, restarts=args.restarts)
     loop.install_signal_handlers()
     freeze_startup_heap()

@@ -58,6 +58,9 @@ class SchedulerConfig:
     prompt_cache_bytes: int
     # Requests waiting for a batch slot (or in prefill) beyond this are refused.
     max_queued_requests: int
+    # None: full-precision KV cache; else its bits and quantization group size.
+    kv_bits: int | None
+    kv_group_size: int
 
 
 @dataclass
@@ -142,6 +145,8 @@ class EngineCore:
             max_rows=config.max_batch_size,
             prefill_rows=min(config.prefill_batch_size, config.max_batch_size),
             prefill_chunk=config.prefill_step_size,
+            kv_bits=config.kv_bits,
+            kv_group_size=config.kv_group_size,
         )
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
         self._prefix_cache = PrefixCache(
