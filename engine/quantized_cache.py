@@ -306,7 +306,8 @@ def check_kv_quantization(model: Any, bits: int, group_size: int) -> None:
     if any(size % group_size for size in head_sizes):
         raise KVQuantizationUnsupported(
             f"kv_group_size {group_size} does not divide this model's head size "
-            f"{'/'.join(map(str, head_sizes))}: use one that does ({', '.join(map(str, KV_GROUP_SIZES))})"
+            f"{'/'.join(map(str, head_sizes))}: pick one of {', '.join(map(str, KV_GROUP_SIZES))} that does, "
+            "or start it without kv_bits"
         )
     caches = [BatchQuantizedKVCache([0], group_size, bits) for _ in plain]
     try:
