@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,7 +156,8 @@ class SpeedRow:
     prefill_tok_s: float
 
 
-def decode_speed(model: Any, streams: int, bits: int | None, group: int, context: int, steps: int) -> SpeedRow:
+def _prefilled(model: Any, streams: int, bits: int | None, group: int, context: int, steps: int) -> tuple[Batch, float]:
+    """A batch of ``streams`` rows all decoding, and the prefill tokens/s it took to get there."""
     batch = new_batch(model, streams, bits, group)
     vocab = model.args.vocab_size
     for i in range(streams):
@@ -166,22 +168,30 @@ def decode_speed(model: Any, streams: int, bits: int | None, group: int, context
         if batch.rows().decoding == streams:
             break
         batch.step()
-    batch.step()  # one decode step of the full batch before timing
     prefill = batch.costs().since(start)
-    before = batch.costs()
-    tic = time.perf_counter()
-    for _ in range(steps):
-        batch.step()
+    batch.step()  # a first decode step of the whole batch (new shapes) before timing
     mx.synchronize()
-    wall = time.perf_counter() - tic
-    decode = batch.costs().since(before)
-    return SpeedRow(
-        streams,
-        bits,
-        streams * steps / wall,
-        1000 * decode.decode_s / max(decode.decode_steps, 1),
-        prefill.prompt_tokens / prefill.prompt_s if prefill.prompt_s else float("nan"),
-    )
+    return batch, prefill.prompt_tokens / prefill.prompt_s if prefill.prompt_s else float("nan")
+
+
+def decode_speeds(model: Any, streams: int, group: int, context: int, rounds: int) -> list[SpeedRow]:
+    """The three settings' batches prefilled, then timed one step each in turn, ``rounds``
+    times: a load that comes and goes on a shared machine hits them all alike."""
+    batches = {bits: _prefilled(model, streams, bits, group, context, rounds) for bits in SETTINGS}
+    times: dict[int | None, list[float]] = {bits: [] for bits in SETTINGS}
+    for _ in range(rounds):
+        for bits, (batch, _) in batches.items():
+            tic = time.perf_counter()
+            batch.step()
+            # step() returns with the next token's forward in flight: wait for it, so one
+            # timing is one whole decode forward of this batch.
+            mx.synchronize()
+            times[bits].append(time.perf_counter() - tic)
+    rows = []
+    for bits, (_, prefill_tok_s) in batches.items():
+        step_s = statistics.median(times[bits])
+        rows.append(SpeedRow(streams, bits, streams / step_s, 1000 * step_s, prefill_tok_s))
+    return rows
 
 
 # ---------------------------------------------------------------- quality
@@ -294,7 +304,7 @@ def render(
 
     out += [
         f"Decode on the generated `bench` model (float32, ~34M parameters), {args.context}-token prompts, "
-        f"{args.steps} timed decode steps after the prefill; settings run one right after the other per row:",
+        f"median of {args.rounds} decode steps per setting, the three settings' batches stepped in turn:",
         "",
     ]
     by = {(s.streams, s.bits): s for s in speed}
@@ -347,8 +357,8 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=_ints, default=[1, 8, 32, 64])
-    p.add_argument("--context", type=int, default=64, help="prompt tokens per stream before decode is timed")
-    p.add_argument("--steps", type=int, default=3, help="timed decode steps per streams count and setting")
+    p.add_argument("--context", type=int, default=32, help="prompt tokens per stream before decode is timed")
+    p.add_argument("--rounds", type=int, default=5, help="timed decode steps per streams count and setting (median)")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
     p.add_argument("--new-tokens", type=int, default=48, help="greedy answer length cap for the agreement")
     p.add_argument("--ppl-chunk", type=int, default=128, help="prefill chunk of the perplexity text")
@@ -377,9 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     speed = []
     for streams in args.streams:
-        for bits in SETTINGS:
-            speed.append(decode_speed(bench_model, streams, bits, args.group_size, args.context, args.steps))
-            log.info("decode %s", speed[-1])
+        speed += decode_speeds(bench_model, streams, args.group_size, args.context, args.rounds)
+        log.info("decode %s", speed[-3:])
 
     eos = sorted(int(t) for t in tokenizer.eos_token_ids)
     prompts = [
@@ -400,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             f"--streams {','.join(map(str, args.streams))}",
             f"--context {args.context}",
-            f"--steps {args.steps}",
+            f"--rounds {args.rounds}",
             f"--new-tokens {args.new_tokens}",
             *([f"--smollm2 {args.smollm2}"] if args.smollm2 else []),
             *([f"--out {args.out}"] if args.out else []),
