@@ -346,7 +346,7 @@ def render(
         "perplexity",
         "mean KL from full, nats",
     ]
-    out += [markdown_table(header, q_rows), SECTION_END.format(name=SECTION), ""]
+    out += [markdown_table(header, q_rows), "", SECTION_END.format(name=SECTION), ""]
     return "\n".join(out)
 
 

@@ -102,6 +102,18 @@ def test_quantized_attention_logits_stay_close_to_full_precision(model, kv_bits,
         assert bool(mx.all(agree | ~clear)) and bool(mx.any(clear))
 
 
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_one_row_gives_mlx_lms_single_sequence_quantized_logits(model, kv_bits):
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    prompt = [PROMPTS["r2"]]
+    layers = len(model.layers)
+    ours = logits(model, prompt, [BatchQuantizedKVCache([0], 64, kv_bits) for _ in range(layers)])
+    greedy = mx.argmax(ours, axis=-1)
+    theirs = logits(model, prompt, [QuantizedKVCache(64, kv_bits) for _ in range(layers)], greedy)
+    assert mx.array_equal(ours, theirs)
+
+
 def test_8_bit_greedy_tokens_match_full_precision(model):
     # Over the first tokens: a near tie later on may go either way (measured on
     # SmolLM2 in bench/kv_quant.py).
