@@ -14,8 +14,8 @@ Having ``bits`` makes mlx-lm's attention take its quantized path
 Rows are quantized from their first token: prefill chunks, the running
 batch and the prefix cache's entries all hold the quantized form, so the
 memory a row takes is known from its length alone, a long prompt never holds
-a full-precision copy while it prefills, and a prefix-cache hit continues
-exactly as a miss would. (mlx-lm's single-sequence generate instead quantizes
+a full-precision copy while it prefills, and a prefix-cache hit brings back
+the form a miss would build. (mlx-lm's single-sequence generate instead quantizes
 once a sequence passes ``quantized_kv_start`` tokens, which leaves short
 prompts unquantized and a long one's peak at full precision.) The price:
 prefill attention also runs on the quantized cache. ``RowQuantizedKVCache`` is
