@@ -35,6 +35,7 @@ MIGRATION_HINT = "see README, Migrating from 0.1"
 MIN_PORT, MAX_PORT = 1, 65535
 GIB = 1024**3
 IPC_SCHEMES = ("ipc://", "tcp://")
+KV_BITS, KV_GROUP_SIZES = runtime.KV_BITS, runtime.KV_GROUP_SIZES
 
 # What a directory must hold, as glob pattern -> how to name it when it is missing.
 MODEL_LAYOUT: dict[str, str] = {"config.json": "config.json", "*.safetensors": "*.safetensors file"}
@@ -166,6 +167,14 @@ class Settings(BaseSettings):
         ge=1,
         description="prompt tokens per prefill step (while streams decode: fewer, sized to about one decode step)",
     )
+    # KV cache quantization: 8 bits take about half the memory of a bf16 cache per token,
+    # 4 bits about a quarter, for more streams and longer contexts (quality: BENCHMARKS.md).
+    kv_bits: int | None = Field(
+        None, description="bits of the quantized KV cache: 8 or 4; none: full precision (the model's dtype)"
+    )
+    kv_group_size: int = Field(
+        64, description="elements per scale and bias of the quantized KV cache: 32, 64 or 128 (with kv_bits)"
+    )
     engine_startup_timeout_s: float = Field(
         600.0, gt=0, description="seconds the engine may take to load the model (big ones are slow)"
     )
@@ -253,6 +262,23 @@ class Settings(BaseSettings):
     def _auto_workers(cls, value: object) -> object:
         # null in a config file means "size it from this machine", as when it is not set at all.
         return default_workers() if value is None else value
+
+    @field_validator("kv_bits", mode="before")
+    @classmethod
+    def _kv_bits_or_none(cls, value: object) -> object:
+        # "none" spells full precision on a command line or in an environment variable.
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        if str(value).strip() not in {str(b) for b in KV_BITS}:
+            raise ValueError(f"kv_bits must be {', '.join(map(str, KV_BITS))} or none, got {value!r}")
+        return int(str(value).strip())
+
+    @field_validator("kv_group_size", mode="before")
+    @classmethod
+    def _known_kv_group_size(cls, value: object) -> object:
+        if str(value).strip() not in {str(g) for g in KV_GROUP_SIZES}:
+            raise ValueError(f"kv_group_size must be {', '.join(map(str, KV_GROUP_SIZES))}, got {value!r}")
+        return int(str(value).strip())
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -373,6 +399,8 @@ class Settings(BaseSettings):
             prompt_cache_bytes=self.prompt_cache_bytes,
             max_queued_requests=self.max_queued_requests,
             kv_cache_budget_bytes=self.kv_cache_budget_bytes,
+            kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size,
         )
 
     def runtime_config(
@@ -440,9 +468,13 @@ class _ModelFlag(argparse.Action):
 
 # Flag metavars by value type; others show their name (HOST, LOG_LEVEL, IPC_ADDRESS).
 METAVARS: dict[type, str] = {int: "N", float: "SECONDS", Path: "PATH", bool: "BOOL"}
+# Flags whose values are not a plain count.
+NAMED_METAVARS: dict[str, str] = {"kv_bits": "BITS"}
 
 
 def _metavar(name: str, field: FieldInfo) -> str:
+    if name in NAMED_METAVARS:
+        return NAMED_METAVARS[name]
     types = (field.annotation, *get_args(field.annotation))  # Path | None -> Path, NoneType
     return next((METAVARS[t] for t in types if t in METAVARS), name.upper())
 

@@ -48,6 +48,7 @@ from engine.group import (  # noqa: E402
 from engine.loading import LoadedModel, load_model  # noqa: E402
 from engine.proc import EngineLoop  # noqa: E402
 from engine.sharding import EXIT_CANNOT_SHARD, prepare, sharding_problem  # noqa: E402
+from engine.quantized_cache import KVQuantizationUnsupported  # noqa: E402
 from ipc import runtime  # noqa: E402
 from ipc.logging_setup import configure as configure_logging  # noqa: E402
 from ipc.messages import ModelInfo  # noqa: E402
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             _scheduler_config(config, info),
             grammars=GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids),
         )
+    except KVQuantizationUnsupported as exc:
+        # A setting this model cannot take: one line and exit 2, as a bad setting gets.
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # the KV budget: no memory left, or a model it cannot size
         print(f"engine: error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from engine.quantized_cache import check_kv_quantization, quantized_row_cache
+
 
 class BatchRows(NamedTuple):
     waiting: int  # inserted, not prefilling yet
@@ -47,7 +49,19 @@ class Batch:
         max_rows: int,
         prefill_rows: int,
         prefill_chunk: int,
+        *,
+        kv_bits: int | None,
+        kv_group_size: int,
     ) -> None:
+        # kv_bits: every row's cache is quantized from its first token (a row
+        # without a cached prefix gets a fresh quantized cache here, so
+        # BatchGenerator merges quantized rows only); None: mlx-lm's own
+        # full-precision caches, untouched.
+        if kv_bits is not None:
+            check_kv_quantization(model, kv_bits, kv_group_size)
+        self._row_cache: Callable[[], list[Any]] | None = (
+            None if kv_bits is None else lambda: quantized_row_cache(model, kv_bits, kv_group_size)
+        )
         self._new = lambda: BatchGenerator(
             model,
             stop_tokens=[[t] for t in eos_token_ids],
@@ -72,6 +86,8 @@ class Batch:
         stops: StopSequences,
     ) -> int:
         """Queue one prompt (``tokens`` still to prefill after ``cache``); its uid."""
+        if cache is None and self._row_cache is not None:
+            cache = self._row_cache()
         (uid,) = self._gen.insert(
             [tokens],
             max_tokens=[max_tokens],

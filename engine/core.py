@@ -27,7 +27,7 @@ from mlx_lm.generate import StopSequences
 from engine.batch_adapter import Batch, StepCosts
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.kv_budget import KvLedger
-from engine.kv_memory import DEFAULT_KV_GROUP_SIZE, model_bytes_per_token, resolve_budget
+from engine.kv_memory import model_bytes_per_token, resolve_budget
 from engine.prefill import PrefillPolicy
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RequestSampling, build_request_sampling
@@ -64,6 +64,9 @@ class SchedulerConfig:
     # KV memory of the batch and the prefix cache together; 0: derived from
     # the device's memory and the loaded model (engine.kv_memory.derive_budget).
     kv_cache_budget_bytes: int
+    # None: full-precision KV cache; else its bits and quantization group size.
+    kv_bits: int | None
+    kv_group_size: int
 
 
 @dataclass
@@ -162,12 +165,11 @@ class EngineCore:
             max_rows=config.max_batch_size,
             prefill_rows=min(config.prefill_batch_size, config.max_batch_size),
             prefill_chunk=config.prefill_step_size,
+            kv_bits=config.kv_bits,
+            kv_group_size=config.kv_group_size,
         )
         self._default_stops = StopSequences([[t] for t in config.eos_token_ids])
-        # The kv_bits settings arrive with the quantized batch cache; until then full precision.
-        bytes_per_token = model_bytes_per_token(
-            model, getattr(config, "kv_bits", None), getattr(config, "kv_group_size", DEFAULT_KV_GROUP_SIZE)
-        )
+        bytes_per_token = model_bytes_per_token(model, config.kv_bits, config.kv_group_size)
         self.kv = KvLedger(bytes_per_token, resolve_budget(config.kv_cache_budget_bytes, bytes_per_token))
         self._prefix_cache = PrefixCache(
             max(config.prompt_cache_bytes, 0), PREFIX_CACHE_MAX_ENTRIES, bytes_per_token, MIN_PREFIX_REUSE_TOKENS

@@ -18,6 +18,11 @@ from ipc.logging_setup import LogFormat, LogLevel
 # The only MLX_SERVER_* variable that is not a setting and that the product itself sets.
 CONFIG_ENV = "MLX_SERVER_RUNTIME_CONFIG"
 
+# What the engine's quantized KV cache supports (EngineConfig.kv_bits, kv_group_size):
+# mx.quantize's bit widths and group sizes that mlx's quantized attention serves.
+KV_BITS = (8, 4)
+KV_GROUP_SIZES = (32, 64, 128)
+
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The engine's limits (engine.core.SchedulerConfig takes them by these names)."""
@@ -28,6 +33,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     prompt_cache_bytes: int
     max_queued_requests: int
     kv_cache_budget_bytes: int  # 0: derived by the engine from its device and model
+    kv_bits: int | None  # None: full-precision KV cache
+    kv_group_size: int
 
 
 class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

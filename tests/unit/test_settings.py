@@ -517,3 +517,38 @@ def test_head_and_layer_counts_must_fit_the_ranks(tmp_path: Path) -> None:
     assert load([str(model), "--distributed-ranks", "2", "--distributed-mode", "pipeline"]).distributed()
     pipeline = error_of([str(model), "--distributed-ranks", "3", "--distributed-mode", "pipeline"])
     assert pipeline == f"pipeline mode over 3 ranks needs at least 3 layers; {model} has 2"
+
+
+def test_kv_bits_full_precision_by_default_and_from_each_layer(tmp_path: Path, model: Path) -> None:
+    engine = load([str(model)]).runtime_config("ipc:///x").engine
+    assert (engine.kv_bits, engine.kv_group_size) == (None, 64)
+    assert load([str(model), "--kv-bits", "8"]).kv_bits == 8
+    from_env = load([str(model)], {"MLX_SERVER_KV_BITS": "4", "MLX_SERVER_KV_GROUP_SIZE": "32"}).engine_config()
+    assert (from_env.kv_bits, from_env.kv_group_size) == (4, 32)
+    config = write_config(tmp_path, {"kv_bits": 8, "kv_group_size": 128})
+    from_file = load([str(model), "--config", str(config)])
+    assert (from_file.kv_bits, from_file.kv_group_size) == (8, 128)
+    # "none" spells full precision, and overrides a file's bits.
+    assert load([str(model), "--config", str(config), "--kv-bits", "none"]).kv_bits is None
+    assert load([str(model), "--config", str(config)], {"MLX_SERVER_KV_BITS": "None"}).kv_bits is None
+    assert load([str(model), "--config", str(write_config(tmp_path, {"kv_bits": None}, "n.json"))]).kv_bits is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kv-bits", "16"], "kv_bits: kv_bits must be 8, 4 or none, got '16' (from --kv-bits)"),
+        (["--kv-bits", "eight"], "kv_bits: kv_bits must be 8, 4 or none, got 'eight' (from --kv-bits)"),
+        (
+            ["--kv-group-size", "48"],
+            "kv_group_size: kv_group_size must be 32, 64, 128, got '48' (from --kv-group-size)",
+        ),
+    ],
+)
+def test_bad_kv_quantization_values_are_one_line(model: Path, argv: list[str], message: str) -> None:
+    assert error_of([str(model), *argv]) == message
+
+
+def test_kv_bits_help_shows_its_values() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--kv-bits BITS bits of the quantized KV cache: 8 or 4; none: full precision" in help_text
