@@ -47,8 +47,8 @@ from engine.group import (  # noqa: E402
 )
 from engine.loading import LoadedModel, load_model  # noqa: E402
 from engine.proc import EngineLoop  # noqa: E402
-from engine.sharding import EXIT_CANNOT_SHARD, prepare, sharding_problem  # noqa: E402
 from engine.quantized_cache import KVQuantizationUnsupported  # noqa: E402
+from engine.sharding import EXIT_CANNOT_SHARD, prepare, sharding_problem  # noqa: E402
 from ipc import runtime  # noqa: E402
 from ipc.logging_setup import configure as configure_logging  # noqa: E402
 from ipc.messages import ModelInfo  # noqa: E402
