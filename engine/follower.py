@@ -51,6 +51,8 @@ class Follower:
         self._stopped = False
         self._parent_pid = os.getppid()
         self._term_at: float | None = None
+        # How long rank 0 may stay silent before its next message.
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         self.steps = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             StepPlan: self._on_plan,
@@ -89,7 +91,7 @@ class Follower:
         log.info("following rank 0 (pid %d)", os.getpid())
         while not self._stopped:
             settle(self._channel, self._watchdog)
-            with self._watchdog.watch(LEADER_SILENCE_LIMIT_S, "waiting for rank 0"):
+            with self._watchdog.watch(self._wait_s, "waiting for rank 0"):
                 data = self._channel.broadcast(None)
             message = codec.decode_group_message(data)
             self._handlers[type(message)](message)
@@ -102,8 +104,13 @@ class Follower:
             # Rank 0 calls this once the step's deltas are out, before its next plan.
             self._core.remember_finished()
         self.steps += 1
+        # Ranks are not in lockstep through a prefill in pipeline mode: a stage
+        # is done with its layers when it has sent their output on, and rank 0
+        # (the last stage) may still have the rest of the step to run.
+        self._wait_s = bound_s + LEADER_SILENCE_LIMIT_S
 
     def _on_poll(self, _: GroupPoll) -> None:
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "reporting memory to rank 0"):
             self._channel.gather_ints(list(self._core.memory()))
 
