@@ -36,7 +36,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStatus, GroupStop, RankStatus, StepPlan
+from ipc.messages import GroupIdle, GroupPoll, GroupStatus, GroupStop, RankStatus, StepPlan
 from ipc.runtime import DistributedBackend, DistributedConfig, DistributedMode
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ LEADER_SILENCE_LIMIT_S = GROUP_SYNC_TIMEOUT_S
 # A follower asked to stop (SIGTERM) waits this long for rank 0's GroupStop,
 # which the same signal to the whole group brings, before it leaves alone.
 FOLLOWER_STOP_GRACE_S = GROUP_SYNC_TIMEOUT_S
+# mlx's collectives spin while they wait, so a follower waiting for rank 0
+# burns two cores. While idle, rank 0 sends GroupIdle every tick and the
+# others sleep most of it, entering the next collective shortly before it.
+# New work waits at most a tick for them.
+GROUP_IDLE_TICK_S = 0.025
+FOLLOWER_IDLE_SLEEP_S = 0.022
 # How often the watchdog thread looks at its deadline and checks.
 WATCHDOG_INTERVAL_S = 0.25
 # A broadcast is one all_sum of this many bytes when the message fits (a
@@ -277,11 +283,18 @@ class GroupLink:
         self._backend = backend
         self._hosts = hosts
         self.status = GroupStatus(mode=mode, backend=backend, ranks=[])
+        self._last_sent = time.monotonic()
 
-    def _send(self, message: StepPlan | GroupPoll | GroupStop, what: str) -> None:
+    def _send(self, message: StepPlan | GroupPoll | GroupIdle | GroupStop, what: str) -> None:
         settle(self._channel, self._watchdog)
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, what):
             self._channel.broadcast(codec.encode(message))
+        self._last_sent = time.monotonic()
+
+    def idle(self) -> None:
+        """Rank 0 has no work: let the others sleep (at most once a tick)."""
+        if time.monotonic() - self._last_sent >= GROUP_IDLE_TICK_S:
+            self._send(GroupIdle(), "an idle tick")
 
     def send_plan(self, plan: StepPlan) -> None:
         """The Scheduler's plan sink: every rank executes the plan rank 0 is about to,
