@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 # asynchronously, its collectives included), then meets the others on a
 # plan or poll broadcast. The ranks execute the same steps in lockstep
 # (tensor mode all-reduces in every layer, pipeline mode passes
-# activations), so a settled rank that waits longer than this on a
-# broadcast or a poll is waiting for a rank that hangs.
+# activations; engine.follower allows for a pipeline's prefill), so a
+# settled rank that waits longer than this on a broadcast or a poll is
+# waiting for a rank that hangs.
 GROUP_SYNC_TIMEOUT_S = 10.0
 # One engine step (a decode step plus at most one prefill chunk) inside the
 # group's collectives, until it has settled. Generous: the first steps of a
@@ -58,7 +59,8 @@ GROUP_STEP_TIMEOUT_S = 60.0
 # long prefill is never taken for a hang, while decode steps keep the tight bound.
 GROUP_STEP_S_PER_PROMPT_TOKEN = 0.02
 # A follower hears from rank 0 at least every housekeeping poll (about a
-# second) while rank 0 lives; silence this long means rank 0 hangs.
+# second; every idle tick while idle) while rank 0 lives: silence this long
+# means rank 0 hangs.
 LEADER_SILENCE_LIMIT_S = GROUP_SYNC_TIMEOUT_S
 # A follower asked to stop (SIGTERM) waits this long for rank 0's GroupStop,
 # which the same signal to the whole group brings, before it leaves alone.
