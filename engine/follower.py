@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from engine.group import (
+    FOLLOWER_IDLE_SLEEP_S,
     FOLLOWER_STOP_GRACE_S,
     GROUP_SYNC_TIMEOUT_S,
     LEADER_SILENCE_LIMIT_S,
@@ -26,7 +27,7 @@ from engine.group import (
     step_timeout_s,
 )
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStop, StepPlan
+from ipc.messages import GroupIdle, GroupPoll, GroupStop, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,23 @@ class Core(Protocol):
 
 
 class Follower:
-    def __init__(self, core: Core, channel: Channel, watchdog: Watchdog) -> None:
+    def __init__(
+        self, core: Core, channel: Channel, watchdog: Watchdog, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self._core = core
+        self._sleep = sleep
         self._channel = channel
         self._watchdog = watchdog
         self._stopped = False
         self._parent_pid = os.getppid()
         self._term_at: float | None = None
+        # How long rank 0 may stay silent before its next message.
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         self.steps = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             StepPlan: self._on_plan,
             GroupPoll: self._on_poll,
+            GroupIdle: self._on_idle,
             GroupStop: self._on_stop,
         }
         watchdog.add_check(self._stop_overdue)
@@ -89,7 +96,7 @@ class Follower:
         log.info("following rank 0 (pid %d)", os.getpid())
         while not self._stopped:
             settle(self._channel, self._watchdog)
-            with self._watchdog.watch(LEADER_SILENCE_LIMIT_S, "waiting for rank 0"):
+            with self._watchdog.watch(self._wait_s, "waiting for rank 0"):
                 data = self._channel.broadcast(None)
             message = codec.decode_group_message(data)
             self._handlers[type(message)](message)
@@ -102,10 +109,20 @@ class Follower:
             # Rank 0 calls this once the step's deltas are out, before its next plan.
             self._core.remember_finished()
         self.steps += 1
+        # Ranks are not in lockstep through a prefill in pipeline mode: a stage
+        # is done with its layers when it has sent their output on, and rank 0
+        # (the last stage) may still have the rest of the step to run.
+        self._wait_s = bound_s + LEADER_SILENCE_LIMIT_S
 
     def _on_poll(self, _: GroupPoll) -> None:
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "reporting memory to rank 0"):
             self._channel.gather_ints(list(self._core.memory()))
+
+    def _on_idle(self, _: GroupIdle) -> None:
+        # Rank 0's next message is about a tick away: sleep instead of spinning in the collective.
+        self._wait_s = LEADER_SILENCE_LIMIT_S
+        self._sleep(FOLLOWER_IDLE_SLEEP_S)
 
     def _on_stop(self, _: GroupStop) -> None:
         self._stopped = True
