@@ -4,6 +4,7 @@ of real processes (a stand-in launcher, no mlx) killed and stopped as a whole.""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import sys
@@ -252,3 +253,23 @@ def test_rank_zero_silence_is_measured_from_its_last_answer(tmp_path: Path) -> N
         watch.close()
         rank_zero.close()
         ctx.term()
+
+
+def test_the_launcher_waits_on_its_ranks_output_only() -> None:
+    """mlx.launch's per-rank threads select on the rank's stdin pipe, which is always
+    writable: unpatched they spin a core. group_launch gives them no write set."""
+    from mlx._distributed_utils import launch
+
+    from deploy import group_launch
+
+    read_end, write_end = os.pipe()
+    try:
+        group_launch._calm_launcher()
+        assert launch.select is group_launch._select_without_writes  # type: ignore[attr-defined]
+        readable, writable, _ = launch.select([read_end], [write_end], [], 0.05)  # type: ignore[attr-defined]
+        assert (readable, writable) == ([], [])
+        os.write(write_end, b"x")
+        assert launch.select([read_end], [write_end], [], 0.05)[0] == [read_end]  # type: ignore[attr-defined]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
