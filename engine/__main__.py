@@ -13,6 +13,7 @@ step plans to the others (engine.group), which follow them (engine.follower).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import logging
@@ -45,6 +46,7 @@ from engine.group import (  # noqa: E402
     gather_host_names,
     join_group,
 )
+from engine.kv_memory import rank_budget  # noqa: E402
 from engine.loading import LoadedModel, load_model  # noqa: E402
 from engine.proc import EngineLoop  # noqa: E402
 from engine.quantized_cache import KVQuantizationUnsupported  # noqa: E402
@@ -161,6 +163,13 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
         log.error("engine group failed at start: %s", exc)
         return EXIT_GROUP_FAILED
     sched_config = _scheduler_config(config, info)
+    if sched_config.kv_cache_budget_bytes <= 0:
+        try:
+            budget = agree_on_kv_budget(channel, hosts, loaded.model, dist.mode)
+        except GroupError as exc:
+            log.error("engine group failed at start: %s", exc)
+            return EXIT_GROUP_FAILED
+        sched_config = dataclasses.replace(sched_config, kv_cache_budget_bytes=budget)
     grammars = GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids)
     if rank != 0:
         return _follow(EngineCore(loaded.model, sched_config, grammars), channel, watchdog)
@@ -169,6 +178,16 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
     loop = EngineLoop(scheduler, info, config.ipc_address, restarts=restarts, group=link)
     log.info("engine group of %d ranks (%s, %s backend) on %s", dist.ranks, dist.mode, dist.backend, ", ".join(hosts))
     return _lead(loop, link)
+
+
+def agree_on_kv_budget(channel: CollectiveChannel, hosts: list[str], model: Any, mode: str) -> int:
+    """One derived KV budget for the whole group: every rank admits and evicts by the same
+    figure (decisions that differ would split the ranks), the smallest rank's room."""
+    own = rank_budget(model, mode, channel.size, hosts.count(hosts[channel.rank]))
+    budget = min(values[0] for values in channel.gather_ints([own]))
+    if budget <= 0:
+        raise GroupError("no memory is left for the KV cache on some rank: set kv_cache_budget_bytes")
+    return budget
 
 
 def _lead(loop: EngineLoop, link: GroupLink) -> int:

@@ -162,3 +162,21 @@ def resolve_budget(setting_bytes: int, bytes_per_token: int) -> int:
         "KV cache: %d bytes per token, the budget holds %d tokens", bytes_per_token, budget // max(bytes_per_token, 1)
     )
     return budget
+
+
+def local_kv_share(model: Any, mode: str, ranks: int) -> float:
+    """The part of the whole model's KV cache this rank of a sharded engine holds:
+    its heads' share in tensor mode, its layers' share in pipeline mode."""
+    if mode == "tensor":
+        return 1 / ranks
+    inner = model.model
+    return len(inner.pipeline_layers) / kv_shape(model).layers
+
+
+def rank_budget(model: Any, mode: str, ranks: int, ranks_on_this_host: int) -> int:
+    """This rank's derived KV budget in whole-model bytes (what the group could hold if every
+    rank had this one's room). Ranks that share a host share its memory."""
+    derived = derive_budget()
+    room = derived.budget_bytes / ranks_on_this_host
+    log.info("this rank's KV room: %s of %s", size(int(room)), derived.describe())
+    return int(room / local_kv_share(model, mode, ranks))
