@@ -439,6 +439,11 @@ class Scheduler:
     def kv_bytes_per_token(self) -> int:
         return self.core.kv.bytes_per_token
 
+    @property
+    def kv_quantization(self) -> tuple[int | None, int]:
+        """(bits, group size) of the KV cache; bits None: full precision."""
+        return self._config.kv_bits, self._config.kv_group_size
+
     def memory(self) -> tuple[int, int]:
         return self.core.memory()
 

@@ -230,6 +230,8 @@ class EngineLoop:
                 kv_budget_bytes=s.kv_budget_bytes,
                 kv_reserved_bytes=s.kv_reserved_bytes,
                 kv_bytes_per_token=s.kv_bytes_per_token,
+                kv_bits=s.kv_quantization[0],
+                kv_group_size=s.kv_quantization[1],
                 group=None if self._group is None else self._group.status,
             ),
         )

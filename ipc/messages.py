@@ -30,7 +30,7 @@ import msgspec
 # 5: EngineStatus.group (a sharded engine's ranks); GroupPoll, GroupIdle and
 #    GroupStop (rank 0 to the other ranks).
 # 6: finish_reason "too_large"; EngineStatus.kv_budget_bytes, .kv_reserved_bytes,
-#    .kv_bytes_per_token (with defaults).
+#    .kv_bytes_per_token, .kv_bits, .kv_group_size (with defaults).
 PROTOCOL_VERSION = 6
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
@@ -215,6 +215,9 @@ class EngineStatus(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     kv_budget_bytes: int = 0
     kv_reserved_bytes: int = 0
     kv_bytes_per_token: int = 0
+    # The quantized KV cache's bits (None: full precision) and group size.
+    kv_bits: int | None = None
+    kv_group_size: int = 0
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True, gc=False):

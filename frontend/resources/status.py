@@ -51,6 +51,8 @@ class StatusKvCache(Shape):
     reserved_bytes: int  # by the requests in the batch: prompt + max_tokens each
     prefix_cache_bytes: int  # the prefix cache's share (it yields to new requests)
     bytes_per_token: int
+    bits: int | None  # of the quantized cache (kv_bits); null: full precision
+    group_size: int | None  # its quantization group (kv_group_size); null: full precision
 
 
 class StatusMemory(Shape):
@@ -148,6 +150,8 @@ def status_body(ctx: AppContext, status: EngineStatus) -> Status:
             reserved_bytes=status.kv_reserved_bytes,
             prefix_cache_bytes=status.prompt_cache_bytes,
             bytes_per_token=status.kv_bytes_per_token,
+            bits=status.kv_bits,
+            group_size=None if status.kv_bits is None else status.kv_group_size,
         ),
         memory=StatusMemory(active_bytes=status.active_memory_bytes, peak_bytes=status.peak_memory_bytes),
         group=group_body(status.group),

@@ -21,6 +21,7 @@ def test_kv_bits_8_serves_a_chat_completion_and_the_status(slow_model_dir, serve
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
         status = httpx.get(f"{server.base_url}/v1/mlx/status", timeout=10)
         assert status.status_code == 200 and status.json()["engine"]["running_requests"] == 0
+        assert (status.json()["kv_cache"]["bits"], status.json()["kv_cache"]["group_size"]) == (8, 64)
 
 
 def test_a_head_size_the_group_size_does_not_divide_stops_the_start(tiny_model_dir, server_logs):

@@ -190,6 +190,8 @@ class FakeEngineClient:
             kv_budget_bytes=1 << 30,
             kv_reserved_bytes=3 << 20,
             kv_bytes_per_token=2048,
+            kv_bits=8,
+            kv_group_size=64,
             group=self.group,
         )
 

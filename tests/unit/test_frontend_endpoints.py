@@ -64,6 +64,8 @@ def test_status(client, engine):
         "reserved_bytes": 3 << 20,
         "prefix_cache_bytes": 4096,
         "bytes_per_token": 2048,
+        "bits": 8,
+        "group_size": 64,
     }
     assert body["frontend"]["pid"] > 0
     assert body["group"] is None  # one engine process
