@@ -20,6 +20,13 @@ class BatchRows(NamedTuple):
     decoding: int
 
 
+class PromptWork(NamedTuple):
+    """Prompt tokens still to prefill (the last one included, which the first decode step feeds)."""
+
+    prefilling: int  # all rows in the prefill batch together
+    waiting: list[int]  # per inserted row not prefilling yet, in admission order
+
+
 class StepCosts(NamedTuple):
     """BatchGenerator's own timers over some steps (decode and prefill forwards)."""
 
@@ -96,6 +103,15 @@ class Batch:
         for stage, _ in gen._find_uids(uids).values() if uids else ():
             counts[stage] -= 1
         return BatchRows(*counts)
+
+    def prompt_work(self) -> PromptWork:
+        """What prefill is left: the rows in the prefill batch (their progress)
+        and the inserted rows waiting for it (their prompt segments)."""
+        gen = self._gen
+        # _currently_processing: [segments, tokens done, tokens in all]; _unprocessed_sequences: (uid, segments, ...).
+        prefilling = sum(total - done for _, done, total in gen._currently_processing)
+        waiting = [sum(len(s) for s in seq[1]) for seq in gen._unprocessed_sequences]
+        return PromptWork(prefilling, waiting)
 
     def set_prefill(self, rows: int, chunk: int) -> None:
         """Prefill admission and chunk size of the next steps: BatchGenerator
