@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32768)
     p.add_argument("--streams", type=int, default=8, help="streams decoding while the long prompt prefills (0: none)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--prefill-step-size", type=int, default=2048, help="ours' --prefill-step-size")
+    p.add_argument("--prefill-step-size", type=int, default=512, help="ours' --prefill-step-size (512: its default)")
     p.add_argument("--cache-dir", default="~/.cache/mlx-server-bench")
     p.add_argument("--out", default="", help="Markdown file whose long-prompt section to replace ('': print only)")
     p.add_argument("--json", default="", help="also write the measurements here")
