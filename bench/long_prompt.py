@@ -8,6 +8,8 @@
    prompt tokens / time to the first token.
 2. ours alone: the same-length prompt (other ids: no prefix-cache hit) as token
    ids to /v1/completions with max_tokens 1; the request's whole time counts.
+   Raw and ours take turns within each repeat, so both meet the same phase of
+   whatever else the machine runs.
 3. ours with ``--streams`` streams decoding: their inter-token gaps over a quiet
    window, then while the long prompt prefills (p50, p95, max), and the long
    prompt's prefill tokens/s meanwhile. Chunked prefill keeps them flowing.
@@ -67,35 +69,40 @@ def resolve_model(name: str, cache_dir: Path) -> Path:
 # ---------------------------------------------------------------- raw mlx-lm
 
 
-def raw_prefill(model_dir: Path, n: int, repeats: int, step: int) -> dict[str, float]:
-    """Prefill tokens/s of mlx-lm's stream_generate (its default prefill step) and of
-    a one-row BatchGenerator at ``step`` tokens per chunk; the median of ``repeats``."""
-    from mlx_lm import load
-    from mlx_lm.generate import BatchGenerator, stream_generate
+class RawPrefill:
+    """mlx-lm on the model in this process: ``stream_generate`` (its default prefill step)
+    and a one-row ``BatchGenerator`` at ``step`` tokens per chunk."""
 
-    model, tokenizer = load(str(model_dir))
-    vocab = model.args.vocab_size
-    # A GPU compiles kernels for each new shape on first use: not part of any timing.
-    warm = prompt_ids(min(n, 2 * step), 999, vocab)
-    for _ in stream_generate(model, tokenizer, warm, max_tokens=1):
-        break
-    sg, bg = [], []
-    for k in range(repeats):
-        ids = prompt_ids(n, 1000 + k, vocab)
+    def __init__(self, model_dir: Path, n: int, step: int) -> None:
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(model_dir))
+        self.vocab = self.model.args.vocab_size
+        self.n, self.step = n, step
+        # A GPU compiles kernels for each new shape on first use: not part of any timing.
+        self.stream_generate(prompt_ids(min(n, 2 * step), 999, self.vocab))
+
+    def stream_generate(self, ids: list[int]) -> float:
+        """Prefill tokens/s of one prompt."""
+        from mlx_lm.generate import stream_generate
+
         start = time.perf_counter()
-        for _ in stream_generate(model, tokenizer, ids, max_tokens=1):
+        for _ in stream_generate(self.model, self.tokenizer, ids, max_tokens=1):
             break
-        sg.append(n / (time.perf_counter() - start))
-        gen = BatchGenerator(model, completion_batch_size=1, prefill_batch_size=1, prefill_step_size=step)
+        return len(ids) / (time.perf_counter() - start)
+
+    def batch_generator(self, ids: list[int]) -> float:
+        from mlx_lm.generate import BatchGenerator
+
+        gen = BatchGenerator(self.model, completion_batch_size=1, prefill_batch_size=1, prefill_step_size=self.step)
         try:
             start = time.perf_counter()
-            gen.insert([prompt_ids(n, 2000 + k, vocab)], max_tokens=[1])
+            gen.insert([ids], max_tokens=[1])
             while not gen.next_generated():
                 pass
-            bg.append(n / (time.perf_counter() - start))
+            return len(ids) / (time.perf_counter() - start)
         finally:
             gen.close()
-    return {"stream_generate": statistics.median(sg), "batch_generator": statistics.median(bg)}
 
 
 # ---------------------------------------------------------------- ours
@@ -169,24 +176,29 @@ def with_streams(base: str, n: int, seed: int, vocab: int, streams: int, no_eos:
     }
 
 
-def ours(model_dir: Path, n: int, repeats: int, streams: int, step: int, work: Path) -> dict[str, Any]:
+def measure(model_dir: Path, n: int, repeats: int, streams: int, step: int, work: Path) -> dict[str, Any]:
+    """Raw and ours, one after the other within each repeat (the same phase of
+    whatever else the machine runs), then ours with streams decoding."""
     config = json.loads((model_dir / "config.json").read_text())
     vocab = config["vocab_size"]
     eos = config["eos_token_id"]
     no_eos = {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
+    raw = RawPrefill(model_dir, n, step)
+    runs: dict[str, list[float]] = {"stream_generate": [], "batch_generator": [], "alone": []}
     server = ServerProcess(model_dir, work, "--prefill-step-size", str(step), workers=1)
     with server:
         complete(server.base_url, prompt_ids(min(n, 2 * step), 7, vocab))  # warm-up (a GPU's kernel compiles)
-        alone = [n / complete(server.base_url, prompt_ids(n, 3000 + k, vocab)) for k in range(repeats)]
-        busy = (
-            [with_streams(server.base_url, n, 4000 + k, vocab, streams, no_eos) for k in range(repeats)]
-            if streams
-            else []
-        )
-    out: dict[str, Any] = {"alone": statistics.median(alone), "alone_runs": alone}
+        for k in range(repeats):  # new ids for every run: no prefix cache helps
+            runs["stream_generate"].append(raw.stream_generate(prompt_ids(n, 1000 + k, vocab)))
+            runs["batch_generator"].append(raw.batch_generator(prompt_ids(n, 2000 + k, vocab)))
+            runs["alone"].append(n / complete(server.base_url, prompt_ids(n, 3000 + k, vocab)))
+        busy = [
+            with_streams(server.base_url, n, 4000 + k, vocab, streams, no_eos) for k in range(repeats if streams else 0)
+        ]
+    out: dict[str, Any] = {name: statistics.median(values) for name, values in runs.items()}
+    out["runs"] = runs
     if busy:
-        mid = sorted(busy, key=lambda b: b["prefill_tok_s"])[len(busy) // 2]
-        out["with_streams"] = mid
+        out["with_streams"] = sorted(busy, key=lambda b: b["prefill_tok_s"])[len(busy) // 2]
         out["with_streams_runs"] = busy
     return out
 
@@ -194,12 +206,12 @@ def ours(model_dir: Path, n: int, repeats: int, streams: int, step: int, work: P
 # ---------------------------------------------------------------- report
 
 
-def render(info: dict, args: argparse.Namespace, raw: dict, measured: dict, command: str) -> str:
-    base = raw["stream_generate"]
+def render(info: dict, args: argparse.Namespace, measured: dict, command: str) -> str:
+    base = measured["stream_generate"]
     rows = [
         ["raw: mlx-lm `stream_generate` (prefill step 2,048)", f"{base:,.0f}", "1.00", ""],
         [f"raw: `BatchGenerator`, one row, prefill step {args.prefill_step_size}",
-         f"{raw['batch_generator']:,.0f}", f"{raw['batch_generator'] / base:.2f}", ""],
+         f"{measured['batch_generator']:,.0f}", f"{measured['batch_generator'] / base:.2f}", ""],
         ["ours alone (HTTP, /v1/completions, max_tokens 1)", f"{measured['alone']:,.0f}",
          f"**{measured['alone'] / base:.2f}**", ""],
     ]  # fmt: skip
@@ -243,20 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.prompt_tokens, args.repeats, args.prefill_step_size) < 1 or args.streams < 0:
         p.error("--prompt-tokens, --repeats and --prefill-step-size must be >= 1, --streams >= 0")
     model_dir = resolve_model(args.model, Path(args.cache_dir).expanduser())
-    raw = raw_prefill(model_dir, args.prompt_tokens, args.repeats, args.prefill_step_size)
     with tempfile.TemporaryDirectory(prefix="mlx-long-prompt-") as work:
-        measured = ours(model_dir, args.prompt_tokens, args.repeats, args.streams, args.prefill_step_size, Path(work))
-    result = {"raw": raw, "ours": measured}
-    print(json.dumps(result, indent=2))
+        measured = measure(
+            model_dir, args.prompt_tokens, args.repeats, args.streams, args.prefill_step_size, Path(work)
+        )
+    print(json.dumps(measured, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
     if args.out:
         command = (
             f"python -m bench.long_prompt --model {args.model} --prompt-tokens {args.prompt_tokens} "
             f"--streams {args.streams} --repeats {args.repeats} --prefill-step-size {args.prefill_step_size} "
             f"--section {args.section} --out {args.out}"
         )
-        write_section(Path(args.out), args.section, render(machine_info(), args, raw, measured, command))
+        write_section(Path(args.out), args.section, render(machine_info(), args, measured, command))
     return 0
 
 

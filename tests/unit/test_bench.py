@@ -611,8 +611,8 @@ def test_long_prompt_section_compares_with_stream_generate() -> None:
         "A", ["model", "prompt_tokens", "repeats", "streams", "prefill_step_size", "section"]
     )("tiny", 32768, 2, 8, 512, "long-prompt")
     busy = {"prefill_tok_s": 300.0, "idle_ms": [5.0, 9.0, 20.0], "during_ms": [6.0, 12.0, 30.0], "tokens_during": 99}
-    text = render({"CPU": "x"}, args, {"stream_generate": 1000.0, "batch_generator": 950.0},
-                  {"alone": 960.0, "with_streams": busy}, "python -m bench.long_prompt")  # fmt: skip
+    measured = {"stream_generate": 1000.0, "batch_generator": 950.0, "alone": 960.0, "with_streams": busy}
+    text = render({"CPU": "x"}, args, measured, "python -m bench.long_prompt")
     assert text.startswith(report.SECTION_BEGIN.format(name="long-prompt"))
     assert "| ours alone (HTTP, /v1/completions, max_tokens 1) | 960 | **0.96** |" in text
     assert "| 0.95 |" in text and "during the prefill 6.0 / 12.0 / 30.0 ms (99 tokens)" in text
