@@ -9,7 +9,8 @@
 #    sections gpu-burst-llama-3.2-1b-bf16 / -4bit of BENCHMARKS.md.
 # 2. A 32k-token prompt on the bf16 model: ours' prefill tokens/s vs mlx-lm's own
 #    (stream_generate) and one-row BatchGenerator, alone and with 8 streams decoding,
-#    section gpu-long-prompt.
+#    section gpu-long-prompt; then alone with ours' prefill step at mlx-lm's 2,048,
+#    section gpu-long-prompt-2048.
 #
 # OUT_DIR gets the --json dumps, the server logs and a copy of BENCHMARKS.md.
 # GPU_SHAPE=tiny runs the same path with a tiny model (a CPU check of the script).
@@ -32,5 +33,9 @@ for variant in bf16 4bit; do
 done
 python3 -m bench.long_prompt --model "$models/$shape-bf16" --prompt-tokens "$long_tokens" --streams 8 \
   --repeats 2 --section gpu-long-prompt --out BENCHMARKS.md --json "$out/gpu-long-prompt.json" || rc=$?
+# Ours at mlx-lm's own prefill step too: whether the 512-token default costs prefill speed.
+python3 -m bench.long_prompt --model "$models/$shape-bf16" --prompt-tokens "$long_tokens" --streams 0 \
+  --repeats 2 --prefill-step-size 2048 --section gpu-long-prompt-2048 --out BENCHMARKS.md \
+  --json "$out/gpu-long-prompt-2048.json" || rc=$?
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
 exit $rc
