@@ -22,6 +22,13 @@ class BatchRows(NamedTuple):
     decoding: int
 
 
+class PromptWork(NamedTuple):
+    """Prompt tokens still to prefill (the last one included, which the first decode step feeds)."""
+
+    prefilling: int  # all rows in the prefill batch together
+    waiting: list[int]  # per inserted row not prefilling yet, in admission order
+
+
 class StepCosts(NamedTuple):
     """BatchGenerator's own timers over some steps (decode and prefill forwards)."""
 
@@ -113,12 +120,19 @@ class Batch:
             counts[stage] -= 1
         return BatchRows(*counts)
 
+    def prompt_work(self) -> PromptWork:
+        """What prefill is left: the rows in the prefill batch (their progress)
+        and the inserted rows waiting for it (their prompt segments)."""
+        gen = self._gen
+        # _currently_processing: [segments, tokens done, tokens in all]; _unprocessed_sequences: (uid, segments, ...).
+        prefilling = sum(total - done for _, done, total in gen._currently_processing)
+        waiting = [sum(len(s) for s in seq[1]) for seq in gen._unprocessed_sequences]
+        return PromptWork(prefilling, waiting)
+
     def pending_prompt_tokens(self) -> int:
         """Prompt tokens inserted and not prefilled yet (waiting or prefilling rows)."""
-        gen = self._gen
-        # Waiting: (uid, segments, ...); prefilling: [segments left, tokens done, tokens in all].
-        waiting = sum(len(segment) for seq in gen._unprocessed_sequences for segment in seq[1])
-        return waiting + sum(total - done for _, done, total in gen._currently_processing)
+        work = self.prompt_work()
+        return work.prefilling + sum(work.waiting)
 
     def set_prefill(self, rows: int, chunk: int) -> None:
         """Prefill admission and chunk size of the next steps: BatchGenerator

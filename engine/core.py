@@ -564,12 +564,17 @@ class Scheduler:
         busy = bool(rows.prefilling or rows.decoding)
         admit = self._prefill.admit(time.monotonic(), waiting, free_rows, len(inserts), busy=busy)
         admitted = min(waiting, free_rows) if admit else 0
+        # Prompt tokens the prefill batch will hold (prefix-cache hits not yet
+        # subtracted: an upper bound): a short prefill is not chunked.
+        work = self.core.batch.prompt_work()
+        queue = [*work.waiting, *(len(r.prompt_token_ids) for r in inserts)]
+        tokens_left = work.prefilling + sum(queue[: max(admitted, 0)])
         return StepPlan(
             aborts=aborts,
             inserts=inserts,
             # A prefill batch size equal to the rows already prefilling admits nobody new.
             prefill_rows=self._prefill_rows if admit else rows.prefilling,
-            prefill_chunk=self._prefill.chunk(rows.prefilling + admitted, decoding_rows=rows.decoding),
+            prefill_chunk=self._prefill.chunk(rows.prefilling + admitted, rows.decoding, tokens_left),
             seed=self._seeds.getrandbits(32),
         )
 

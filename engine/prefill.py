@@ -12,8 +12,11 @@ prefill forward stalls all running streams by at least its fixed cost.
   arriving, briefly, prefills them together.
 * Chunk size: while streams decode, a prompt is fed in chunks costing a
   share of a decode step, so the running streams' token gaps stay within
-  twice the idle ones; while more prompts wait than streams decode, in
-  proportionally larger ones.
+  twice the idle ones. Chunking only spreads the same work over more
+  forwards (each paying the fixed cost) and delays every prefilling row's
+  first token by a decode step per extra chunk: a prefill that costs a few
+  decode steps in all, or whose rows are at least as many as the decoding
+  ones (the rest of a burst behind its first arrivals), is fed in full chunks.
   The costs are fitted, not assumed: ``seconds = fixed + per_token * tokens``.
 """
 
@@ -35,6 +38,10 @@ COST_SMOOTHING = 0.2
 # Short next to a first token's cost on any model, long enough to gather a
 # burst of HTTP clients (they reach the engine over tens of milliseconds).
 ADMISSION_HOLD_MAX_S = 0.05
+# A prefill costing at most this many decode steps in all is not chunked:
+# the running streams see one gap of that size (once per burst of short
+# prompts) instead of the prompts' first tokens coming that many steps later.
+WHOLE_PREFILL_MAX_STEPS = 4.0
 # Most prompt tokens in one prefill forward (all rows together): its
 # activations are the engine's peak memory. mlx_lm.server's defaults allow as
 # many (8 prompts x 2,048 tokens); a burst of short prompts still fits whole.
@@ -127,25 +134,29 @@ class PrefillPolicy:
         self._held_since = None
         return True
 
-    def chunk(self, rows: int, decoding_rows: int) -> int:
+    def chunk(self, rows: int, decoding_rows: int, tokens_left: int) -> int:
         """Prompt tokens per row for this step's prefill forward of ``rows``
-        prompts, while ``decoding_rows`` streams decode."""
+        prompts (``tokens_left`` still to prefill in all of them), while
+        ``decoding_rows`` streams decode."""
         rows = max(rows, 1)
         full = min(self.max_chunk, max(1, PREFILL_FORWARD_TOKENS // rows))
         fit = self.prefill.fit()
-        if not decoding_rows or fit is None or not self.decode_step_s:
+        # Chunking spreads the same prompt work over more forwards: it shortens
+        # the running streams' longest gaps, not their total wait, while every
+        # extra forward costs all rows its fixed part and every prefilling row
+        # a decode step more before its first token. When at least as many
+        # prompts wait for a first token as streams decode (the rest of a
+        # burst behind its first arrivals), or the whole prefill costs a few
+        # decode steps, the first tokens win.
+        if not decoding_rows or fit is None or not self.decode_step_s or rows >= decoding_rows:
             return full
         fixed, per_token = fit
+        if fixed + per_token * tokens_left <= WHOLE_PREFILL_MAX_STEPS * self.decode_step_s:
+            return full
         if self._latest is not None:
             tokens, seconds = self._latest
             per_token = max(per_token, (seconds - fixed) / tokens)
-        # Chunking spreads the same prompt work over more forwards: it shortens
-        # the running streams' longest gaps, not their total wait, and every
-        # extra forward costs all rows its fixed part. So the share is per
-        # running stream: when more prompts wait for a first token than streams
-        # decode (a burst behind a few early arrivals), the chunk grows with them.
-        share = BUSY_PREFILL_SHARE * max(1.0, rows / decoding_rows)
-        budget_s = share * self.decode_step_s - fixed
+        budget_s = BUSY_PREFILL_SHARE * self.decode_step_s - fixed
         # When the fixed cost alone exceeds the share (small batches on a GPU),
         # no chunk keeps the streams' gaps that short: make each forward count,
         # spending at least as much on tokens as on the forward itself.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from frontend import sse
 from frontend.engine_client import EngineClient
 from frontend.guards import DrainGate
 from frontend.tokenization import Tokenization
@@ -38,11 +39,15 @@ class FrontendSettings:
     ui: bool = True
     # The supervisor creates this file when a graceful stop begins.
     drain_flag: str | None = None
+    # A stream waiting for its first token sends a keep-alive this often.
+    keep_alive_s: float = sse.KEEPALIVE_INTERVAL_S
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_n", "max_choices", "max_request_bytes", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FrontendSettings.{name} must be >= 1")
+        if self.keep_alive_s <= 0:
+            raise ValueError("FrontendSettings.keep_alive_s must be > 0")
 
 
 @dataclass

@@ -44,6 +44,12 @@ class RequestStream(Protocol):
 
     def close(self) -> None: ...
 
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the next delta without taking it: True
+        when iterating would not block (a delta, the end or an error is
+        there), False when the time ran out first."""
+        ...
+
     def watch(self, cancelled: Callable[[], bool]) -> None:
         """While iterating, poll ``cancelled``; when true, close (abort) and raise ClientDisconnected."""
         ...

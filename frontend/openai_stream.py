@@ -39,3 +39,6 @@ class OpenAIStream:
 
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:
         return [sse.event(event.error.body())]
+
+    def waiting(self, event: pipeline.Waiting) -> Iterable[bytes]:
+        return [sse.KEEPALIVE_COMMENT]

@@ -10,7 +10,8 @@ its ``body_of`` turns the collected ``Outcome`` into one JSON body.
 
 Events come choice after choice, each as ``Started``, ``Delta``s and
 ``Finished``; then ``Completed`` with the usage, or ``Failed`` instead as
-soon as anything goes wrong after the headers are sent.
+soon as anything goes wrong after the headers are sent. ``Waiting`` comes
+every keep-alive interval while a choice waits for its first token.
 """
 
 from __future__ import annotations
@@ -100,7 +101,14 @@ class Failed:
     error: APIError
 
 
-Event = Started | Delta | Finished | Completed | Failed
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """No token yet after the keep-alive interval: the stream says it is alive."""
+
+    index: int
+
+
+Event = Started | Delta | Finished | Completed | Failed | Waiting
 
 
 class StreamFormat(Protocol):
@@ -116,6 +124,8 @@ class StreamFormat(Protocol):
 
     def failed(self, event: Failed) -> Iterable[bytes]: ...
 
+    def waiting(self, event: Waiting) -> Iterable[bytes]: ...
+
 
 def encode(events: Iterator[Event], wire: StreamFormat) -> Iterator[bytes]:
     """SSE bytes of ``events``; a wire format failing on an event ends the stream with its error event."""
@@ -125,6 +135,7 @@ def encode(events: Iterator[Event], wire: StreamFormat) -> Iterator[bytes]:
         Finished: wire.finished,  # type: ignore[dict-item]
         Completed: wire.completed,  # type: ignore[dict-item]
         Failed: wire.failed,  # type: ignore[dict-item]
+        Waiting: wire.waiting,  # type: ignore[dict-item]
     }
     try:
         for event in events:
@@ -269,7 +280,8 @@ def start(ctx: AppContext, checked: Plan) -> Generation:
         sse.close_all(streams)
         raise
     log.debug("%s: %d prompts, n %d, max_tokens %s", response_id, len(request.prompts), n, max_tokens)
-    return Generation(response_id, int(time.time()), model.model_id, runs, [len(ids) for ids in request.prompts])
+    prompt_lengths = [len(ids) for ids in request.prompts]
+    return Generation(response_id, int(time.time()), model.model_id, runs, prompt_lengths, ctx.settings.keep_alive_s)
 
 
 def _marker_ids(thinking: ThinkingMarkers | None) -> tuple[int, ...]:
@@ -297,9 +309,16 @@ class Generation:
     """The engine requests of one API request, read as events or collected."""
 
     def __init__(
-        self, response_id: str, created: int, model_id: str, runs: list[ChoiceRun], prompt_lengths: list[int]
+        self,
+        response_id: str,
+        created: int,
+        model_id: str,
+        runs: list[ChoiceRun],
+        prompt_lengths: list[int],
+        keep_alive_s: float = sse.KEEPALIVE_INTERVAL_S,
     ) -> None:
         self.response_id = response_id
+        self._keep_alive_s = keep_alive_s
         self.created = created
         self.model_id = model_id
         self.runs = runs
@@ -323,11 +342,14 @@ class Generation:
 
         Choices are read one after another: the engine runs them concurrently
         and the client buffers each request's deltas, so later choices arrive
-        in a burst.
+        in a burst. Until a choice's first delta is there, Waiting comes every
+        keep-alive interval (the wait blocks: no polling).
         """
         try:
             for run in self.runs:
                 yield Started(run.index)
+                while not run.stream.wait(self._keep_alive_s):
+                    yield Waiting(run.index)
                 for piece in run.parts():
                     yield Delta(run.index, piece)
                 assert run.finish_reason is not None

@@ -20,6 +20,12 @@ CONTENT_TYPE = "text/event-stream"
 # Proxies (nginx) must pass events through as they come instead of buffering.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+# While a stream waits for its first token (a long prompt prefilling, a full
+# queue), something is sent this often so that proxies and clients with an
+# idle-read timeout (often 30-60 s) keep the connection: a comment line, which
+# SSE clients skip, or the API's own no-op event (Anthropic's ping).
+KEEPALIVE_INTERVAL_S = 15.0
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 # Line separators that JSON leaves raw but clients that split lines like
@@ -51,7 +57,11 @@ class SSEBody:
         self._streams = list(streams)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._events
+        # gunicorn sends the status line and headers on the first write, even
+        # an empty one: the client sees its response start before any token
+        # (an API whose first event waits for one, completions, would not).
+        yield b""
+        yield from self._events
 
     def close(self) -> None:
         try:

@@ -92,6 +92,8 @@ class _Stream:
         self._started = time.monotonic()
         self._cancelled: Callable[[], bool] | None = None
         self._next_cancel_check = 0.0
+        # An item ``wait`` took off the queue, for the iteration to return first.
+        self._ready: _Item | None = None
 
     def watch(self, cancelled: Callable[[], bool]) -> None:
         self._cancelled = cancelled
@@ -99,14 +101,28 @@ class _Stream:
     def put(self, item: _Item) -> None:
         self._queue.put(item)
 
+    def wait(self, timeout_s: float) -> bool:
+        if self._done or self._ready is not None:
+            return True
+        remaining = self._started + self._timeout_s - time.monotonic()
+        if remaining <= 0:
+            return True  # iterating raises the request timeout at once
+        try:
+            self._ready = self._next(min(timeout_s, remaining))
+        except queue.Empty:
+            return False
+        return True
+
     def __iter__(self) -> Iterator[TokenDelta]:
         deadline = self._started + self._timeout_s
         while not self._done:
             try:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise queue.Empty
-                item = self._next(remaining)
+                item, self._ready = self._ready, None
+                if item is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise queue.Empty
+                    item = self._next(remaining)
             except queue.Empty:
                 self.close()  # aborts it in the engine
                 raise RequestTimedOut(f"the request ran past the {self._timeout_s:.0f} s request timeout") from None

@@ -223,6 +223,10 @@ class MessagesStream:
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:
         return [_event(AnthropicError.of(event.error.status, event.error.message))]
 
+    def waiting(self, event: pipeline.Waiting) -> Iterable[bytes]:
+        # Anthropic's own keep-alive, which its SDKs read and skip.
+        return [_event(Ping(type="ping"))]
+
 
 # ---------------------------------------------------------------- resources
 

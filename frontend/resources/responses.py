@@ -334,6 +334,9 @@ class ResponsesStream:
             self._lifecycle("failed", self._builder.response("failed", self._output, error=error)),
         ]
 
+    def waiting(self, event: pipeline.Waiting) -> Iterable[bytes]:
+        return [sse.KEEPALIVE_COMMENT]
+
 
 class ResponsesResource:
     openapi = {

@@ -5,7 +5,8 @@ submitted Generate is answered by a ``Script`` (queued with ``fake.script(...)``
 else ``fake.default``): token ids in deltas of ``chunk`` tokens, cut at the
 request's max_tokens with finish "length" like the engine. Everything that
 happens is recorded in ``fake.events`` as (kind, request_id) with kinds
-"submit", "delta", "final", "close", "abort" (a close before the final delta).
+"submit", "delta", "final", "close", "abort" (a close before the final delta)
+and "wait" (a ``wait`` that timed out: the script's first delta is late).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Script:
     cached_prompt_tokens: int = 0
     error: str | None = None  # with finish_reason "error"
     fail_after: int | None = None  # raise EngineUnavailable after this many deltas
+    # The first delta comes after this many ``wait`` calls time out (a long
+    # prefill or a queue, without a clock).
+    late_waits: int = 0
 
 
 def make_model_info(**overrides: object) -> ModelInfo:
@@ -54,12 +58,22 @@ class FakeStream:
         self._client = client
         self._deltas = _deltas(request, script)
         self._fail_after = script.fail_after
+        self._late_waits = script.late_waits
+        self.wait_timeouts: list[float] = []  # the timeout of every wait call
         self.finished = False
         self.closed = False
         self._cancelled = None
 
     def watch(self, cancelled) -> None:
         self._cancelled = cancelled
+
+    def wait(self, timeout_s: float) -> bool:
+        self.wait_timeouts.append(timeout_s)
+        if self._late_waits > 0 and not self.closed:
+            self._late_waits -= 1
+            self._client.events.append(("wait", self.request_id))
+            return False
+        return True
 
     def __iter__(self) -> Iterator[TokenDelta]:
         sent = 0

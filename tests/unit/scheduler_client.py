@@ -24,6 +24,9 @@ class _SchedulerStream:
     def watch(self, cancelled: Callable[[], bool]) -> None:
         pass
 
+    def wait(self, timeout_s: float) -> bool:
+        return True  # the next delta is computed when iterating asks for it
+
     def __iter__(self) -> Iterator[TokenDelta]:
         while not self.finished:
             delta = self._client.next_delta(self.request_id)

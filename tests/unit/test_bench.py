@@ -583,3 +583,36 @@ def test_run_load_records_http_errors_and_refused_connections(stub_url: str, mon
     monkeypatch.setattr(loadgen, "RETRY_BACKOFF_S", 0.0)
     (refused,), _ = loadgen.run_load(f"http://127.0.0.1:{free_port()}", spec, [[Prompt("x", (1,))]], deadline_s=30)
     assert refused.retries == loadgen.CONNECT_RETRIES and refused.error
+
+
+# --- long prompts -------------------------------------------------------------
+
+
+def test_long_prompt_ids_are_plain_deterministic_and_within_the_vocabulary() -> None:
+    from bench.long_prompt import FIRST_ID, prompt_ids
+
+    ids = prompt_ids(1000, seed=3, vocab=635)
+    assert ids == prompt_ids(1000, seed=3, vocab=635) != prompt_ids(1000, seed=4, vocab=635)
+    assert len(ids) == 1000 and FIRST_ID <= min(ids) and max(ids) < 600
+
+
+def test_long_prompt_gaps_keep_a_window_and_percentiles_pick_ranks() -> None:
+    from bench.long_prompt import gaps, pct
+
+    assert gaps([0.0, 1.0, 3.0, 6.0, 10.0], 1.0, 6.0) == [2.0, 3.0]
+    assert pct([4.0, 1.0, 3.0, 2.0], 0.5) == 3.0 and pct([4.0, 1.0], 0.95) == 4.0
+    assert math.isnan(pct([], 0.5))
+
+
+def test_long_prompt_section_compares_with_stream_generate() -> None:
+    from bench.long_prompt import render
+
+    args = dataclasses.make_dataclass(
+        "A", ["model", "prompt_tokens", "repeats", "streams", "prefill_step_size", "section"]
+    )("tiny", 32768, 2, 8, 512, "long-prompt")
+    busy = {"prefill_tok_s": 300.0, "idle_ms": [5.0, 9.0, 20.0], "during_ms": [6.0, 12.0, 30.0], "tokens_during": 99}
+    measured = {"stream_generate": 1000.0, "batch_generator": 950.0, "alone": 960.0, "with_streams": busy}
+    text = render({"CPU": "x"}, args, measured, "python -m bench.long_prompt")
+    assert text.startswith(report.SECTION_BEGIN.format(name="long-prompt"))
+    assert "| ours alone (HTTP, /v1/completions, max_tokens 1) | 960 | **0.96** |" in text
+    assert "| 0.95 |" in text and "during the prefill 6.0 / 12.0 / 30.0 ms (99 tokens)" in text

@@ -380,13 +380,17 @@ def test_full_queue_refuses_with_overloaded(model):
     assert [results[f"q{i}"]["finals"][0].finish_reason for i in range(2)] == ["length", "length"]
 
 
-def test_prefill_chunks_shrink_while_streams_decode(model):
+def test_prefill_chunks_shrink_while_streams_decode(model, monkeypatch):
+    # On this tiny model the whole prompt costs a few decode steps: it would go in whole.
+    monkeypatch.setattr("engine.prefill.WHOLE_PREFILL_MAX_STEPS", 0.0)
     long_prompt = list(range(5, 250)) * 2  # 490 tokens
     s = make_scheduler(model, prefill_step_size=256)
     s.add(b"w", gen("long", long_prompt, 2))
     assert step_planned(s).prefill_chunk == 256  # nothing decoding: full chunks
     assert run_to_end(s)["long"]["tokens"] == reference_greedy(model, long_prompt, 2)
+    # More streams decode than prompts wait: the prompt is chunked.
     s.add(b"w", gen("streaming", [5, 6, 7], 300))
+    s.add(b"w", gen("streaming too", [5, 6, 8], 300))
     for _ in range(5):
         s.step()
     s.add(b"w", gen("arrives", long_prompt, 2))

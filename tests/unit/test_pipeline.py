@@ -39,6 +39,9 @@ class NamedEvents:
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:
         return [sse.event(Note(message=event.error.message), name="error")]
 
+    def waiting(self, event: pipeline.Waiting) -> Iterable[bytes]:
+        return [sse.KEEPALIVE_COMMENT]
+
 
 def _events(raw: bytes) -> list[tuple[str, str]]:
     out = []

@@ -9,6 +9,7 @@ from engine.prefill import (
     BUSY_PREFILL_MIN_TOKENS,
     BUSY_PREFILL_SHARE,
     PREFILL_FORWARD_TOKENS,
+    WHOLE_PREFILL_MAX_STEPS,
     LinearCost,
     PrefillPolicy,
 )
@@ -41,6 +42,10 @@ def test_fit_follows_a_change_of_costs():
     assert fixed == pytest.approx(0.020, rel=0.01)
 
 
+# Prompt tokens left in a prefill far longer than a few decode steps.
+LONG = 100_000
+
+
 def busy_step(p: PrefillPolicy, decode_s: float, tokens: int, chunk_s: float) -> None:
     """A step that decoded and prefilled, as BatchGenerator times it: the decode
     forward was queued by the step before, so the decode timer finds its tokens
@@ -71,24 +76,24 @@ def test_a_chunk_with_nothing_decoding_is_charged_its_own_time():
 
 
 def test_chunk_is_full_when_nothing_decodes_or_nothing_is_known():
-    assert PrefillPolicy(512).chunk(rows=1, decoding_rows=8) == 512
-    assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding_rows=0) == 512
+    assert PrefillPolicy(512).chunk(rows=1, decoding_rows=8, tokens_left=LONG) == 512
+    assert policy(0.010, 0.0, 1e-4).chunk(rows=1, decoding_rows=0, tokens_left=LONG) == 512
 
 
 def test_many_rows_share_the_forward_token_cap():
     p = PrefillPolicy(max_chunk=512)
-    assert p.chunk(rows=8, decoding_rows=0) == 512
-    assert p.chunk(rows=64, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 64
-    assert p.chunk(rows=1024, decoding_rows=0) == PREFILL_FORWARD_TOKENS // 1024
+    assert p.chunk(rows=8, decoding_rows=0, tokens_left=LONG) == 512
+    assert p.chunk(rows=64, decoding_rows=0, tokens_left=LONG) == PREFILL_FORWARD_TOKENS // 64
+    assert p.chunk(rows=1024, decoding_rows=0, tokens_left=LONG) == PREFILL_FORWARD_TOKENS // 1024
 
 
 def test_chunk_costs_about_a_share_of_a_decode_step():
     # 10 ms decode, no fixed cost, 0.1 ms/token: the share of 10 ms buys (share * 100) tokens, split over the rows.
     p = policy(0.010, 0.0, 1e-4)
     budget = round(BUSY_PREFILL_SHARE * 100)
-    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(budget, abs=1)
-    assert p.chunk(rows=2, decoding_rows=8) == pytest.approx(budget / 2, abs=1)
-    assert p.chunk(rows=budget, decoding_rows=budget) == BUSY_PREFILL_MIN_TOKENS
+    assert p.chunk(rows=1, decoding_rows=8, tokens_left=LONG) == pytest.approx(budget, abs=1)
+    assert p.chunk(rows=2, decoding_rows=8, tokens_left=LONG) == pytest.approx(budget / 2, abs=1)
+    assert p.chunk(rows=budget, decoding_rows=budget + 1, tokens_left=LONG) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunks_shrink_as_a_long_prompts_context_grows():
@@ -97,15 +102,15 @@ def test_chunks_shrink_as_a_long_prompts_context_grows():
     p = policy(0.010, 0.0, 1e-4)
     budget_s = BUSY_PREFILL_SHARE * 0.010
     busy_step(p, 0.010, 20, 20 * 2e-4)  # 0.2 ms/token now
-    assert p.chunk(rows=1, decoding_rows=8) == pytest.approx(budget_s / 2e-4, abs=1)
-    before = p.chunk(rows=1, decoding_rows=8)
+    assert p.chunk(rows=1, decoding_rows=8, tokens_left=LONG) == pytest.approx(budget_s / 2e-4, abs=1)
+    before = p.chunk(rows=1, decoding_rows=8, tokens_left=LONG)
     busy_step(p, 0.010, 20, 20 * 2e-3)  # 2 ms/token
-    assert BUSY_PREFILL_MIN_TOKENS <= p.chunk(rows=1, decoding_rows=8) < before
+    assert BUSY_PREFILL_MIN_TOKENS <= p.chunk(rows=1, decoding_rows=8, tokens_left=LONG) < before
 
 
 def test_chunks_keep_a_floor():
     # 2 ms/token: the share of a 10 ms decode step buys 2 tokens; the floor holds.
-    assert policy(0.010, 0.0, 2e-3).chunk(rows=1, decoding_rows=8) == BUSY_PREFILL_MIN_TOKENS
+    assert policy(0.010, 0.0, 2e-3).chunk(rows=1, decoding_rows=8, tokens_left=LONG) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_chunk_grows_when_the_fixed_cost_dominates():
@@ -113,20 +118,27 @@ def test_chunk_grows_when_the_fixed_cost_dominates():
     # can cost under a decode step, so each forward carries at least as much
     # token work as fixed cost (6,000 tokens), capped by the step size.
     p = policy(0.012, 0.030, 5e-6, max_chunk=4096)
-    assert p.chunk(rows=1, decoding_rows=8) == 4096
-    assert p.chunk(rows=4, decoding_rows=8) == pytest.approx(1500, abs=2)
+    assert p.chunk(rows=1, decoding_rows=8, tokens_left=LONG) == 4096
+    assert p.chunk(rows=4, decoding_rows=8, tokens_left=LONG) == pytest.approx(1500, abs=2)
 
 
-def test_prompts_outnumbering_the_streams_get_larger_chunks():
-    # 10 ms decode, no fixed cost, 0.1 ms/token: B = share * 100 tokens of budget.
-    # 8 prompts behind 8 streams split B; behind 2 streams, 4x B; behind 1, 8x B.
+def test_prompts_as_many_as_the_streams_go_in_full_chunks():
+    # The rest of a burst behind its first arrivals: their first tokens come
+    # before the few running streams' smoothness.
     p = policy(0.010, 0.0, 1e-4)
     budget = BUSY_PREFILL_SHARE * 100
-    assert p.chunk(rows=8, decoding_rows=8) == max(BUSY_PREFILL_MIN_TOKENS, int(budget / 8))
-    assert p.chunk(rows=8, decoding_rows=2) == pytest.approx(budget / 2, abs=1)
-    assert p.chunk(rows=8, decoding_rows=1) == pytest.approx(budget, abs=1)
-    # One long prompt among many streams keeps the one-stream share.
-    assert p.chunk(rows=1, decoding_rows=16) == pytest.approx(budget, abs=1)
+    assert p.chunk(rows=8, decoding_rows=8, tokens_left=8 * 4000) == 512
+    assert p.chunk(rows=63, decoding_rows=1, tokens_left=63 * 4000) == PREFILL_FORWARD_TOKENS // 63
+    # One long prompt among many streams keeps the share.
+    assert p.chunk(rows=1, decoding_rows=16, tokens_left=4000) == pytest.approx(budget, abs=1)
+
+
+def test_a_prefill_of_a_few_decode_steps_goes_whole():
+    # 10 ms decode, no fixed cost, 0.1 ms/token: 4 steps buy 400 tokens in all.
+    p = policy(0.010, 0.0, 1e-4)
+    whole = int(WHOLE_PREFILL_MAX_STEPS * 100)
+    assert p.chunk(rows=13, decoding_rows=19, tokens_left=whole) == 512
+    assert p.chunk(rows=13, decoding_rows=19, tokens_left=whole + 13) == BUSY_PREFILL_MIN_TOKENS
 
 
 def test_idle_engine_admits_at_once():
