@@ -190,9 +190,10 @@ def test_group_output_equals_one_process(mode, tiny_qwen2_dir, logs):
     assert all(r.host == socket.gethostname() and r.active_memory_bytes > 0 for r in status.group.ranks)
 
 
-def test_group_with_a_lora_adapter_equals_one_process(tiny_qwen2_dir, tiny_qwen2_adapter_dir, logs):
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_group_with_a_lora_adapter_equals_one_process(mode, tiny_qwen2_dir, tiny_qwen2_adapter_dir, logs):
     """The adapter is fused into the weights before sharding: same greedy tokens as the adapter on one process."""
-    with start_group(tiny_qwen2_dir, "tensor", logs, adapter_dir=tiny_qwen2_adapter_dir) as group:
+    with start_group(tiny_qwen2_dir, mode, logs, adapter_dir=tiny_qwen2_adapter_dir) as group:
         batch = _run(group.client, BATCH)
     assert batch == _reference(tiny_qwen2_dir, tiny_qwen2_adapter_dir, "batch")
     assert batch != _reference(tiny_qwen2_dir, None, "batch")  # the adapter changes the output
