@@ -232,7 +232,25 @@ def resolve_model(name: str, cache_dir: Path, architecture: str = "llama") -> tu
     if not any(out.glob("*.safetensors")):
         log.info("building the %s %s model into %s", name, architecture, out)
         build_tiny_model(out, size=name, seed=0, **arch)
+    ensure_weight_index(out)
     return out, f"generated {name}" + (f" ({architecture})" if arch else "")
+
+
+def ensure_weight_index(model_dir: Path) -> None:
+    """Write Hugging Face's model.safetensors.index.json where it is missing.
+
+    mlx_lm.server's pipeline mode (mlx_lm.utils.sharded_load) reads it to find each
+    rank's weight files and fails without it; a one-file model (as generated here)
+    has none. It lists each tensor's file and changes nothing else."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return
+    weight_map = {}
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        weight_map.update({name: weights.name for name in header if name != "__metadata__"})
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2), encoding="utf-8")
 
 
 def eos_ids(model_dir: Path, tokenizer: Any) -> list[int]:

@@ -10,6 +10,7 @@ import dataclasses
 import http.server
 import json
 import math
+import shutil
 import socket
 import threading
 import time
@@ -328,6 +329,19 @@ def test_mlx_lm_unsharded_is_the_server_alone() -> None:
     argv = servers.mlx_lm_spec(Path("/m"), 8, []).argv(8100)
     assert argv[1:4] == ["-m", "mlx_lm", "server"] and "--pipeline" not in argv
     assert not servers.mlx_lm_spec(Path("/m"), 8, []).signal_group
+
+
+def test_weight_index_names_every_tensor_once_and_is_left_alone_after(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import mlx.core as mx
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    serving.ensure_weight_index(model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == dict.fromkeys(mx.load(str(model / "model.safetensors")), "model.safetensors")
+    (model / "model.safetensors.index.json").write_text("{}")
+    serving.ensure_weight_index(model)  # an existing index is the model's own: kept
+    assert (model / "model.safetensors.index.json").read_text() == "{}"
 
 
 def test_free_port_run_is_consecutive_free_ports() -> None:
