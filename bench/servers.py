@@ -98,6 +98,10 @@ class ServerSpec:
     # SIGTERM the whole process group, not only the main process: mlx.launch dies
     # on SIGTERM without passing it on, which would leave its ranks to SIGKILL.
     signal_group: bool = False
+    # stdin a pipe kept open and never written, as a terminal that nobody types into:
+    # mlx.launch relays its stdin to the ranks, and at /dev/null's EOF its relay loop
+    # would spin on a core of its own (ours' supervisor gives its mlx.launch the same).
+    stdin_pipe: bool = False
 
 
 def _rank(proc: psutil.Process) -> int:
@@ -172,6 +176,7 @@ def mlx_lm_spec(
         label=_with_rank(_mlx_lm_label),
         settings={"flags": f"under mlx.launch --backend ring -n {sharding.ranks}; {' '.join(flags)}"},
         signal_group=True,
+        stdin_pipe=True,
     )
 
 
@@ -228,7 +233,7 @@ class ServerProcess:
             env=_child_env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if spec.stdin_pipe else subprocess.DEVNULL,
             start_new_session=True,
         )
         self._known: dict[int, psutil.Process] = {}
@@ -344,6 +349,8 @@ class ServerProcess:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)  # gone (or a zombie) when stop returns
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self._log.close()
 
     def __enter__(self) -> ServerProcess:

@@ -321,14 +321,16 @@ def test_mlx_lm_sharded_runs_under_mlx_launch(mode: str, pipeline_flag: list[str
     assert server[6:10] == ["--host", "127.0.0.1", "--port", "8100"]
     assert server[10:] == ["--decode-concurrency", "32", "--prompt-concurrency", "32", "--log-level", "WARNING",
                            *pipeline_flag, "--x"]  # fmt: skip
-    # mlx.launch dies on SIGTERM without passing it on: the whole group gets it.
-    assert spec.signal_group and spec.ready_path == "/health"
+    # mlx.launch dies on SIGTERM without passing it on: the whole group gets it. Its stdin is
+    # an open pipe, as ours' supervisor gives its own mlx.launch (at EOF its relay spins).
+    assert spec.signal_group and spec.stdin_pipe and spec.ready_path == "/health"
 
 
 def test_mlx_lm_unsharded_is_the_server_alone() -> None:
     argv = servers.mlx_lm_spec(Path("/m"), 8, []).argv(8100)
     assert argv[1:4] == ["-m", "mlx_lm", "server"] and "--pipeline" not in argv
-    assert not servers.mlx_lm_spec(Path("/m"), 8, []).signal_group
+    unsharded = servers.mlx_lm_spec(Path("/m"), 8, [])
+    assert not unsharded.signal_group and not unsharded.stdin_pipe
 
 
 def test_weight_index_names_every_tensor_once_and_is_left_alone_after(tiny_model_dir: Path, tmp_path: Path) -> None:
