@@ -20,9 +20,9 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
-from deploy.settings import PROG, SettingsError, load_settings
+from deploy.settings import PROG, Settings, SettingsError, flag, load_settings
 
 EXIT_USAGE = 2  # as mlx-server's: misconfigured, not crashed
 ERROR_PREFIX = "deploy.launchd: error: "
@@ -181,6 +181,29 @@ def _split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+# mlx-server flags that take a path (--config, --distributed-hostfile, ...).
+PATH_FLAGS = frozenset(
+    flag(name)
+    for name, field in Settings.model_fields.items()
+    if Path in (field.annotation, *get_args(field.annotation))
+)
+
+
+def _absolute_paths(passthrough: Sequence[str]) -> list[str]:
+    """The flags after `--` with their path values made absolute: launchd starts the job in
+    HOME, where a path relative to this shell's directory means something else."""
+    args = list(passthrough)
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name not in PATH_FLAGS:
+            continue
+        if eq:
+            args[i] = f"{name}={os.path.abspath(Path(value).expanduser())}"
+        elif i + 1 < len(args):
+            args[i + 1] = os.path.abspath(Path(args[i + 1]).expanduser())
+    return args
+
+
 def _check_program(program: str) -> str:
     path = Path(program).expanduser()
     if not path.is_absolute():
@@ -193,6 +216,7 @@ def _check_program(program: str) -> str:
 def plist_from_args(argv: Sequence[str]) -> tuple[dict[str, Any], str | None]:
     """Parse and check the command line: (the job, --output). UsageError (one line) if bad."""
     own, passthrough = _split_passthrough(argv)
+    passthrough = _absolute_paths(passthrough)
     args = build_parser().parse_args(own)
     if args.example:
         return example_plist(), args.output

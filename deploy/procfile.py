@@ -7,7 +7,8 @@ which the runner loads from ``.env``) and the config file (``MLX_SERVER_CONFIG``
 hands the process the same typed config (ipc.runtime), then becomes that process
 (exec): the runner signals and watches the engine or gunicorn itself.
 
-Differences from ``mlx-server``: the engine socket must be named
+Differences from ``mlx-server``: no sharded engine (a group of ranks needs the
+supervisor); the engine socket must be named
 (``MLX_SERVER_IPC_ADDRESS``), since the two processes share no private
 directory; gunicorn binds ``$PORT`` (the runner's convention) unless
 ``MLX_SERVER_PORT`` is set; the web workers boot without waiting for the engine
@@ -42,6 +43,14 @@ def resolve(role: str, environ: Mapping[str, str]) -> Settings:
         raise SettingsError(
             f"set {env_var('ipc_address')} (e.g. ipc:///path/to/private/dir/engine.sock or "
             "tcp://127.0.0.1:5557): the engine and the web processes of a Procfile meet there"
+        )
+    if settings.distributed() is not None:
+        # Its ranks start through mlx.launch and live and die as one group, which only the
+        # supervisor watches; a runner would see one process and miss a lost rank.
+        raise SettingsError(
+            f"a sharded engine ({env_var('distributed_ranks')} or {env_var('distributed_hostfile')}) "
+            f"runs under {PROG}, which starts its ranks and restarts them as one group; "
+            "a Procfile runs one engine process"
         )
     return settings
 

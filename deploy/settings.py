@@ -18,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from deploy import shardable
+from deploy.hostfile import check_backend, read_hostfile
 from ipc import runtime
 from ipc.logging_setup import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
 
@@ -175,6 +177,22 @@ class Settings(BaseSettings):
     max_engine_restarts: int = Field(
         5, ge=0, description="engine restarts (with backoff) before mlx-server gives up and exits"
     )
+    # One model over several processes (mlx.launch starts them): a hostfile spreads them over
+    # Macs, a rank count keeps them on this machine (tests, or checking a set-up before spreading it).
+    distributed_hostfile: Path | None = Field(
+        None,
+        description="mlx.launch hostfile (JSON): shard the model over its hosts, one rank each; "
+        "the first host is this machine (rank 0)",
+    )
+    distributed_ranks: int | None = Field(None, description="shard the model over N ranks on this machine (N >= 2)")
+    distributed_mode: runtime.DistributedMode = Field(
+        "tensor",
+        description="how a sharded model is split: tensor (every layer over all ranks) "
+        "or pipeline (consecutive layers per rank)",
+    )
+    distributed_backend: runtime.DistributedBackend = Field(
+        "ring", description="mlx.distributed backend of a sharded model: ring (TCP) or jaccl (Thunderbolt 5 RDMA)"
+    )
     ipc_address: str | None = Field(
         None,
         description="engine socket, ipc://PATH or tcp://HOST:PORT "
@@ -272,6 +290,70 @@ class Settings(BaseSettings):
             raise ValueError(f"{address!r} must start with {' or '.join(IPC_SCHEMES)}")
         return address
 
+    @field_validator("distributed_hostfile")
+    @classmethod
+    def _parses(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = Path(os.path.abspath(path.expanduser()))
+        read_hostfile(path)  # ValueError: its one line names the problem
+        return path
+
+    @field_validator("distributed_ranks")
+    @classmethod
+    def _a_group(cls, ranks: int | None, info: ValidationInfo) -> int | None:
+        if ranks is not None and info.data.get("distributed_hostfile") is not None:
+            raise ValueError("set distributed_ranks or distributed_hostfile, not both (the hostfile sets the ranks)")
+        if ranks is not None and ranks < 2:
+            raise ValueError(f"a group needs at least 2 ranks, got {ranks} (unset: one engine process)")
+        return ranks
+
+    @field_validator("distributed_mode", "distributed_backend")
+    @classmethod
+    def _needs_a_group(cls, value: str, info: ValidationInfo) -> str:
+        # Runs only on a given value (defaults are not validated). The defaults may be spelled
+        # out (config.example.json does); another value without a group would be silently unused.
+        default = cls.model_fields[str(info.field_name)].default
+        grouped = info.data.get("distributed_ranks") or info.data.get("distributed_hostfile")
+        if value != default and not grouped:
+            raise ValueError(f"{value!r} needs a group: set distributed_ranks or distributed_hostfile")
+        return value
+
+    @model_validator(mode="after")
+    def _shardable(self) -> Settings:
+        group = self.distributed()
+        if group is None:
+            return self
+        if group.hostfile is None and group.backend == "jaccl":
+            raise ValueError(
+                "distributed_backend jaccl needs distributed_hostfile (its hosts' RDMA devices); "
+                "ranks on one machine use ring"
+            )
+        if group.hostfile is not None:
+            try:
+                check_backend(read_hostfile(Path(group.hostfile)), group.backend)
+            except ValueError as exc:
+                raise ValueError(f"distributed_hostfile {group.hostfile}: {exc}") from None
+        problem = shardable.config_problem(self.model_path, group.mode, group.ranks)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def distributed(self) -> runtime.DistributedConfig | None:
+        """The engine group, or None for one engine process."""
+        if self.distributed_hostfile is not None:
+            ranks = len(read_hostfile(self.distributed_hostfile).hosts)
+        elif self.distributed_ranks is not None:
+            ranks = self.distributed_ranks
+        else:
+            return None
+        return runtime.DistributedConfig(
+            mode=self.distributed_mode,
+            backend=self.distributed_backend,
+            ranks=ranks,
+            hostfile=None if self.distributed_hostfile is None else str(self.distributed_hostfile),
+        )
+
     def engine_config(self) -> runtime.EngineConfig:
         return runtime.EngineConfig(
             max_batch_size=self.max_batch_size,
@@ -289,7 +371,7 @@ class Settings(BaseSettings):
         return runtime.RuntimeConfig(
             model_path=str(self.model_path),
             adapter_path=None if self.adapter_path is None else str(self.adapter_path),
-            distributed=None,
+            distributed=self.distributed(),
             ipc_address=address,
             log_level=self.log_level,
             log_format=self.log_format,
@@ -467,7 +549,8 @@ def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
 def _describe(error: ValidationError, origins: Mapping[str, str]) -> str:
     problems = error.errors(include_url=False)
     first = problems[0]
-    name = str(first["loc"][0]) if first["loc"] else "settings"
+    # A check across settings (a model validator) has no location: its message names them.
+    name = str(first["loc"][0]) if first["loc"] else ""
     if first["type"] == "value_error":  # our validators: the message already names the value
         text = str(first["ctx"]["error"])
     else:  # pydantic's own, e.g. "Input should be a valid integer": add what it got
@@ -475,7 +558,7 @@ def _describe(error: ValidationError, origins: Mapping[str, str]) -> str:
     where = f" (from {origins[name]})" if name in origins else ""
     # One line, so the first problem in field order; the count says fixing it is not the end.
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{name}: {text}{where}{more}"
+    return f"{name}: {text}{where}{more}" if name else f"{text}{more}"
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

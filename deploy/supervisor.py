@@ -2,7 +2,9 @@
 
 Signal handlers only record; the loop acts. Children run in their own
 sessions so a terminal's Ctrl-C reaches only us, and we stop them in order:
-gunicorn first (it drains in-flight HTTP requests), then the engine.
+gunicorn first (it drains in-flight HTTP requests), then the engine. A
+sharded engine is a group of ranks under mlx.launch (deploy/engine_group.py),
+watched, restarted and stopped as one engine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import zmq
 
+from deploy import shardable
+from deploy.engine_group import EngineGroup
 from deploy.settings import Settings
 from ipc import codec, runtime
 from ipc.logging_setup import configure as configure_logging
@@ -36,6 +40,8 @@ DRAIN_FLAG_NAME = "draining"
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 # An engine that stayed up this long resets the crash count.
 ENGINE_STABLE_S = 120.0
+# As mlx-server's settings errors: a model that cannot be sharded so is a misconfiguration.
+EXIT_USAGE = 2
 
 
 class StartupError(Exception):
@@ -85,8 +91,10 @@ def child_environment(config: runtime.RuntimeConfig, environ: Mapping[str, str])
     }
 
 
-def wait_for_engine(address: str, engine: subprocess.Popen, timeout_s: float, stop: _StopFlag) -> ModelInfo:
-    """Handshake with the engine; fail fast if it exits or we are told to stop."""
+def wait_for_engine(
+    address: str, engine: subprocess.Popen, timeout_s: float, stop: _StopFlag, *, group: bool = False
+) -> ModelInfo:
+    """Handshake with the engine (rank 0 of a group); fail fast if it exits or we are told to stop."""
     ctx = zmq.Context()
     sock = connect_dealer(ctx, address, f"supervisor-{os.getpid()}".encode())
     try:
@@ -95,6 +103,9 @@ def wait_for_engine(address: str, engine: subprocess.Popen, timeout_s: float, st
         while time.monotonic() < deadline:
             if stop:
                 raise StartupError("stopped by signal during startup")
+            if engine.poll() is not None and group:
+                # mlx.launch's own exit code says nothing about its ranks'.
+                raise StartupError("the engine group exited while starting (a rank's error is printed above)")
             if engine.poll() is not None:
                 raise StartupError(
                     f"the engine exited with code {engine.returncode} while starting (its error is printed above)"
@@ -133,6 +144,8 @@ class Supervisor:
         self.stop = stop
         config = settings.runtime_config(address, drain_flag=str(self.drain_flag), supervisor_pid=os.getpid())
         self.environment = child_environment(config, os.environ)
+        # A sharded engine: mlx.launch's process stands for the group in self.engine.
+        self.group = None if config.distributed is None else EngineGroup(config, self.environment)
         self.engine: subprocess.Popen | None = None
         self.web: subprocess.Popen | None = None
         self._engine_started_at = 0.0
@@ -140,10 +153,34 @@ class Supervisor:
         self._total_restarts = 0
 
     def start_engine(self) -> ModelInfo:
-        command = engine_command(self._total_restarts)
-        self.engine = subprocess.Popen(command, env=self.environment, start_new_session=True)
+        if self.group is None:
+            command = engine_command(self._total_restarts)
+            self.engine = subprocess.Popen(command, env=self.environment, start_new_session=True)
+            self._engine_started_at = time.monotonic()
+            return wait_for_engine(self.address, self.engine, self.settings.engine_startup_timeout_s, self.stop)
+        try:
+            self.engine = self.group.start(self._total_restarts)
+        except OSError as exc:  # no mlx.launch, no free ports
+            raise StartupError(f"cannot start the engine group: {exc}") from None
         self._engine_started_at = time.monotonic()
-        return wait_for_engine(self.address, self.engine, self.settings.engine_startup_timeout_s, self.stop)
+        try:
+            timeout_s = self.settings.engine_startup_timeout_s
+            model = wait_for_engine(self.address, self.engine, timeout_s, self.stop, group=True)
+        except StartupError:
+            self.group.kill()  # ranks that loaded must not wait for a rank 0 that never will
+            raise
+        self.group.watch()
+        return model
+
+    def engine_gone(self) -> str | None:
+        """Why the engine (or its group, then killed whole) is gone; None while it runs."""
+        if self.engine is None:
+            return None
+        if self.group is not None:
+            return self.group.dead()
+        if self.engine.poll() is not None:
+            return f"the engine exited with code {self.engine.returncode}"
+        return None
 
     def start_web(self) -> None:
         self.web = subprocess.Popen(web_command(self.settings), env=self.environment, start_new_session=True)
@@ -153,8 +190,9 @@ class Supervisor:
             if self.web is not None and self.web.poll() is not None:
                 log.error("gunicorn exited with code %s; stopping", self.web.returncode)
                 return 1
-            if self.engine is not None and self.engine.poll() is not None:
-                code = self._restart_engine()
+            gone = self.engine_gone()
+            if gone is not None:
+                code = self._restart_engine(gone)
                 if code is not None:
                     return code
             elif time.monotonic() - self._engine_started_at > ENGINE_STABLE_S:
@@ -163,14 +201,11 @@ class Supervisor:
         log.info("received %s; stopping", signal.Signals(self.stop.signum).name)
         return 0
 
-    def _restart_engine(self) -> int | None:
+    def _restart_engine(self, gone: str) -> int | None:
         """Restart a dead engine after a backoff; an exit code when we give up."""
-        assert self.engine is not None
-        code = self.engine.returncode
         if self._restarts >= self.settings.max_engine_restarts:
             print(
-                f"mlx-server: error: the engine exited with code {code}; gave up after "
-                f"{self._restarts} restarts (max_engine_restarts)",
+                f"mlx-server: error: {gone}; gave up after {self._restarts} restarts (max_engine_restarts)",
                 file=sys.stderr,
             )
             return 1
@@ -178,8 +213,8 @@ class Supervisor:
         self._restarts += 1
         self._total_restarts += 1
         log.error(
-            "the engine exited with code %s; restart %d of %d in %.0f s",
-            code, self._restarts, self.settings.max_engine_restarts, delay,
+            "%s; restart %d of %d in %.0f s",
+            gone, self._restarts, self.settings.max_engine_restarts, delay,
         )  # fmt: skip
         if self._sleep(delay):
             return None
@@ -214,7 +249,10 @@ class Supervisor:
     def shutdown(self) -> None:
         # gunicorn first: closing its streams aborts their requests in the engine.
         stop_process(self.web, "gunicorn", WEB_STOP_TIMEOUT_S + 5)
-        stop_process(self.engine, "engine", ENGINE_STOP_TIMEOUT_S)
+        if self.group is not None:
+            self.group.stop(ENGINE_STOP_TIMEOUT_S)
+        else:
+            stop_process(self.engine, "engine", ENGINE_STOP_TIMEOUT_S)
 
 
 def engine_busy(address: str, timeout_s: float = 2.0) -> int | None:
@@ -234,11 +272,26 @@ def engine_busy(address: str, timeout_s: float = 2.0) -> int | None:
         ctx.term()
 
 
+def sharding_problem(settings: Settings) -> str | None:
+    """The engine's own check that the model can be sharded as asked, before any rank starts
+    (a subprocess: deploy never imports mlx); None for one engine process or when it can."""
+    group = settings.distributed()
+    if group is None:
+        return None
+    adapter = None if settings.adapter_path is None else str(settings.adapter_path)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    return shardable.engine_problem(str(settings.model_path), group.mode, group.ranks, adapter, env)
+
+
 def run(settings: Settings) -> int:
     configure_logging("mlx-server", settings.log_level, settings.log_format)
     stop = _StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+    problem = sharding_problem(settings)
+    if problem is not None:
+        print(f"mlx-server: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     runtime_dir = make_private_runtime_dir()
     address = settings.ipc_address or default_ipc_address(runtime_dir)
     sup = Supervisor(settings, address, runtime_dir, stop)

@@ -97,6 +97,15 @@ class StepResult:
     costs: StepCosts
 
 
+# Where the Scheduler hands each plan before executing it: a sharded engine's
+# rank 0 sends it to the other ranks (engine.group.GroupLink.send_plan).
+PlanSink = Callable[[StepPlan], None]
+
+
+def _no_sink(plan: StepPlan) -> None:
+    """One engine process: nobody else executes the plans."""
+
+
 # Test-only seam (never reachable from settings or the wire): given a request,
 # an extra logits processor to run for it, e.g. one that raises.
 FaultInjector = Callable[[Generate], Callable[[Any, Any], Any] | None]
@@ -346,9 +355,11 @@ class Scheduler:
         config: SchedulerConfig,
         grammars: GrammarCompiler | None = None,
         fault_injector: FaultInjector | None = None,
+        plan_sink: PlanSink = _no_sink,
     ) -> None:
         self._config = config
         self.core = EngineCore(model, config, grammars, fault_injector)
+        self._plan_sink = plan_sink
         # Admission and chunk sizes of prefill, from measured costs.
         self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
         self._prefill = PrefillPolicy(config.prefill_step_size)
@@ -475,7 +486,10 @@ class Scheduler:
     def step(self) -> Outputs:
         """Plan a step, execute it, and return all deltas grouped by worker."""
         plan = self.plan()
-        return self.collect(self.core.execute(plan) if plan is not None else None)
+        if plan is None:
+            return self.collect(None)
+        self._plan_sink(plan)
+        return self.collect(self.core.execute(plan))
 
     def plan(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to execute.

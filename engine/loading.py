@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,18 @@ def _tool_parser_name(tokenizer: Any) -> str | None:
     return "harmony" if all(t in vocab for t in _HARMONY_TOKENS) else None
 
 
-def load_model(model_path: str, adapter_path: str | None = None) -> LoadedModel:
+def load_model(
+    model_path: str, adapter_path: str | None = None, shard: Callable[[Any], None] | None = None
+) -> LoadedModel:
+    """Load the model (and adapter); ``shard``, given, keeps one rank's part of the
+    still lazy model (engine.sharding.prepare), so only that part is read into memory."""
     path = Path(model_path).resolve()
     log.info("loading model %s%s", path, f" with adapter {adapter_path}" if adapter_path else "")
     started = time.monotonic()
     # Lazy load, then evaluate with progress: big models take minutes.
     model, tokenizer = mlx_lm_load(str(path), adapter_path=adapter_path, lazy=True)[:2]
+    if shard is not None:
+        shard(model)
     materialize_weights(model)
     config = json.loads((path / "config.json").read_text())
     info = ModelInfo(

@@ -7,6 +7,7 @@ a stop request or a dead parent).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import msgspec
 import zmq
 
 from engine.core import Scheduler
+from engine.group import GroupLink
 from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
@@ -55,7 +57,10 @@ class EngineLoop:
         address: str,
         restarts: int = 0,
         worker_silence_limit_s: float = WORKER_SILENCE_LIMIT_S,
+        group: GroupLink | None = None,
     ) -> None:
+        # Rank 0 of a sharded engine: the scheduler sends its plans through this link.
+        self._group = group
         self._restarts = restarts
         self._worker_silence_limit_s = worker_silence_limit_s
         self._scheduler = scheduler
@@ -106,6 +111,10 @@ class EngineLoop:
                         log.warning("parent process exited; engine stopping")
                         break
                     self._forget_silent_workers()
+                    if self._group is not None:
+                        # Busy or idle: keeps each rank's memory fresh in the status,
+                        # and a rank that died or hangs shows within a second.
+                        self._group.poll(self._scheduler.memory())
                 if self._scheduler.has_work():
                     self._step()
         finally:
@@ -146,8 +155,14 @@ class EngineLoop:
     def _step(self) -> None:
         started = time.perf_counter()
         try:
-            outputs = self._scheduler.step()
-        except Exception as exc:  # one bad step must not take the engine down
+            with self._group.step() if self._group is not None else contextlib.nullcontext():
+                outputs = self._scheduler.step()
+        except Exception as exc:
+            if self._group is not None:
+                # The ranks no longer agree on the batch (or one is gone): the
+                # engine ends, and the supervisor restarts the whole group.
+                raise
+            # One bad step must not take a single-process engine down.
             log.exception("engine step failed; failing the running requests")
             self._scheduler.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
             outputs = self._scheduler.step()
@@ -208,5 +223,6 @@ class EngineLoop:
                 restarts=self._restarts,
                 steps=self._steps,
                 step_seconds=self._step_seconds,
+                group=None if self._group is None else self._group.status,
             ),
         )

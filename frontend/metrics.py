@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterable, Iterator
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from frontend.context import AppContext
 from frontend.engine_client import EngineClient, EngineUnavailable, RequestStream
 from frontend.openapi import Operation
-from ipc.messages import EngineStatus, Generate, TokenDelta
+from ipc.messages import EngineStatus, Generate, GroupStatus, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,25 @@ def _engine_counters(status: EngineStatus) -> dict[str, tuple[str, float]]:
     }
 
 
+def _group_metrics(group: GroupStatus) -> Iterator[Metric]:
+    """A sharded engine: its split (an info metric), its size, and every rank's memory."""
+    yield InfoMetricFamily(
+        f"{PREFIX}_engine_group",
+        "The sharded engine's split (mode) and mlx.distributed backend",
+        value={"mode": group.mode, "backend": group.backend},
+    )
+    yield GaugeMetricFamily(f"{PREFIX}_engine_group_ranks", "Ranks in the sharded engine", value=len(group.ranks))
+    for field, text in (
+        ("active", "Accelerator memory in use by one rank of the sharded engine"),
+        ("peak", "Peak accelerator memory of one rank of the sharded engine"),
+    ):
+        family = GaugeMetricFamily(f"{PREFIX}_engine_rank_memory_{field}_bytes", text, labels=["rank", "host"])
+        for r in group.ranks:
+            used = r.active_memory_bytes if field == "active" else r.peak_memory_bytes
+            family.add_metric([str(r.rank), r.host], float(used))
+        yield family
+
+
 class EngineCollector(Collector):
     """Asks the engine for its status once per scrape; ``engine_up`` 0 when it does not answer."""
 
@@ -197,6 +216,8 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_engine_{name}", text, value=float(value))
         for name, (text, value) in _engine_counters(status).items():
             yield CounterMetricFamily(f"{PREFIX}_engine_{name}", text, value=float(value))
+        if status.group is not None:
+            yield from _group_metrics(status.group)
 
 
 class _Forward(Collector):

@@ -5,7 +5,8 @@ A frontend worker opens with ``Hello``; the engine answers ``Welcome`` (same
 ``PROTOCOL_VERSION``) or ``Rejected``. Every ``Generate`` ends with exactly one
 ``TokenDelta`` whose ``finish_reason`` is set: that is the request's final
 outcome (finished, aborted or failed). Inside a sharded engine, rank 0 sends
-every other rank the ``StepPlan`` of each step.
+every other rank the ``StepPlan`` of each step, a ``GroupPoll`` about every
+second and a ``GroupStop`` at the end.
 
 Structs sent many times a second are ``gc=False``: they hold no reference
 cycles, so the garbage collector need not track them.
@@ -26,7 +27,8 @@ import msgspec
 # 4: TokenDelta.finish_reason is a FinishReason; EngineStatus.state is gone
 #    (an engine that answers is ready; draining is the frontend's drain flag);
 #    StepPlan (rank 0 to the other ranks of a sharded engine).
-# 5: EngineStatus.group (a sharded engine's ranks).
+# 5: EngineStatus.group (a sharded engine's ranks); GroupPoll and GroupStop
+#    (rank 0 to the other ranks).
 PROTOCOL_VERSION = 5
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
@@ -236,5 +238,18 @@ class StepPlan(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
     seed: int
 
 
+class GroupPoll(msgspec.Struct, tag=True, frozen=True):
+    """Every rank reports its memory (an all_gather right after this message).
+
+    Rank 0 sends one about every second, busy or idle: it keeps the ranks'
+    memory in the status fresh, and a rank that died or hangs shows at once.
+    """
+
+
+class GroupStop(msgspec.Struct, tag=True, frozen=True):
+    """The group stops cleanly: every other rank exits 0."""
+
+
 FrontendMessage = Hello | Generate | Abort | StatusQuery | Ping
 EngineMessage = Welcome | Rejected | StepOutputs | EngineStatus | Pong
+GroupMessage = StepPlan | GroupPoll | GroupStop

@@ -52,5 +52,16 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny size as qwen2, which mlx-lm shards both ways (tensor and pipeline)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_adapter_dir(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_lora_adapter(tiny_qwen2_dir, tmp_path_factory.mktemp("tiny-qwen2-adapter"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return ensure_demo_model(_test_cache_dir())

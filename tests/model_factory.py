@@ -252,11 +252,18 @@ def llama_weight_shapes(
     return shapes
 
 
-def _weight_shapes(size: ModelSize, vocab: int) -> dict[str, tuple[int, ...]]:
-    return llama_weight_shapes(
+def _weight_shapes(size: ModelSize, vocab: int, architecture: str = "llama") -> dict[str, tuple[int, ...]]:
+    shapes = llama_weight_shapes(
         hidden=size.hidden, layers=size.layers, heads=size.heads, kv_heads=size.kv_heads,
         intermediate=size.intermediate, vocab=vocab, tied_embeddings=False,
     )  # fmt: skip
+    if architecture == "qwen2":
+        # Qwen2 is llama's layout plus biases on the q, k and v projections.
+        for i in range(size.layers):
+            for key in ("q_proj", "k_proj", "v_proj"):
+                name = f"model.layers.{i}.self_attn.{key}"
+                shapes[f"{name}.bias"] = shapes[f"{name}.weight"][:1]
+    return shapes
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
@@ -269,15 +276,24 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, 
         if name.endswith("norm.weight"):
             weights[name] = np.ones(shape, dtype=np.float32)
             continue
-        std = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
+        # Biases: small, so they shift activations without dominating them.
+        std = 1.0 if "embed_tokens" in name else 0.1 if name.endswith(".bias") else shape[-1] ** -0.5
         weights[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
     return weights
 
 
-def _model_config(size: ModelSize, vocab: int, eos_ids: list[int], context: int = MAX_POSITION_EMBEDDINGS) -> dict:
+# architecture -> (Hugging Face class, mlx-lm model_type). qwen2 shards both
+# ways in mlx-lm (model.shard and PipelineMixin), llama only by tensor.
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+
+
+def _model_config(
+    size: ModelSize, vocab: int, eos_ids: list[int], context: int = MAX_POSITION_EMBEDDINGS, architecture: str = "llama"
+) -> dict:
+    hf_class, model_type = ARCHITECTURES[architecture]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_size": size.hidden,
         "num_hidden_layers": size.layers,
         "num_attention_heads": size.heads,
@@ -310,8 +326,9 @@ def build_tiny_model(
     markers: Sequence[str] = (TOOL_CALL_START, TOOL_CALL_END),
     eos_markers: Sequence[str] = (),
     context: int = MAX_POSITION_EMBEDDINGS,
+    architecture: str = "llama",
 ) -> Path:
-    """Write a deterministic llama model directory for `mlx_lm.load`; return it.
+    """Write a deterministic model directory for `mlx_lm.load`; return it.
 
     `size` is "tiny" (hidden 64, 2 layers; builds in well under a second),
     "long" (one layer, for 64k-token prompts) or "bench" (~34M parameters). Weights are float32 and depend only on `seed`.
@@ -324,9 +341,13 @@ def build_tiny_model(
     `thinking`: add ``<think>``/``</think>`` as added tokens, which makes it a
     thinking model to mlx-lm and to the server (pair it with a template of
     tests/thinking_template.py).
+    `architecture`: "llama" or "qwen2" (llama's weights plus q/k/v biases;
+    for sharded engines in pipeline mode, which llama lacks in mlx-lm).
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -339,8 +360,8 @@ def build_tiny_model(
 
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(chat_template or CHATML_TEMPLATE, context))
-    _write_json(out_dir / "config.json", _model_config(SIZES[size], vocab, eos_ids, context))
-    weights = _random_weights(_weight_shapes(SIZES[size], vocab), seed)
+    _write_json(out_dir / "config.json", _model_config(SIZES[size], vocab, eos_ids, context, architecture))
+    weights = _random_weights(_weight_shapes(SIZES[size], vocab, architecture), seed)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "mlx"})
     return out_dir
 

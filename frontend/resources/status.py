@@ -11,7 +11,7 @@ import falcon
 from frontend.context import AppContext
 from frontend.openapi import Operation
 from frontend.shapes import Shape
-from ipc.messages import EngineStatus
+from ipc.messages import EngineStatus, GroupStatus
 
 
 class StatusModel(Shape):
@@ -49,6 +49,23 @@ class StatusMemory(Shape):
     peak_bytes: int
 
 
+class StatusRank(Shape):
+    """One rank of a sharded engine, as its last report to rank 0 gave it."""
+
+    rank: int
+    host: str
+    memory: StatusMemory
+
+
+class StatusGroup(Shape):
+    """A sharded engine (mlx.distributed): how the model is split, over which ranks."""
+
+    mode: Literal["tensor", "pipeline"]
+    backend: Literal["ring", "jaccl"]
+    size: int
+    ranks: list[StatusRank]
+
+
 class StatusFrontend(Shape):
     """The gunicorn worker that answered."""
 
@@ -61,8 +78,29 @@ class Status(Shape):
     model: StatusModel
     engine: StatusEngine
     prompt_cache: StatusPromptCache
+    # Rank 0's memory when sharded; every rank's is in group.ranks.
     memory: StatusMemory
+    # null: one engine process, not a sharded group.
+    group: StatusGroup | None
     frontend: StatusFrontend
+
+
+def group_body(group: GroupStatus | None) -> StatusGroup | None:
+    if group is None:
+        return None
+    return StatusGroup(
+        mode=group.mode,
+        backend=group.backend,
+        size=len(group.ranks),
+        ranks=[
+            StatusRank(
+                rank=r.rank,
+                host=r.host,
+                memory=StatusMemory(active_bytes=r.active_memory_bytes, peak_bytes=r.peak_memory_bytes),
+            )
+            for r in group.ranks
+        ],
+    )
 
 
 def status_body(ctx: AppContext, status: EngineStatus) -> Status:
@@ -96,12 +134,19 @@ def status_body(ctx: AppContext, status: EngineStatus) -> Status:
             hit_tokens=status.prompt_cache_hit_tokens,
         ),
         memory=StatusMemory(active_bytes=status.active_memory_bytes, peak_bytes=status.peak_memory_bytes),
+        group=group_body(status.group),
         frontend=StatusFrontend(pid=os.getpid(), uptime_s=round(time.monotonic() - ctx.started_at, 3)),
     )
 
 
 class StatusResource:
-    openapi = {"get": Operation("Model, engine state, queue and prefix cache", response=Status, errors=(401, 503))}
+    openapi = {
+        "get": Operation(
+            "Model, engine state, queue, prefix cache and (sharded) the engine group's ranks",
+            response=Status,
+            errors=(401, 503),
+        )
+    }
 
     def __init__(self, ctx: AppContext) -> None:
         self._ctx = ctx

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from frontend.engine_client import ClientDisconnected, EngineUnavailable
-from ipc.messages import EngineStatus, Generate, ModelInfo, TokenDelta
+from ipc.messages import EngineStatus, Generate, GroupStatus, ModelInfo, TokenDelta
 
 # ---------------------------------------------------------------- engine client
 
@@ -140,6 +140,7 @@ class FakeEngineClient:
     aborted: list[str] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
     status_queries: int = 0
+    group: GroupStatus | None = None  # a sharded engine's ranks, as rank 0 reports them
     _scripts: deque = field(default_factory=deque)
 
     @property
@@ -184,6 +185,7 @@ class FakeEngineClient:
             peak_memory_bytes=2 << 20,
             steps=300,
             step_seconds=1.5,
+            group=self.group,
         )
 
     def all_closed(self) -> bool:

@@ -7,6 +7,7 @@ import pytest
 
 from frontend.app import create_app
 from frontend.tokenization import Tokenization
+from ipc.messages import GroupStatus, RankStatus
 from tests.openai_schema import validate
 from tests.unit.defaults import frontend_settings
 from tests.unit.fakes import FakeEngineClient, make_model_info, write_tokenizer_dir
@@ -59,7 +60,30 @@ def test_status(client, engine):
     assert body["prompt_cache"]["hits"] == 7
     assert body["memory"]["peak_bytes"] == 2 << 20
     assert body["frontend"]["pid"] > 0
+    assert body["group"] is None  # one engine process
     assert engine.status_queries == 1
+
+
+def test_status_of_a_sharded_engine_lists_its_ranks(client, engine):
+    engine.group = GroupStatus(
+        mode="pipeline",
+        backend="ring",
+        ranks=[
+            RankStatus(rank=0, host="mac-a", active_memory_bytes=3 << 20, peak_memory_bytes=4 << 20),
+            RankStatus(rank=1, host="mac-b", active_memory_bytes=5 << 20, peak_memory_bytes=6 << 20),
+        ],
+    )
+    result = client.simulate_get("/v1/mlx/status")
+    assert result.status_code == 200
+    assert result.json["group"] == {
+        "mode": "pipeline",
+        "backend": "ring",
+        "size": 2,
+        "ranks": [
+            {"rank": 0, "host": "mac-a", "memory": {"active_bytes": 3 << 20, "peak_bytes": 4 << 20}},
+            {"rank": 1, "host": "mac-b", "memory": {"active_bytes": 5 << 20, "peak_bytes": 6 << 20}},
+        ],
+    }
 
 
 def test_status_engine_unavailable(client, engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import subprocess
@@ -141,6 +142,25 @@ def test_relative_paths_become_absolute(
     assert job["StandardErrorPath"] == str(
         tmp_path / "home" / "Library" / "Logs" / "mlx-server" / "com.mlx-server.my-model.err.log"
     )
+
+
+def test_sharded_settings_pass_through_with_absolute_paths(
+    model: Path,
+    program: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hosts = [{"ssh": "127.0.0.1", "ips": ["10.0.0.1"]}, {"ssh": "mac-b", "ips": ["10.0.0.2"]}]
+    (tmp_path / "hosts.json").write_text(json.dumps(hosts))
+    monkeypatch.chdir(tmp_path)
+    argv = [str(model), "--mlx-server", str(program), "--", "--distributed-hostfile", "hosts.json"]
+    job = write_plist([*argv, "--distributed-mode=pipeline"], tmp_path, capsys)
+    args = job["ProgramArguments"]
+    assert args[-3:] == ["--distributed-hostfile", str(tmp_path / "hosts.json"), "--distributed-mode=pipeline"]
+    monkeypatch.chdir("/")  # launchd's job starts elsewhere: the plist's paths still hold
+    group = load_settings(args[1:], job["EnvironmentVariables"]).distributed()
+    assert group is not None and (group.mode, group.ranks) == ("pipeline", 2)
 
 
 def test_stdout_by_default(model: Path, program: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from frontend import metrics
 from frontend.middleware import REQUEST_ID_HEADER
 from frontend.tokenization import Tokenization
-from ipc.messages import Generate, TokenDelta
+from ipc.messages import Generate, GroupStatus, RankStatus, TokenDelta
 from tests.unit.fakes import Script
 
 CHAT = "/v1/chat/completions"
@@ -218,6 +218,29 @@ def test_engine_status_at_scrape_time(client, engine):
     assert value(samples, "mlx_server_engine_start_time_seconds") == engine.model.created
 
 
+def test_one_engine_process_has_no_group_metrics(client, engine):
+    samples = scrape(client)
+    assert not any(name.startswith(("mlx_server_engine_group", "mlx_server_engine_rank")) for name, _ in samples)
+
+
+def test_a_sharded_engine_shows_its_split_and_every_rank_memory(client, engine):
+    engine.group = GroupStatus(
+        mode="tensor",
+        backend="jaccl",
+        ranks=[
+            RankStatus(rank=0, host="mac-a", active_memory_bytes=100, peak_memory_bytes=150),
+            RankStatus(rank=1, host="mac-b", active_memory_bytes=200, peak_memory_bytes=250),
+        ],
+    )
+    samples = scrape(client)
+    assert value(samples, "mlx_server_engine_group_info", mode="tensor", backend="jaccl") == 1
+    assert value(samples, "mlx_server_engine_group_ranks") == 2
+    assert value(samples, "mlx_server_engine_rank_memory_active_bytes", rank="0", host="mac-a") == 100
+    assert value(samples, "mlx_server_engine_rank_memory_active_bytes", rank="1", host="mac-b") == 200
+    assert value(samples, "mlx_server_engine_rank_memory_peak_bytes", rank="0", host="mac-a") == 150
+    assert value(samples, "mlx_server_engine_rank_memory_peak_bytes", rank="1", host="mac-b") == 250
+
+
 def test_scrape_works_while_the_engine_is_down(client, engine):
     engine.available = False
     samples = scrape(client)
@@ -238,6 +261,10 @@ def test_metric_names_are_documented():
         "mlx_server_engine_prompt_cache_hits_total",
         "mlx_server_engine_steps_total",
         "mlx_server_engine_step_seconds_total",
+        "mlx_server_engine_group_info",
+        "mlx_server_engine_group_ranks",
+        "mlx_server_engine_rank_memory_active_bytes",
+        "mlx_server_engine_rank_memory_peak_bytes",
     ):
         assert name in text, name
 

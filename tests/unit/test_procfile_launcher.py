@@ -75,6 +75,13 @@ def test_the_engine_socket_must_be_named(model: Path):
         procfile.resolve("engine", {"MLX_SERVER_MODEL_PATH": str(model)})
 
 
+@pytest.mark.parametrize("role", procfile.ROLES)
+def test_a_sharded_engine_needs_the_supervisor(model: Path, role: str):
+    env = {"MLX_SERVER_MODEL_PATH": str(model), "MLX_SERVER_IPC_ADDRESS": "tcp://127.0.0.1:5557"}
+    with pytest.raises(SettingsError, match="a sharded engine .* runs under mlx-server"):
+        procfile.resolve(role, {**env, "MLX_SERVER_DISTRIBUTED_RANKS": "2"})
+
+
 def test_bad_settings_are_one_line_and_exit_2(model: Path, monkeypatch, capsys):
     monkeypatch.setenv("MLX_SERVER_MODEL_PATH", str(model))
     monkeypatch.setenv("MLX_SERVER_IPC_ADDRESS", ADDRESS)

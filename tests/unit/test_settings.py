@@ -440,3 +440,80 @@ def test_ui_is_on_by_default_and_off_from_each_layer(tmp_path: Path, model: Path
     config = write_config(tmp_path, {"ui": False})
     assert load([str(model), "--config", str(config)]).runtime_config("ipc:///x").web.ui is False
     assert "ui" in error_of([str(model), "--ui", "maybe"])
+
+
+# ---------------------------------------------------------------- a sharded engine (mlx.distributed)
+
+
+def shaped_model(path: Path, **sizes: int) -> Path:
+    make_model(path)
+    (path / "config.json").write_text(json.dumps(sizes))
+    return path
+
+
+def test_no_group_by_default(model: Path) -> None:
+    assert load([str(model)]).runtime_config("ipc:///x").distributed is None
+
+
+def test_ranks_on_this_machine_from_each_layer(tmp_path: Path, model: Path) -> None:
+    group = runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=None)
+    assert load([str(model), "--distributed-ranks", "2"]).runtime_config("ipc:///x").distributed == group
+    env = {"MLX_SERVER_DISTRIBUTED_RANKS": "2", "MLX_SERVER_DISTRIBUTED_MODE": "pipeline"}
+    assert load([str(model)], env).distributed() == runtime.DistributedConfig(
+        mode="pipeline", backend="ring", ranks=2, hostfile=None
+    )
+    config = write_config(tmp_path, {"distributed_ranks": 4, "distributed_mode": "tensor"})
+    assert load([str(model), "--config", str(config)]).distributed() == runtime.DistributedConfig(
+        mode="tensor", backend="ring", ranks=4, hostfile=None
+    )
+
+
+def test_a_hostfile_sets_the_ranks(tmp_path: Path, model: Path) -> None:
+    hosts = [{"ssh": "127.0.0.1", "ips": ["10.0.0.1"]}, {"ssh": "mac-b", "ips": ["10.0.0.2"]}]
+    hostfile = write_config(tmp_path, hosts, "hosts.json")
+    group = load([str(model), "--distributed-hostfile", str(hostfile)]).distributed()
+    assert group == runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=str(hostfile))
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--distributed-ranks", "1"], ["distributed_ranks", "at least 2 ranks, got 1", "--distributed-ranks"]),
+        (["--distributed-ranks", "two"], ["distributed_ranks", "integer"]),
+        (["--distributed-mode", "pipeline"], ["distributed_mode", "'pipeline' needs a group"]),
+        (["--distributed-backend", "jaccl"], ["distributed_backend", "'jaccl' needs a group"]),
+        (["--distributed-ranks", "2", "--distributed-mode", "data"], ["distributed_mode", "'tensor' or 'pipeline'"]),
+        (["--distributed-ranks", "2", "--distributed-backend", "jaccl"], ["jaccl needs distributed_hostfile"]),
+    ],
+)
+def test_group_setting_errors(model: Path, args: list[str], needles: list[str]) -> None:
+    message = error_of([str(model), *args])
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_defaults_spelled_out_need_no_group(model: Path) -> None:
+    s = load([str(model), "--distributed-mode", "tensor", "--distributed-backend", "ring"])
+    assert s.distributed() is None
+
+
+def test_hostfile_errors(tmp_path: Path, model: Path) -> None:
+    bad = write_config(tmp_path, "not json", "bad.json")
+    bad.write_text("{not json")
+    assert "is not valid JSON" in error_of([str(model), "--distributed-hostfile", str(bad)])
+    assert "cannot read hostfile" in error_of([str(model), "--distributed-hostfile", str(tmp_path / "none.json")])
+    named = write_config(tmp_path, [{"ssh": "a", "ips": ["mac-a"]}, {"ssh": "b", "ips": ["10.0.0.2"]}], "named.json")
+    assert "not an IP address" in error_of([str(model), "--distributed-hostfile", str(named)])
+    good = write_config(tmp_path, [{"ssh": "127.0.0.1", "ips": ["10.0.0.1"]}] * 2, "good.json")
+    both = error_of([str(model), "--distributed-hostfile", str(good), "--distributed-ranks", "2"])
+    assert "not both" in both
+
+
+def test_head_and_layer_counts_must_fit_the_ranks(tmp_path: Path) -> None:
+    model = shaped_model(tmp_path / "m", num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=2)
+    assert load([str(model), "--distributed-ranks", "3"]).distributed() is not None
+    message = error_of([str(model), "--distributed-ranks", "2"])
+    assert message == f"tensor mode over 2 ranks needs key/value heads divisible by 2; {model} has 3"
+    assert load([str(model), "--distributed-ranks", "2", "--distributed-mode", "pipeline"]).distributed()
+    pipeline = error_of([str(model), "--distributed-ranks", "3", "--distributed-mode", "pipeline"])
+    assert pipeline == f"pipeline mode over 3 ranks needs at least 3 layers; {model} has 2"

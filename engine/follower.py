@@ -1,0 +1,106 @@
+"""The loop of every rank but 0 in a sharded engine: execute what rank 0 sends.
+
+A follower owns its shard of the model and an EngineCore like rank 0's; it
+has no socket and decides nothing. Each step plan is executed exactly as
+rank 0 executes it (the deltas are rank 0's to send, so they are dropped
+here), and the finished sequences go into the prefix cache at the same point
+of the sequence of calls as on rank 0, so both caches make the same choices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from engine.group import (
+    FOLLOWER_STOP_GRACE_S,
+    GROUP_STEP_TIMEOUT_S,
+    GROUP_SYNC_TIMEOUT_S,
+    LEADER_SILENCE_LIMIT_S,
+    Channel,
+    Watchdog,
+)
+from ipc import codec
+from ipc.messages import GroupPoll, GroupStop, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class Core(Protocol):
+    """What a follower needs of engine.core.EngineCore."""
+
+    def execute(self, plan: StepPlan) -> Any: ...
+
+    def remember_finished(self) -> None: ...
+
+    def memory(self) -> tuple[int, int]: ...
+
+
+class Follower:
+    def __init__(self, core: Core, channel: Channel, watchdog: Watchdog) -> None:
+        self._core = core
+        self._channel = channel
+        self._watchdog = watchdog
+        self._stopped = False
+        self._parent_pid = os.getppid()
+        self._term_at: float | None = None
+        self.steps = 0
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            StepPlan: self._on_plan,
+            GroupPoll: self._on_poll,
+            GroupStop: self._on_stop,
+        }
+        watchdog.add_check(self._stop_overdue)
+        watchdog.add_check(self._parent_gone)
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, *_: object) -> None:
+        """Signal handler: only record. The follower is blocked in a collective
+        most of the time; it stops on rank 0's GroupStop (the same signal reaches
+        rank 0) or, when none comes, the watchdog ends it after a grace period."""
+        if self._term_at is None:
+            self._term_at = time.monotonic()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _stop_overdue(self) -> str | None:
+        if self._term_at is not None and time.monotonic() - self._term_at > FOLLOWER_STOP_GRACE_S:
+            return f"asked to stop, and rank 0 sent no stop within {FOLLOWER_STOP_GRACE_S:.0f} s"
+        return None
+
+    def _parent_gone(self) -> str | None:
+        # Reparenting means whoever started us (mlx.launch) died: don't hold the shard's memory.
+        return "parent process exited" if os.getppid() != self._parent_pid else None
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Follow until rank 0 sends GroupStop; a failed collective or step raises."""
+        log.info("following rank 0 (pid %d)", os.getpid())
+        while not self._stopped:
+            with self._watchdog.watch(LEADER_SILENCE_LIMIT_S, "waiting for rank 0"):
+                data = self._channel.broadcast(None)
+            message = codec.decode_group_message(data)
+            self._handlers[type(message)](message)
+        log.info("follower stopped")
+
+    def _on_plan(self, plan: StepPlan) -> None:
+        with self._watchdog.watch(GROUP_STEP_TIMEOUT_S, "an engine step"):
+            self._core.execute(plan)
+            # Rank 0 calls this once the step's deltas are out, before its next plan.
+            self._core.remember_finished()
+        self.steps += 1
+
+    def _on_poll(self, _: GroupPoll) -> None:
+        with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "reporting memory to rank 0"):
+            self._channel.gather_ints(list(self._core.memory()))
+
+    def _on_stop(self, _: GroupStop) -> None:
+        self._stopped = True

@@ -1,0 +1,270 @@
+"""A sharded engine's group: rank 0's messages to the other ranks, and the watchdog.
+
+Every rank of the group is started by mlx.launch (which sets MLX_RANK and
+MLX_HOSTFILE) with the same config. Rank 0 plans each step and sends the
+plan to the others; every rank executes it. The messages (ipc.messages'
+GroupMessage) are msgpack bytes carried by mlx.distributed collectives: an
+all_sum of a buffer that only rank 0 fills is a broadcast. They run on
+mlx-lm's generation stream, the one the model's own collectives (tensor
+all-reduces, pipeline sends) run on: collectives of two streams would
+interleave on the same connections in a different order on each rank. Collectives are the only transport: no second network path to
+set up, secure or keep alive.
+
+The group lives and dies as one. A collective that fails (a peer process
+died: the ring backend raises "connection to a peer was lost") ends the
+rank with a non-zero exit, and the supervisor restarts the whole group. A
+peer that hangs instead (stopped, swapping, a dead link that TCP has not
+noticed yet) blocks the others inside a collective that never returns:
+only another thread can see that, so a watchdog ends the process when a
+wait on the group outlives its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generation_stream
+
+from ipc import codec
+from ipc.messages import GroupPoll, GroupStatus, GroupStop, RankStatus, StepPlan
+from ipc.runtime import DistributedBackend, DistributedConfig, DistributedMode
+
+log = logging.getLogger(__name__)
+
+# Every rank reaches each plan or poll broadcast within the tail of one step
+# (the ranks execute the same steps in lockstep: tensor mode all-reduces in
+# every layer, pipeline mode passes activations), so one that waits longer
+# than this on a broadcast or a poll is waiting for a rank that hangs.
+GROUP_SYNC_TIMEOUT_S = 10.0
+# One engine step (a decode step plus at most one prefill chunk) inside the
+# group's collectives. Generous: the first steps of a big model build their
+# kernels, and a prefill chunk of a large model over Ethernet takes seconds.
+GROUP_STEP_TIMEOUT_S = 60.0
+# A follower hears from rank 0 at least every housekeeping poll (about a
+# second) while rank 0 lives; silence this long means rank 0 hangs.
+LEADER_SILENCE_LIMIT_S = GROUP_SYNC_TIMEOUT_S
+# A follower asked to stop (SIGTERM) waits this long for rank 0's GroupStop,
+# which the same signal to the whole group brings, before it leaves alone.
+FOLLOWER_STOP_GRACE_S = GROUP_SYNC_TIMEOUT_S
+# How often the watchdog thread looks at its deadline and checks.
+WATCHDOG_INTERVAL_S = 0.25
+# A broadcast is one all_sum of this many bytes when the message fits (a
+# step plan without long prompts does), two collectives otherwise.
+HEAD_BYTES = 4096
+_LENGTH_BYTES = 4
+# Host names are gathered once, at start, in fixed-width fields.
+HOSTNAME_BYTES = 256
+# Exit status of a rank whose group failed (a peer lost or hung, a step
+# that raised): the supervisor restarts the whole group.
+EXIT_GROUP_FAILED = 1
+
+
+class GroupError(RuntimeError):
+    """The group cannot go on together (a collective failed, or it is not the size asked)."""
+
+
+# ---------------------------------------------------------------- start
+
+
+def join_group(config: DistributedConfig) -> Any:
+    """This process's mlx.distributed group, checked against the config."""
+    try:
+        group = mx.distributed.init(strict=True, backend=config.backend)
+    except (RuntimeError, ValueError) as exc:
+        raise GroupError(f"cannot join the {config.backend} group: {exc}") from None
+    if group.size() != config.ranks:
+        raise GroupError(f"the group has {group.size()} ranks, the config says {config.ranks}")
+    return group
+
+
+# ---------------------------------------------------------------- transport
+
+
+class Channel(Protocol):
+    """What the group's messages travel on (a fake in unit tests)."""
+
+    rank: int
+    size: int
+
+    def broadcast(self, payload: bytes | None) -> bytes:
+        """Rank 0 passes the bytes, every other rank None; all get rank 0's bytes."""
+        ...
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same count on each), by rank."""
+        ...
+
+
+class CollectiveChannel:
+    """Channel over mlx.distributed collectives, in stream order after the model's."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self.rank: int = group.rank()
+        self.size: int = group.size()
+
+    def _all_sum(self, buffer: bytearray) -> bytes:
+        """The element-wise sum of every rank's ``buffer`` (bytes, one per uint8)."""
+        try:
+            out = mx.distributed.all_sum(
+                mx.array(np.frombuffer(buffer, dtype=np.uint8)), group=self._group, stream=generation_stream
+            )
+            mx.eval(out)
+        except RuntimeError as exc:
+            raise GroupError(f"collective failed: {exc}") from None
+        return np.asarray(out).tobytes()
+
+    def broadcast(self, payload: bytes | None) -> bytes:
+        # The head carries the length and as much of the message as fits:
+        # one collective per step for the usual plan.
+        head = bytearray(HEAD_BYTES)
+        if self.rank == 0:
+            assert payload is not None
+            head[:_LENGTH_BYTES] = len(payload).to_bytes(_LENGTH_BYTES, "little")
+            inline = payload[: HEAD_BYTES - _LENGTH_BYTES]
+            head[_LENGTH_BYTES : _LENGTH_BYTES + len(inline)] = inline
+        got = self._all_sum(head)
+        length = int.from_bytes(got[:_LENGTH_BYTES], "little")
+        body = got[_LENGTH_BYTES : _LENGTH_BYTES + length]
+        rest = length - len(body)
+        if rest <= 0:
+            return body
+        tail = bytearray(rest)
+        if self.rank == 0:
+            assert payload is not None
+            tail[:] = payload[len(body) :]
+        return body + self._all_sum(tail)
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        try:
+            out = mx.distributed.all_gather(
+                mx.array(values, dtype=mx.int64), group=self._group, stream=generation_stream
+            )
+            mx.eval(out)
+        except RuntimeError as exc:
+            raise GroupError(f"collective failed: {exc}") from None
+        flat: list[int] = out.tolist()  # type: ignore[assignment]
+        n = len(values)
+        return [flat[i * n : (i + 1) * n] for i in range(self.size)]
+
+
+def gather_host_names(channel: Channel) -> list[str]:
+    """Every rank's host name, by rank. Also the sync point after loading:
+    no rank leaves it before every rank has its shard in memory."""
+    name = socket.gethostname().encode()[:HOSTNAME_BYTES]
+    padded = list(name.ljust(HOSTNAME_BYTES, b"\0"))
+    rows = channel.gather_ints(padded)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+class Watchdog:
+    """Ends the process (``os._exit``) when a watched wait outlives its bound,
+    or when a check names a reason. A thread: the main thread may be blocked
+    inside a collective that never returns."""
+
+    def __init__(self, exit_code: int = EXIT_GROUP_FAILED) -> None:
+        self._exit_code = exit_code
+        self._deadline: float | None = None
+        self._what = ""
+        self._limit_s = 0.0
+        self._checks: list[Callable[[], str | None]] = []
+        self._thread = threading.Thread(target=self._run, name="group-watchdog", daemon=True)
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """``check()`` returns a reason to exit, or None; called from the watchdog thread."""
+        self._checks.append(check)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @contextmanager
+    def watch(self, seconds: float, what: str) -> Iterator[None]:
+        """Exit the process unless the block ends within ``seconds``; nests (an inner bound replaces the outer one while it runs)."""
+        saved = self._deadline, self._what, self._limit_s
+        self._deadline, self._what, self._limit_s = time.monotonic() + seconds, what, seconds
+        try:
+            yield
+        finally:
+            self._deadline, self._what, self._limit_s = saved
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._exit(f"{self._what} did not finish within {self._limit_s:g} s: a rank of the group hangs")
+            for check in self._checks:
+                reason = check()
+                if reason is not None:
+                    self._exit(reason)
+
+    def _exit(self, reason: str) -> None:
+        log.error("%s; exiting", reason)
+        os._exit(self._exit_code)
+
+
+# ---------------------------------------------------------------- rank 0
+
+
+class GroupLink:
+    """Rank 0's end of the group: plans, polls and the stop, each under the watchdog."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        watchdog: Watchdog,
+        mode: DistributedMode,
+        backend: DistributedBackend,
+        hosts: list[str],
+    ) -> None:
+        self._channel = channel
+        self._watchdog = watchdog
+        self._mode = mode
+        self._backend = backend
+        self._hosts = hosts
+        self.status = GroupStatus(mode=mode, backend=backend, ranks=[])
+
+    def _send(self, message: StepPlan | GroupPoll | GroupStop, what: str) -> None:
+        with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, what):
+            self._channel.broadcast(codec.encode(message))
+
+    def send_plan(self, plan: StepPlan) -> None:
+        """The Scheduler's plan sink: every rank executes the plan rank 0 is about to."""
+        self._send(plan, "sending a step plan")
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Bounds one engine step (its plan's broadcast and its execution)."""
+        with self._watchdog.watch(GROUP_STEP_TIMEOUT_S, "an engine step"):
+            yield
+
+    def poll(self, memory: tuple[int, int]) -> GroupStatus:
+        """Every rank's memory (``memory``: rank 0's active and peak bytes)."""
+        self._send(GroupPoll(), "a group poll")
+        with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "gathering the ranks' memory"):
+            rows = self._channel.gather_ints(list(memory))
+        self.status = GroupStatus(
+            mode=self._mode,
+            backend=self._backend,
+            ranks=[
+                RankStatus(rank=r, host=self._hosts[r], active_memory_bytes=active, peak_memory_bytes=peak)
+                for r, (active, peak) in enumerate(rows)
+            ],
+        )
+        return self.status
+
+    def stop(self) -> None:
+        """Every other rank exits 0."""
+        self._send(GroupStop(), "stopping the group")

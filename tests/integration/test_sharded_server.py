@@ -1,0 +1,207 @@
+"""A sharded engine under mlx-server: its startup errors, and one group of 2 ranks on this machine
+(ring backend over 127.0.0.1) that serves like one process, heals a killed and a hung follower
+and leaves nothing behind on SIGTERM. One group start plus its two restarts: each loads the model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.server import REPO_ROOT, ServerProcess, child_env, mlx_server_command
+from tests.integration.test_startup_errors import assert_one_line_error
+from tests.model_factory import build_tiny_model
+from tests.openai_schema import validate
+from tests.sse import sse_data
+from tests.waiting import wait_until
+
+FAST_EXIT_S = 60  # the engine's pre-check imports mlx: seconds on a loaded 2-core box
+# A killed follower: the supervisor sees its rank process gone and kills the group at once, so
+# the stream's error comes within about a second; bounded generously for a loaded CI box.
+GROUP_DEATH_DEADLINE_S = 8.0
+# A stopped follower: rank 0 gives up on it after its group bound (engine.group, 10 s).
+HUNG_GROUP_DEADLINE_S = 40.0
+RESTART_WAIT_S = 90.0
+CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in an architecture that shards both ways (tensor and pipeline)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        mlx_server_command(*args), cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=FAST_EXIT_S
+    )
+
+
+def processes_naming(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if text in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(result, *needles)
+
+
+# ---------------------------------------------------------------- startup errors
+
+
+def test_bad_hostfile(tiny_model_dir: Path, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},')
+    assert_usage_error(run_cli(str(tiny_model_dir), "--distributed-hostfile", str(hostfile)), "not valid JSON")
+
+
+def test_one_rank_is_not_a_group(tiny_model_dir: Path) -> None:
+    assert_usage_error(run_cli(str(tiny_model_dir), "--distributed-ranks", "1"), "at least 2 ranks")
+
+
+def test_hostfile_and_ranks_together(tiny_model_dir: Path, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    result = run_cli(str(tiny_model_dir), "--distributed-hostfile", str(hostfile), "--distributed-ranks", "2")
+    assert_usage_error(result, "not both")
+
+
+def test_heads_that_two_ranks_do_not_divide(tmp_path: Path) -> None:
+    model = tmp_path / "odd-heads"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 3}))
+    (model / "model.safetensors").write_bytes(b"")
+    assert_usage_error(run_cli(str(model), "--distributed-ranks", "2"), "attention heads divisible by 2")
+
+
+def test_engine_pre_check_refuses_a_model_that_cannot_split_that_way(tiny_model_dir: Path) -> None:
+    # mlx-lm's llama has model.shard() (tensor) but no pipeline: the engine's own check says so
+    # before any rank starts, and nothing of a group is left running.
+    result = run_cli(str(tiny_model_dir), "--distributed-ranks", "2", "--distributed-mode", "pipeline")
+    assert_usage_error(result, "llama", "pipeline")
+    assert "engine group" not in result.stderr  # no group was started
+    assert not processes_naming(str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------- one group of 2 ranks
+
+
+def group_processes(server: ServerProcess) -> tuple[psutil.Process, list[psutil.Process]]:
+    """mlx.launch and its ranks (python processes whose environment has MLX_RANK)."""
+    tree = server.process_tree()
+    launcher = next(p for p in tree if "mlx.launch" in " ".join(p.cmdline()))
+    ranks = sorted((p for p in launcher.children() if "MLX_RANK" in p.environ()), key=lambda p: p.environ()["MLX_RANK"])
+    return launcher, ranks
+
+
+def ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def greedy(base: str) -> str:
+    response = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def long_stream(base: str, no_eos: dict[str, int], out: dict) -> None:
+    payload = {**CHAT, "max_tokens": 3500, "stream": True, "logit_bias": no_eos}
+    events = []
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
+        for data in sse_data(r.iter_text()):
+            events.append(data)
+            out.setdefault("first_at", time.monotonic())
+    out["events"] = events
+
+
+def fault_during_a_stream(server: ServerProcess, no_eos: dict[str, int], fault: str, deadline_s: float) -> None:
+    """Hit the follower (kill or stop it) while a long stream runs: the stream must end with the
+    engine-unavailable error within deadline_s, and every process of that group must go."""
+    launcher, ranks = group_processes(server)
+    assert [r.environ()["MLX_RANK"] for r in ranks] == ["0", "1"]
+    result: dict = {}
+    stream = threading.Thread(target=long_stream, args=(server.base_url, no_eos, result))
+    stream.start()
+    wait_until(lambda: "first_at" in result, "the stream to start", context=server.log_text)
+    getattr(ranks[1], fault)()
+    stream.join(deadline_s)
+    assert not stream.is_alive(), f"the stream outlived its group ({fault})"
+    last = json.loads(result["events"][-1])
+    assert last["error"]["type"] == "server_error"
+    wait_until(lambda: not any(p.is_running() for p in [launcher, *ranks]), "the old group to be gone", 30)
+
+
+def back_after_restart(server: ServerProcess, restarts: int, expected: str) -> None:
+    """503 with Retry-After while the group restarts, then the same answers as before."""
+    base = server.base_url
+    down = httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30)
+    if down.status_code == 503:  # the group may already be back: both are right
+        assert down.headers["Retry-After"]
+        validate(down.json(), "ErrorResponse")
+    wait_until(lambda: ready(base), "the restarted group", RESTART_WAIT_S, context=server.log_text)
+    assert greedy(base) == expected
+    status = wait_until(lambda: status_answer(base), "a worker's status after the restart")
+    assert status.json()["engine"]["restarts"] == restarts
+    assert status.json()["group"]["size"] == 2
+
+
+def status_answer(base: str) -> httpx.Response | None:
+    response = httpx.get(f"{base}/v1/mlx/status", timeout=5)
+    return response if response.status_code == 200 else None
+
+
+def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(qwen2_dir: Path, server_logs: Path) -> None:
+    with ServerProcess(qwen2_dir, server_logs, workers=1) as single:
+        expected = greedy(single.base_url)
+
+    server = ServerProcess(qwen2_dir, server_logs, "--distributed-ranks", "2", workers=1).wait_ready()
+    try:
+        base = server.base_url
+        assert greedy(base) == expected
+
+        status = status_answer(base)
+        assert status is not None
+        group = status.json()["group"]
+        assert (group["mode"], group["backend"], group["size"]) == ("tensor", "ring", 2)
+        assert [r["rank"] for r in group["ranks"]] == [0, 1]
+        assert all(r["memory"]["active_bytes"] > 0 and r["host"] for r in group["ranks"])
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'mlx_server_engine_group_info{backend="ring",mode="tensor"} 1.0' in metrics
+        assert 'mlx_server_engine_rank_memory_active_bytes{host="' in metrics
+
+        eos = json.loads((qwen2_dir / "config.json").read_text())["eos_token_id"]
+        no_eos = {str(t): -100 for t in eos}
+        fault_during_a_stream(server, no_eos, "kill", GROUP_DEATH_DEADLINE_S)
+        back_after_restart(server, 1, expected)
+        assert "rank 1 (process " in server.log_text()
+
+        # A follower that hangs (SIGSTOP) never returns from a collective by itself: rank 0's
+        # bound ends it, and the group goes whole (SIGKILL reaches a stopped process too).
+        fault_during_a_stream(server, no_eos, "suspend", HUNG_GROUP_DEADLINE_S)
+        back_after_restart(server, 2, expected)
+
+        launcher, ranks = group_processes(server)
+        second_group = [launcher, *ranks]
+        server._tree = server.process_tree()  # stop() checks the tree it saw: the restarted one
+        assert server.stop(signal.SIGTERM) == 0  # and that no process of it is left
+        assert not any(p.is_running() for p in second_group)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
