@@ -106,8 +106,9 @@ def remote_config(config: runtime.RuntimeConfig) -> str | None:
 def launch_command(
     group: runtime.DistributedConfig, starting_port: int, restarts: int, config_for_remote: str | None
 ) -> list[str]:
-    """mlx.launch running `python -m engine` on every rank (the config comes from the environment)."""
-    command = [sys.executable, launcher_path(), "--backend", group.backend]
+    """mlx.launch running `python -m engine` on every rank (the config comes from the environment),
+    through deploy.group_launch: the group dies with mlx-server even if it is SIGKILLed."""
+    command = [sys.executable, "-m", "deploy.group_launch", launcher_path(), "--backend", group.backend]
     command += ["--hostfile", group.hostfile] if group.hostfile else ["-n", str(group.ranks)]
     # --python: every host runs the engine with this interpreter's path (the same venv path on each Mac).
     command += ["--starting-port", str(starting_port), "--python", sys.executable]
@@ -234,17 +235,33 @@ class EngineGroup:
         self._close_stdin()
 
     def stop(self, timeout_s: float) -> None:
-        """SIGTERM the session; SIGKILL whatever is still there after timeout_s."""
+        """SIGTERM every rank; SIGKILL whatever is left of the session after timeout_s."""
         self._close_watch()
         if self.proc is None:
             return
-        self._signal(signal.SIGTERM)
+        self._terminate_ranks()
         deadline = time.monotonic() + timeout_s
         while self._session_alive() and time.monotonic() < deadline:
             time.sleep(STOP_POLL_S)
         if self._session_alive():
             log.warning("the engine group did not stop within %.0f s; killing it", timeout_s)
         self.kill()
+
+    def _terminate_ranks(self) -> None:
+        # The ranks, not mlx.launch: it relays their last log lines and exits after them (a
+        # SIGTERMed mlx.launch dies at once, and those lines with it). Without it, everyone.
+        assert self.proc is not None
+        try:
+            children = psutil.Process(self.proc.pid).children() if self.proc.poll() is None else []
+        except psutil.NoSuchProcess:
+            children = []
+        if not children:
+            self._signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
 
     def _session_alive(self) -> bool:
         assert self.proc is not None

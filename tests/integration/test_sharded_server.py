@@ -13,11 +13,9 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 from tests.integration.server import REPO_ROOT, ServerProcess, child_env, mlx_server_command
 from tests.integration.test_startup_errors import assert_one_line_error
-from tests.model_factory import build_tiny_model
 from tests.openai_schema import validate
 from tests.sse import sse_data
 from tests.waiting import wait_until
@@ -30,12 +28,6 @@ GROUP_DEATH_DEADLINE_S = 8.0
 HUNG_GROUP_DEADLINE_S = 40.0
 RESTART_WAIT_S = 90.0
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in an architecture that shards both ways (tensor and pipeline)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -167,11 +159,11 @@ def status_answer(base: str) -> httpx.Response | None:
     return response if response.status_code == 200 else None
 
 
-def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(qwen2_dir: Path, server_logs: Path) -> None:
-    with ServerProcess(qwen2_dir, server_logs, workers=1) as single:
+def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_dir: Path, server_logs: Path) -> None:
+    with ServerProcess(tiny_qwen2_dir, server_logs, workers=1) as single:
         expected = greedy(single.base_url)
 
-    server = ServerProcess(qwen2_dir, server_logs, "--distributed-ranks", "2", workers=1).wait_ready()
+    server = ServerProcess(tiny_qwen2_dir, server_logs, "--distributed-ranks", "2", workers=1).wait_ready()
     try:
         base = server.base_url
         assert greedy(base) == expected
@@ -186,7 +178,7 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(qwen2_dir: 
         assert 'mlx_server_engine_group_info{backend="ring",mode="tensor"} 1.0' in metrics
         assert 'mlx_server_engine_rank_memory_active_bytes{host="' in metrics
 
-        eos = json.loads((qwen2_dir / "config.json").read_text())["eos_token_id"]
+        eos = json.loads((tiny_qwen2_dir / "config.json").read_text())["eos_token_id"]
         no_eos = {str(t): -100 for t in eos}
         fault_during_a_stream(server, no_eos, "kill", GROUP_DEATH_DEADLINE_S)
         back_after_restart(server, 1, expected)
@@ -205,3 +197,31 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(qwen2_dir: 
     finally:
         if server.proc.poll() is None:
             server.kill()
+
+
+def test_pipeline_group_answers_alike_and_dies_with_a_killed_supervisor(
+    tiny_qwen2_dir: Path, server_logs: Path
+) -> None:
+    with ServerProcess(tiny_qwen2_dir, server_logs, workers=1) as single:
+        expected = greedy(single.base_url)
+    server = ServerProcess(
+        tiny_qwen2_dir, server_logs, "--distributed-ranks", "2", "--distributed-mode", "pipeline", workers=1
+    ).wait_ready()
+    everything = server.process_tree()
+    try:
+        assert greedy(server.base_url) == expected
+        status = status_answer(server.base_url)
+        assert status is not None and status.json()["group"]["mode"] == "pipeline"
+        launcher, ranks = group_processes(server)
+        assert {launcher, *ranks} <= set(everything)
+        server.proc.kill()  # no drain, no stop: the group must notice on its own
+        server.proc.wait(30)
+        _, alive = psutil.wait_procs(everything, timeout=30)
+        assert not alive, f"left behind by a killed mlx-server: {alive}"
+    finally:
+        for p in reversed(everything):  # a failed check must not leave its processes behind
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        server.kill()

@@ -127,8 +127,9 @@ def test_backend_named_in_the_hostfile_must_match(tmp_path: Path) -> None:
 def test_launch_command_for_ranks_on_this_machine() -> None:
     group = runtime.DistributedConfig(mode="tensor", backend="ring", ranks=2, hostfile=None)
     command = launch_command(group, 21000, 3, None)
-    assert command[:2] == [sys.executable, str(Path(sys.executable).parent / "mlx.launch")]
-    assert command[2:] == [
+    launcher = str(Path(sys.executable).parent / "mlx.launch")
+    assert command[:4] == [sys.executable, "-m", "deploy.group_launch", launcher]
+    assert command[4:] == [
         "--backend", "ring", "-n", "2", "--starting-port", "21000", "--python", sys.executable,
         "--", "-m", "engine", "--restarts", "3",
     ]  # fmt: skip
