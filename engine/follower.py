@@ -23,6 +23,7 @@ from engine.group import (
     LEADER_SILENCE_LIMIT_S,
     Channel,
     Watchdog,
+    settle,
 )
 from ipc import codec
 from ipc.messages import GroupPoll, GroupStop, StepPlan
@@ -85,6 +86,7 @@ class Follower:
         """Follow until rank 0 sends GroupStop; a failed collective or step raises."""
         log.info("following rank 0 (pid %d)", os.getpid())
         while not self._stopped:
+            settle(self._channel, self._watchdog)
             with self._watchdog.watch(LEADER_SILENCE_LIMIT_S, "waiting for rank 0"):
                 data = self._channel.broadcast(None)
             message = codec.decode_group_message(data)

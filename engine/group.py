@@ -21,6 +21,7 @@ wait on the group outlives its bound.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
@@ -40,14 +41,17 @@ from ipc.runtime import DistributedBackend, DistributedConfig, DistributedMode
 
 log = logging.getLogger(__name__)
 
-# Every rank reaches each plan or poll broadcast within the tail of one step
-# (the ranks execute the same steps in lockstep: tensor mode all-reduces in
-# every layer, pipeline mode passes activations), so one that waits longer
-# than this on a broadcast or a poll is waiting for a rank that hangs.
+# A rank first finishes the work it queued (settle: the model's forward runs
+# asynchronously, its collectives included), then meets the others on a
+# plan or poll broadcast. The ranks execute the same steps in lockstep
+# (tensor mode all-reduces in every layer, pipeline mode passes
+# activations), so a settled rank that waits longer than this on a
+# broadcast or a poll is waiting for a rank that hangs.
 GROUP_SYNC_TIMEOUT_S = 10.0
 # One engine step (a decode step plus at most one prefill chunk) inside the
-# group's collectives. Generous: the first steps of a big model build their
-# kernels, and a prefill chunk of a large model over Ethernet takes seconds.
+# group's collectives, until it has settled. Generous: the first steps of a
+# big model build their kernels, and a prefill chunk of a large model over
+# Ethernet takes seconds.
 GROUP_STEP_TIMEOUT_S = 60.0
 # A follower hears from rank 0 at least every housekeeping poll (about a
 # second) while rank 0 lives; silence this long means rank 0 hangs.
@@ -95,6 +99,10 @@ class Channel(Protocol):
     rank: int
     size: int
 
+    def settle(self) -> None:
+        """Wait until the work this rank queued (the model's collectives included) is done."""
+        ...
+
     def broadcast(self, payload: bytes | None) -> bytes:
         """Rank 0 passes the bytes, every other rank None; all get rank 0's bytes."""
         ...
@@ -122,6 +130,12 @@ class CollectiveChannel:
         except RuntimeError as exc:
             raise GroupError(f"collective failed: {exc}") from None
         return np.asarray(out).tobytes()
+
+    def settle(self) -> None:
+        try:
+            mx.synchronize(generation_stream)
+        except RuntimeError as exc:
+            raise GroupError(f"collective failed: {exc}") from None
 
     def broadcast(self, payload: bytes | None) -> bytes:
         # The head carries the length and as much of the message as fits:
@@ -155,6 +169,13 @@ class CollectiveChannel:
         flat: list[int] = out.tolist()  # type: ignore[assignment]
         n = len(values)
         return [flat[i * n : (i + 1) * n] for i in range(self.size)]
+
+
+def settle(channel: Channel, watchdog: Watchdog) -> None:
+    """Finish this rank's queued steps (bounded as a step) before a bounded meeting:
+    the meeting's bound must not count the work still queued in front of it."""
+    with watchdog.watch(GROUP_STEP_TIMEOUT_S, "finishing the last engine step"):
+        channel.settle()
 
 
 def gather_host_names(channel: Channel) -> list[str]:
@@ -212,6 +233,9 @@ class Watchdog:
 
     def _exit(self, reason: str) -> None:
         log.error("%s; exiting", reason)
+        if log.isEnabledFor(logging.DEBUG):
+            # Where the main thread waits (a collective inside a step, a poll...).
+            faulthandler.dump_traceback(all_threads=True)
         os._exit(self._exit_code)
 
 
@@ -237,6 +261,7 @@ class GroupLink:
         self.status = GroupStatus(mode=mode, backend=backend, ranks=[])
 
     def _send(self, message: StepPlan | GroupPoll | GroupStop, what: str) -> None:
+        settle(self._channel, self._watchdog)
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, what):
             self._channel.broadcast(codec.encode(message))
 

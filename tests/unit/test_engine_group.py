@@ -38,6 +38,9 @@ class Rank0Channel:
         self.sent: list[bytes] = []
         self.peer_rows = peer_rows or [0, 0]
 
+    def settle(self) -> None:
+        pass  # nothing runs asynchronously here
+
     def broadcast(self, payload: bytes | None) -> bytes:
         assert payload is not None
         self.sent.append(payload)
@@ -56,6 +59,9 @@ class FollowerChannel:
     def __init__(self, messages: list[bytes]) -> None:
         self.inbox = deque(messages)
         self.gathered: list[list[int]] = []
+
+    def settle(self) -> None:
+        pass  # nothing runs asynchronously here
 
     def broadcast(self, payload: bytes | None) -> bytes:
         assert payload is None, "a follower never sends"
