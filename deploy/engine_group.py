@@ -10,6 +10,7 @@ handshake after a start fails; then the whole session is SIGKILLed. Watching the
 matters: the ranks left wait inside a collective for the lost one until rank 0's own bound
 (engine/group.py) ends them, and a rank blocked there cannot act on mlx.launch's SIGTERM. A
 remote rank dies with its ssh client: killing the client hangs up the remote pty (SIGHUP).
+mlx.launch itself runs inside deploy.group_launch, which kills the session if mlx-server dies.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
     grammars = GrammarCompiler(loaded.tokenizer, info.vocab_size, info.eos_token_ids)
     if rank != 0:
         return _follow(EngineCore(loaded.model, sched_config, grammars), channel, watchdog)
-    link = GroupLink(channel, watchdog, dist.mode, dist.backend, hosts)
+    link = GroupLink(channel, watchdog, dist.mode, dist.backend, hosts, lambda: scheduler.core.pending_prompt_tokens())
     scheduler = Scheduler(loaded.model, sched_config, grammars=grammars, plan_sink=link.send_plan)
     loop = EngineLoop(scheduler, info, config.ipc_address, restarts=restarts, group=link)
     log.info("engine group of %d ranks (%s, %s backend) on %s", dist.ranks, dist.mode, dist.backend, ", ".join(hosts))

@@ -97,6 +97,13 @@ class Batch:
             counts[stage] -= 1
         return BatchRows(*counts)
 
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens inserted and not prefilled yet (waiting or prefilling rows)."""
+        gen = self._gen
+        # Waiting: (uid, segments, ...); prefilling: [segments left, tokens done, tokens in all].
+        waiting = sum(len(segment) for seq in gen._unprocessed_sequences for segment in seq[1])
+        return waiting + sum(total - done for _, done, total in gen._currently_processing)
+
     def set_prefill(self, rows: int, chunk: int) -> None:
         """Prefill admission and chunk size of the next steps: BatchGenerator
         reads both attributes at every step."""

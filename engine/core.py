@@ -177,6 +177,9 @@ class EngineCore:
     def prefix_cache_bytes(self) -> int:
         return self._prefix_cache.nbytes
 
+    def pending_prompt_tokens(self) -> int:
+        return self.batch.pending_prompt_tokens()
+
     def uids(self, request_ids: list[str]) -> list[int]:
         return [self._by_id[r].uid for r in request_ids if r in self._by_id]
 

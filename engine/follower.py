@@ -18,12 +18,12 @@ from typing import Any, Protocol
 
 from engine.group import (
     FOLLOWER_STOP_GRACE_S,
-    GROUP_STEP_TIMEOUT_S,
     GROUP_SYNC_TIMEOUT_S,
     LEADER_SILENCE_LIMIT_S,
     Channel,
     Watchdog,
     settle,
+    step_timeout_s,
 )
 from ipc import codec
 from ipc.messages import GroupPoll, GroupStop, StepPlan
@@ -35,6 +35,8 @@ class Core(Protocol):
     """What a follower needs of engine.core.EngineCore."""
 
     def execute(self, plan: StepPlan) -> Any: ...
+
+    def pending_prompt_tokens(self) -> int: ...
 
     def remember_finished(self) -> None: ...
 
@@ -49,6 +51,8 @@ class Follower:
         self._stopped = False
         self._parent_pid = os.getppid()
         self._term_at: float | None = None
+        # How long rank 0 may stay silent before its next message.
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         self.steps = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             StepPlan: self._on_plan,
@@ -87,20 +91,26 @@ class Follower:
         log.info("following rank 0 (pid %d)", os.getpid())
         while not self._stopped:
             settle(self._channel, self._watchdog)
-            with self._watchdog.watch(LEADER_SILENCE_LIMIT_S, "waiting for rank 0"):
+            with self._watchdog.watch(self._wait_s, "waiting for rank 0"):
                 data = self._channel.broadcast(None)
             message = codec.decode_group_message(data)
             self._handlers[type(message)](message)
         log.info("follower stopped")
 
     def _on_plan(self, plan: StepPlan) -> None:
-        with self._watchdog.watch(GROUP_STEP_TIMEOUT_S, "an engine step"):
+        bound_s = step_timeout_s(plan, self._core.pending_prompt_tokens())
+        with self._watchdog.watch(bound_s, "an engine step"):
             self._core.execute(plan)
             # Rank 0 calls this once the step's deltas are out, before its next plan.
             self._core.remember_finished()
         self.steps += 1
+        # Ranks are not in lockstep through a prefill in pipeline mode: a stage
+        # is done with its layers when it has sent their output on, and rank 0
+        # (the last stage) may still have the rest of the step to run.
+        self._wait_s = bound_s + LEADER_SILENCE_LIMIT_S
 
     def _on_poll(self, _: GroupPoll) -> None:
+        self._wait_s = LEADER_SILENCE_LIMIT_S
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "reporting memory to rank 0"):
             self._channel.gather_ints(list(self._core.memory()))
 

@@ -53,6 +53,10 @@ GROUP_SYNC_TIMEOUT_S = 10.0
 # big model build their kernels, and a prefill chunk of a large model over
 # Ethernet takes seconds.
 GROUP_STEP_TIMEOUT_S = 60.0
+# A step that prefills gets this much longer per prompt token it may
+# process (prefill as slow as 50 tokens/s: a big model on small Macs), so a
+# long prefill is never taken for a hang, while decode steps keep the tight bound.
+GROUP_STEP_S_PER_PROMPT_TOKEN = 0.02
 # A follower hears from rank 0 at least every housekeeping poll (about a
 # second) while rank 0 lives; silence this long means rank 0 hangs.
 LEADER_SILENCE_LIMIT_S = GROUP_SYNC_TIMEOUT_S
@@ -178,6 +182,13 @@ def settle(channel: Channel, watchdog: Watchdog) -> None:
         channel.settle()
 
 
+def step_timeout_s(plan: StepPlan, pending_prompt_tokens: int) -> float:
+    """The bound of executing ``plan`` when ``pending_prompt_tokens`` wait in the batch before it."""
+    arriving = sum(len(r.prompt_token_ids) for r in plan.inserts)
+    per_forward = min(pending_prompt_tokens + arriving, plan.prefill_rows * plan.prefill_chunk)
+    return GROUP_STEP_TIMEOUT_S + GROUP_STEP_S_PER_PROMPT_TOKEN * per_forward * plan.decode_steps
+
+
 def gather_host_names(channel: Channel) -> list[str]:
     """Every rank's host name, by rank. Also the sync point after loading:
     no rank leaves it before every rank has its shard in memory."""
@@ -209,6 +220,10 @@ class Watchdog:
 
     def start(self) -> None:
         self._thread.start()
+
+    def rearm(self, seconds: float, what: str) -> None:
+        """Give the block being watched ``seconds`` from now instead (its own bound until it ends)."""
+        self._deadline, self._what, self._limit_s = time.monotonic() + seconds, what, seconds
 
     @contextmanager
     def watch(self, seconds: float, what: str) -> Iterator[None]:
@@ -252,8 +267,11 @@ class GroupLink:
         mode: DistributedMode,
         backend: DistributedBackend,
         hosts: list[str],
+        pending_prompt_tokens: Callable[[], int],
     ) -> None:
         self._channel = channel
+        # Rank 0's batch: how much prompt the next step may prefill (its bound).
+        self._pending_prompt_tokens = pending_prompt_tokens
         self._watchdog = watchdog
         self._mode = mode
         self._backend = backend
@@ -266,12 +284,14 @@ class GroupLink:
             self._channel.broadcast(codec.encode(message))
 
     def send_plan(self, plan: StepPlan) -> None:
-        """The Scheduler's plan sink: every rank executes the plan rank 0 is about to."""
+        """The Scheduler's plan sink: every rank executes the plan rank 0 is about to,
+        within the same bound (inside ``step()``)."""
         self._send(plan, "sending a step plan")
+        self._watchdog.rearm(step_timeout_s(plan, self._pending_prompt_tokens()), "an engine step")
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """Bounds one engine step (its plan's broadcast and its execution)."""
+        """Bounds one engine step: its plan's broadcast, then its execution (send_plan sets that bound)."""
         with self._watchdog.watch(GROUP_STEP_TIMEOUT_S, "an engine step"):
             yield
 

@@ -23,7 +23,7 @@ import msgspec
 import psutil
 import pytest
 
-from engine.group import GROUP_SYNC_TIMEOUT_S
+from engine.group import GROUP_STEP_TIMEOUT_S
 from engine.loading import load_model
 from frontend.engine_client import EngineUnavailable
 from frontend.zmq_client import ZmqEngineClient
@@ -201,15 +201,16 @@ def test_group_with_a_lora_adapter_equals_one_process(tiny_qwen2_dir, tiny_qwen2
 @pytest.mark.parametrize("fault", ["killed", "stopped"])
 def test_a_lost_follower_ends_rank_0_and_its_requests(fault, tiny_qwen2_dir, logs):
     """A follower killed (its connections close) or hung (SIGSTOP: rank 0 waits in a
-    collective until the watchdog's bound) ends rank 0 with a non-zero exit, and the
-    request in flight fails with the engine-dead error: the supervisor restarts the group."""
+    collective until the watchdog's bound: a broadcast's, or a decode step's when the
+    follower stopped inside one) ends rank 0 with a non-zero exit, and the request in
+    flight fails with the engine-dead error: the supervisor restarts the group."""
     with start_group(tiny_qwen2_dir, "pipeline", logs, by_hand=True) as group:
         rank0, rank1 = group.ranks
         stream = group.client.submit(_gen("in-flight", [5, 6, 7], 3000, stop_token_ids=[]))
         deltas = iter(stream)
         next(deltas)
         rank1.proc.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-        code = rank0.proc.wait(GROUP_SYNC_TIMEOUT_S + EXIT_TIMEOUT_S)
+        code = rank0.proc.wait(GROUP_STEP_TIMEOUT_S + EXIT_TIMEOUT_S)
         assert code != 0, rank0.log_text()
         assert "ERROR" in rank0.log_text()
         with pytest.raises(EngineUnavailable):

@@ -1,10 +1,12 @@
-"""A sharded engine under mlx-server: its startup errors, and one group of 2 ranks on this machine
-(ring backend over 127.0.0.1) that serves like one process, heals a killed and a hung follower
-and leaves nothing behind on SIGTERM. One group start plus its two restarts: each loads the model."""
+"""A sharded engine under mlx-server: its startup errors, and groups of 2 ranks on this machine
+(ring backend over 127.0.0.1). A tensor group serves like one process, heals a killed and a
+hung follower and leaves nothing behind on SIGTERM; a pipeline group from a hostfile serves
+alike and dies with a SIGKILLed mlx-server. Group starts are few: each loads the model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,7 +16,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.integration.server import REPO_ROOT, ServerProcess, child_env, mlx_server_command
+from ipc import runtime
+from tests.integration.server import REPO_ROOT, ServerProcess, child_env, free_port, mlx_server_command
 from tests.integration.test_startup_errors import assert_one_line_error
 from tests.openai_schema import validate
 from tests.sse import sse_data
@@ -38,10 +41,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def processes_naming(text: str) -> list[psutil.Process]:
+    """Processes with `text` (a model path) in their command line or their runtime config (the
+    ranks' command line is only `python -m engine`)."""
     found = []
     for p in psutil.process_iter():
         try:
-            if text in " ".join(p.cmdline()):
+            if text in " ".join(p.cmdline()) or text in p.environ().get(runtime.CONFIG_ENV, ""):
                 found.append(p)
         except psutil.Error:
             pass
@@ -88,6 +93,25 @@ def test_engine_pre_check_refuses_a_model_that_cannot_split_that_way(tiny_model_
     assert_usage_error(result, "llama", "pipeline")
     assert "engine group" not in result.stderr  # no group was started
     assert not processes_naming(str(tiny_model_dir))
+
+
+def test_a_group_whose_ranks_cannot_load_exits_with_the_cause(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(tiny_qwen2_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")  # config.json passes every pre-check
+    done = subprocess.run(
+        mlx_server_command(str(broken), "--port", str(free_port()), "--distributed-ranks", "2"),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=FAST_EXIT_S * 2,
+    )
+    assert done.returncode == 1
+    assert "mlx-server: error: the engine group exited while starting" in done.stderr
+    assert "engine: failed to load model" in done.stderr  # a rank's own line, relayed by mlx.launch
+    assert not processes_naming(str(broken))
 
 
 # ---------------------------------------------------------------- one group of 2 ranks
@@ -191,7 +215,10 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_
         no_eos = {str(t): -100 for t in eos}
         fault_during_a_stream(server, no_eos, "kill", GROUP_DEATH_DEADLINE_S)
         back_after_restart(server, 1, expected)
-        assert "rank 1 (process " in server.log_text()
+        # Who is seen first (the lost rank, or mlx.launch that stopped the other and left) is a race.
+        assert "of the engine group exited; restart 1 of 5" in server.log_text() or (
+            "mlx.launch exited (a rank of the engine group stopped); restart 1 of 5" in server.log_text()
+        )
 
         # A follower that hangs (SIGSTOP) never returns from a collective by itself: rank 0's
         # bound ends it, and the group goes whole (SIGKILL reaches a stopped process too).
@@ -208,19 +235,25 @@ def test_two_ranks_serve_heal_a_lost_or_hung_follower_and_stop_whole(tiny_qwen2_
             server.kill()
 
 
-def test_pipeline_group_answers_alike_and_dies_with_a_killed_supervisor(
-    tiny_qwen2_dir: Path, server_logs: Path
+def test_pipeline_group_from_a_hostfile_answers_alike_and_dies_with_a_killed_supervisor(
+    tiny_qwen2_dir: Path, server_logs: Path, tmp_path: Path
 ) -> None:
     with ServerProcess(tiny_qwen2_dir, server_logs, workers=1) as single:
         expected = greedy(single.base_url)
+    hostfile = tmp_path / "hosts.json"  # both hosts are this machine: mlx.launch runs them without ssh
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
     server = ServerProcess(
-        tiny_qwen2_dir, server_logs, "--distributed-ranks", "2", "--distributed-mode", "pipeline", workers=1
+        tiny_qwen2_dir,
+        server_logs,
+        *("--distributed-hostfile", str(hostfile), "--distributed-mode", "pipeline"),
+        workers=1,
     ).wait_ready()
     everything = server.process_tree()
     try:
         assert greedy(server.base_url) == expected
         status = status_answer(server.base_url)
-        assert status is not None and status.json()["group"]["mode"] == "pipeline"
+        assert status is not None
+        assert (status.json()["group"]["mode"], status.json()["group"]["size"]) == ("pipeline", 2)
         launcher, ranks = group_processes(server)
         assert {launcher, *ranks} <= set(everything)
         server.proc.kill()  # no drain, no stop: the group must notice on its own

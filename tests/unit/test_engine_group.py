@@ -14,7 +14,15 @@ import pytest
 
 from engine.core import EngineCore, Scheduler, SchedulerConfig
 from engine.follower import Follower
-from engine.group import EXIT_GROUP_FAILED, GroupError, GroupLink, Watchdog
+from engine.group import (
+    EXIT_GROUP_FAILED,
+    GROUP_STEP_S_PER_PROMPT_TOKEN,
+    GROUP_STEP_TIMEOUT_S,
+    GroupError,
+    GroupLink,
+    Watchdog,
+    step_timeout_s,
+)
 from engine.proc import EngineLoop
 from ipc import codec
 from ipc.messages import GroupPoll, GroupStatus, GroupStop, ModelInfo, RankStatus, SamplingParams, StepPlan
@@ -93,6 +101,9 @@ class RecordingCore:
         if self.inner is not None:
             self.inner.remember_finished()
 
+    def pending_prompt_tokens(self) -> int:
+        return 0 if self.inner is None else self.inner.pending_prompt_tokens()
+
     def memory(self) -> tuple[int, int]:
         self.calls.append("memory")
         return (111, 222)
@@ -124,7 +135,7 @@ def test_follower_dispatches_plans_polls_and_the_stop():
 
 def test_rank_0_poll_reports_every_rank_by_host():
     channel = Rank0Channel(peer_rows=[5, 6])
-    link = GroupLink(channel, Watchdog(), "pipeline", "ring", ["mac-a", "mac-b"])
+    link = GroupLink(channel, Watchdog(), "pipeline", "ring", ["mac-a", "mac-b"], lambda: 0)
     status = link.poll((3, 4))
     assert codec.decode_group_message(channel.sent[-1]) == GroupPoll()
     assert (
@@ -148,7 +159,9 @@ def test_a_follower_fed_rank_0s_messages_produces_rank_0s_tokens(model):
     follower that executes what the link sent ends with the same deltas
     (sampling seeded per request and per step, prefix cache hits included)."""
     channel = Rank0Channel()
-    link = GroupLink(channel, Watchdog(), "tensor", "ring", ["h0", "h1"])
+    link = GroupLink(
+        channel, Watchdog(), "tensor", "ring", ["h0", "h1"], lambda: scheduler.core.pending_prompt_tokens()
+    )
     scheduler = Scheduler(model, CONFIG, plan_sink=link.send_plan)
     arrivals = {
         0: [gen("greedy", SHARED_PREFIX + [50], 10), gen("seeded", [5, 6], 10, sampling=SamplingParams(seed=3))],
@@ -235,3 +248,26 @@ def test_a_failed_step_in_a_group_ends_rank_0s_loop_instead_of_failing_the_reque
     with pytest.raises(GroupError, match="connection to a peer was lost"):
         loop.run()
     assert link.polls == 1  # housekeeping polled the group before the step
+
+
+def test_a_step_that_prefills_gets_a_longer_bound_than_a_decode_step():
+    decode = StepPlan(prefill_rows=0, prefill_chunk=512, seed=0)
+    assert step_timeout_s(decode, pending_prompt_tokens=0) == GROUP_STEP_TIMEOUT_S
+    burst = StepPlan(inserts=[gen("a", [1] * 3000, 1)], prefill_rows=8, prefill_chunk=512, seed=0)
+    # At most one forward's tokens count (8 rows x 512), not the whole prompt.
+    assert (
+        step_timeout_s(burst, pending_prompt_tokens=2000) == GROUP_STEP_TIMEOUT_S + 4096 * GROUP_STEP_S_PER_PROMPT_TOKEN
+    )
+
+
+def test_the_batch_counts_the_prompt_tokens_still_to_prefill(model):
+    c = EngineCore(model, CONFIG)
+    first = StepPlan(inserts=[gen("a", list(range(5, 105)), 4)], prefill_rows=1, prefill_chunk=30, seed=0)
+    c.execute(first)
+    # One 30-token chunk of the 100-token prompt went through.
+    assert c.pending_prompt_tokens() == 70
+    for _ in range(MAX_STEPS):
+        if c.pending_prompt_tokens() == 0:
+            break
+        c.execute(StepPlan(prefill_rows=1, prefill_chunk=30, seed=0))
+    assert c.pending_prompt_tokens() == 0
