@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from engine.group import (
+    FOLLOWER_IDLE_SLEEP_S,
     FOLLOWER_STOP_GRACE_S,
     GROUP_SYNC_TIMEOUT_S,
     LEADER_SILENCE_LIMIT_S,
@@ -26,7 +27,7 @@ from engine.group import (
     step_timeout_s,
 )
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStop, StepPlan
+from ipc.messages import GroupIdle, GroupPoll, GroupStop, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ class Core(Protocol):
 
 
 class Follower:
-    def __init__(self, core: Core, channel: Channel, watchdog: Watchdog) -> None:
+    def __init__(
+        self, core: Core, channel: Channel, watchdog: Watchdog, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self._core = core
+        self._sleep = sleep
         self._channel = channel
         self._watchdog = watchdog
         self._stopped = False
@@ -57,6 +61,7 @@ class Follower:
         self._handlers: dict[type, Callable[[Any], None]] = {
             StepPlan: self._on_plan,
             GroupPoll: self._on_poll,
+            GroupIdle: self._on_idle,
             GroupStop: self._on_stop,
         }
         watchdog.add_check(self._stop_overdue)
@@ -113,6 +118,11 @@ class Follower:
         self._wait_s = LEADER_SILENCE_LIMIT_S
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, "reporting memory to rank 0"):
             self._channel.gather_ints(list(self._core.memory()))
+
+    def _on_idle(self, _: GroupIdle) -> None:
+        # Rank 0's next message is about a tick away: sleep instead of spinning in the collective.
+        self._wait_s = LEADER_SILENCE_LIMIT_S
+        self._sleep(FOLLOWER_IDLE_SLEEP_S)
 
     def _on_stop(self, _: GroupStop) -> None:
         self._stopped = True

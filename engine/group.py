@@ -36,7 +36,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStatus, GroupStop, RankStatus, StepPlan
+from ipc.messages import GroupIdle, GroupPoll, GroupStatus, GroupStop, RankStatus, StepPlan
 from ipc.runtime import DistributedBackend, DistributedConfig, DistributedMode
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 # asynchronously, its collectives included), then meets the others on a
 # plan or poll broadcast. The ranks execute the same steps in lockstep
 # (tensor mode all-reduces in every layer, pipeline mode passes
-# activations), so a settled rank that waits longer than this on a
-# broadcast or a poll is waiting for a rank that hangs.
+# activations; engine.follower allows for a pipeline's prefill), so a
+# settled rank that waits longer than this on a broadcast or a poll is
+# waiting for a rank that hangs.
 GROUP_SYNC_TIMEOUT_S = 10.0
 # One engine step (a decode step plus at most one prefill chunk) inside the
 # group's collectives, until it has settled. Generous: the first steps of a
@@ -58,11 +59,18 @@ GROUP_STEP_TIMEOUT_S = 60.0
 # long prefill is never taken for a hang, while decode steps keep the tight bound.
 GROUP_STEP_S_PER_PROMPT_TOKEN = 0.02
 # A follower hears from rank 0 at least every housekeeping poll (about a
-# second) while rank 0 lives; silence this long means rank 0 hangs.
+# second; every idle tick while idle) while rank 0 lives: silence this long
+# means rank 0 hangs.
 LEADER_SILENCE_LIMIT_S = GROUP_SYNC_TIMEOUT_S
 # A follower asked to stop (SIGTERM) waits this long for rank 0's GroupStop,
 # which the same signal to the whole group brings, before it leaves alone.
 FOLLOWER_STOP_GRACE_S = GROUP_SYNC_TIMEOUT_S
+# mlx's collectives spin while they wait, so a follower waiting for rank 0
+# burns two cores. While idle, rank 0 sends GroupIdle every tick and the
+# others sleep most of it, entering the next collective shortly before it.
+# New work waits at most a tick for them.
+GROUP_IDLE_TICK_S = 0.025
+FOLLOWER_IDLE_SLEEP_S = 0.022
 # How often the watchdog thread looks at its deadline and checks.
 WATCHDOG_INTERVAL_S = 0.25
 # A broadcast is one all_sum of this many bytes when the message fits (a
@@ -277,11 +285,18 @@ class GroupLink:
         self._backend = backend
         self._hosts = hosts
         self.status = GroupStatus(mode=mode, backend=backend, ranks=[])
+        self._last_sent = time.monotonic()
 
-    def _send(self, message: StepPlan | GroupPoll | GroupStop, what: str) -> None:
+    def _send(self, message: StepPlan | GroupPoll | GroupIdle | GroupStop, what: str) -> None:
         settle(self._channel, self._watchdog)
         with self._watchdog.watch(GROUP_SYNC_TIMEOUT_S, what):
             self._channel.broadcast(codec.encode(message))
+        self._last_sent = time.monotonic()
+
+    def idle(self) -> None:
+        """Rank 0 has no work: let the others sleep (at most once a tick)."""
+        if time.monotonic() - self._last_sent >= GROUP_IDLE_TICK_S:
+            self._send(GroupIdle(), "an idle tick")
 
     def send_plan(self, plan: StepPlan) -> None:
         """The Scheduler's plan sink: every rank executes the plan rank 0 is about to,

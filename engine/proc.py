@@ -19,7 +19,7 @@ import msgspec
 import zmq
 
 from engine.core import Scheduler
-from engine.group import GroupLink
+from engine.group import GROUP_IDLE_TICK_S, GroupLink
 from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
@@ -70,6 +70,8 @@ class EngineLoop:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._stop = False
+        # A group's rank 0 wakes every tick while idle to let its followers sleep.
+        self._idle_poll_ms = IDLE_POLL_MS if group is None else int(GROUP_IDLE_TICK_S * 1000)
         self._parent_pid = os.getppid()
         self._last_seen: dict[bytes, float] = {}
         self._next_housekeeping = 0.0
@@ -117,6 +119,8 @@ class EngineLoop:
                         self._group.poll(self._scheduler.memory())
                 if self._scheduler.has_work():
                     self._step()
+                elif self._group is not None:
+                    self._group.idle()
         finally:
             self._sock.close()
             self._ctx.term()
@@ -124,7 +128,7 @@ class EngineLoop:
 
     def _drain(self, block: bool) -> None:
         # One Poller for the loop's life (Socket.poll builds one per call).
-        timeout = IDLE_POLL_MS if block else 0
+        timeout = self._idle_poll_ms if block else 0
         while self._poller.poll(timeout):
             timeout = 0
             frames = self._sock.recv_multipart(copy=False)

@@ -6,7 +6,7 @@ A frontend worker opens with ``Hello``; the engine answers ``Welcome`` (same
 ``TokenDelta`` whose ``finish_reason`` is set: that is the request's final
 outcome (finished, aborted or failed). Inside a sharded engine, rank 0 sends
 every other rank the ``StepPlan`` of each step, a ``GroupPoll`` about every
-second and a ``GroupStop`` at the end.
+second, ``GroupIdle`` while it has no work and a ``GroupStop`` at the end.
 
 Structs sent many times a second are ``gc=False``: they hold no reference
 cycles, so the garbage collector need not track them.
@@ -27,8 +27,8 @@ import msgspec
 # 4: TokenDelta.finish_reason is a FinishReason; EngineStatus.state is gone
 #    (an engine that answers is ready; draining is the frontend's drain flag);
 #    StepPlan (rank 0 to the other ranks of a sharded engine).
-# 5: EngineStatus.group (a sharded engine's ranks); GroupPoll and GroupStop
-#    (rank 0 to the other ranks).
+# 5: EngineStatus.group (a sharded engine's ranks); GroupPoll, GroupIdle and
+#    GroupStop (rank 0 to the other ranks).
 PROTOCOL_VERSION = 5
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
@@ -246,10 +246,19 @@ class GroupPoll(msgspec.Struct, tag=True, frozen=True):
     """
 
 
+class GroupIdle(msgspec.Struct, tag=True, frozen=True):
+    """Rank 0 has no work: the others may sleep briefly before waiting for its next message.
+
+    A rank waiting inside a collective spins on its CPU; while rank 0 is idle
+    it sends one of these every few tens of milliseconds, so the others sleep
+    most of that time instead of spinning all of it.
+    """
+
+
 class GroupStop(msgspec.Struct, tag=True, frozen=True):
     """The group stops cleanly: every other rank exits 0."""
 
 
 FrontendMessage = Hello | Generate | Abort | StatusQuery | Ping
 EngineMessage = Welcome | Rejected | StepOutputs | EngineStatus | Pong
-GroupMessage = StepPlan | GroupPoll | GroupStop
+GroupMessage = StepPlan | GroupPoll | GroupIdle | GroupStop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from engine.core import EngineCore, Scheduler, SchedulerConfig
 from engine.follower import Follower
 from engine.group import (
     EXIT_GROUP_FAILED,
+    FOLLOWER_IDLE_SLEEP_S,
+    GROUP_IDLE_TICK_S,
     GROUP_STEP_S_PER_PROMPT_TOKEN,
     GROUP_STEP_TIMEOUT_S,
     GroupError,
@@ -25,7 +28,7 @@ from engine.group import (
 )
 from engine.proc import EngineLoop
 from ipc import codec
-from ipc.messages import GroupPoll, GroupStatus, GroupStop, ModelInfo, RankStatus, SamplingParams, StepPlan
+from ipc.messages import GroupIdle, GroupPoll, GroupStatus, GroupStop, ModelInfo, RankStatus, SamplingParams, StepPlan
 from ipc.sockets import default_ipc_address, make_private_runtime_dir
 from tests.unit import test_engine_core as core
 from tests.unit.defaults import ENGINE_LIMITS
@@ -116,17 +119,19 @@ def model():
 
 def test_control_messages_round_trip_through_the_codec():
     plan = StepPlan(aborts=["a"], inserts=[gen("x", [1, 2], 3)], prefill_rows=4, prefill_chunk=64, seed=7)
-    for message in (plan, GroupPoll(), GroupStop()):
+    for message in (plan, GroupPoll(), GroupIdle(), GroupStop()):
         assert codec.decode_group_message(codec.encode(message)) == message
 
 
 def test_follower_dispatches_plans_polls_and_the_stop():
     plan = StepPlan(prefill_rows=1, prefill_chunk=8, seed=0)
-    messages = [codec.encode(m) for m in (plan, GroupPoll(), plan, GroupStop())]
+    messages = [codec.encode(m) for m in (plan, GroupPoll(), GroupIdle(), plan, GroupStop())]
     channel = FollowerChannel(messages)
     fake = RecordingCore()
-    follower = Follower(fake, channel, Watchdog())
+    slept: list[float] = []
+    follower = Follower(fake, channel, Watchdog(), sleep=slept.append)
     follower.run()
+    assert slept == [FOLLOWER_IDLE_SLEEP_S]  # rank 0 idle: sleep instead of spinning in the next collective
     # Each plan is followed by remember_finished, as rank 0 does after sending the step's deltas.
     assert fake.calls == ["execute", "remember_finished", "memory", "execute", "remember_finished"]
     assert channel.gathered == [[111, 222]]
@@ -152,6 +157,17 @@ def test_rank_0_poll_reports_every_rank_by_host():
     )
     link.stop()
     assert codec.decode_group_message(channel.sent[-1]) == GroupStop()
+
+
+def test_idle_rank_0_ticks_at_most_once_a_tick():
+    channel = Rank0Channel()
+    link = GroupLink(channel, Watchdog(), "tensor", "ring", ["h0", "h1"], lambda: 0)
+    link.poll((0, 0))
+    link.idle()  # right after the poll: the followers are not waiting long yet
+    assert [codec.decode_group_message(m) for m in channel.sent] == [GroupPoll()]
+    time.sleep(GROUP_IDLE_TICK_S)
+    link.idle()
+    assert codec.decode_group_message(channel.sent[-1]) == GroupIdle()
 
 
 def test_a_follower_fed_rank_0s_messages_produces_rank_0s_tokens(model):
