@@ -2,7 +2,9 @@
 
 Each server runs in its own session (process group), so stopping it can never
 reach anything this benchmark did not start; SIGTERM first (our supervisor
-drains), SIGKILL of the group only if it does not exit in time.
+drains), SIGKILL of the group only if it does not exit in time. A sharded
+server is a group of ranks: every process of its sessions that outlives the
+stop is named in `ServerProcess.leftovers`, then killed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int, tries: int = 50) -> int:
+    """A port P with P .. P+count-1 all free now (mlx.launch's ring takes one port per rank)."""
+    for _ in range(tries):
+        start = free_port()
+        if start + count > 65536:
+            continue
+        try:
+            for port in range(start, start + count):
+                with socket.socket() as s:
+                    s.bind((HOST, port))
+        except OSError:
+            continue
+        return start
+    raise RuntimeError(f"no run of {count} free ports on {HOST} in {tries} tries")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """One model over `ranks` processes of this machine (mlx.distributed, ring backend on 127.0.0.1)."""
+
+    ranks: int
+    mode: str  # "tensor" (model.shard) or "pipeline" (layers split over the ranks)
+
+    def describe(self) -> str:
+        return f"{self.ranks} ranks, {self.mode}, ring on {HOST}"
+
+
+def mlx_launch_exe() -> str:
+    """mlx's launcher: the console script beside this Python (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).with_name("mlx.launch")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("mlx.launch")
+    if found is None:
+        raise RuntimeError("mlx.launch not found beside this Python or on PATH (it comes with mlx)")
+    return found
+
+
+def mlx_launch_argv(sharding: Sharding, ring_port: int, command: list[str], launcher: str) -> list[str]:
+    """`mlx.launch` running `command` as `sharding.ranks` local ranks of a ring group.
+
+    Ranks listen on ring_port, ring_port+1, ...; mlx.launch sets MLX_RANK and
+    MLX_HOSTFILE for each and runs them as its own children."""
+    return [launcher, "--backend", "ring", "-n", str(sharding.ranks), "--starting-port", str(ring_port), "--",
+            *command]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
@@ -46,9 +95,53 @@ class ServerSpec:
     label: Callable[[psutil.Process], str] = lambda p: "server"
     settings: dict[str, str] = field(default_factory=dict)  # shown in the report
     profile_label: str = "server"  # the process that --profile records (the one holding the model)
+    # SIGTERM the whole process group, not only the main process: mlx.launch dies
+    # on SIGTERM without passing it on, which would leave its ranks to SIGKILL.
+    signal_group: bool = False
+    # stdin a pipe kept open and never written, as a terminal that nobody types into:
+    # mlx.launch relays its stdin to the ranks, and at /dev/null's EOF its relay loop
+    # would spin on a core of its own (ours' supervisor gives its mlx.launch the same).
+    stdin_pipe: bool = False
 
 
-def mlx_lm_spec(model_dir: Path, max_concurrency: int, extra: list[str]) -> ServerSpec:
+def _rank(proc: psutil.Process) -> int:
+    """The process's MLX_RANK (0 without one: not part of a sharded group)."""
+    try:
+        return int(proc.environ().get("MLX_RANK", "0"))
+    except (psutil.Error, ValueError):
+        return 0
+
+
+def _with_rank(label: Callable[[psutil.Process], str]) -> Callable[[psutil.Process], str]:
+    """`label`, with " rank N" for ranks above 0, so rank 0 keeps the name --profile looks for."""
+
+    def ranked(proc: psutil.Process) -> str:
+        base = label(proc)
+        rank = _rank(proc)
+        return f"{base} rank {rank}" if rank else base
+
+    return ranked
+
+
+def _is_launcher(cmd: str) -> bool:
+    """mlx.launch, by its console script or its module (it relays its ranks' output)."""
+    return "mlx.launch" in cmd or "_distributed_utils.launch" in cmd
+
+
+def _mlx_lm_label(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    return "launcher" if _is_launcher(cmd) else "server"
+
+
+def mlx_lm_spec(
+    model_dir: Path, max_concurrency: int, extra: list[str], sharding: Sharding | None = None,
+    launcher: str | None = None,
+) -> ServerSpec:  # fmt: skip
+    """mlx_lm.server; sharded, its ranks under `mlx.launch` (its documented way), `--pipeline` for
+    pipeline mode (tensor parallelism is its default in a group)."""
     # decode- and prompt-concurrency at the largest load: mlx_lm.server batches at
     # most decode-concurrency streams (default 32) and prefills prompt-concurrency
     # prompts at a time (default 8); the raw ceiling gets the same batch sizes.
@@ -57,27 +150,33 @@ def mlx_lm_spec(model_dir: Path, max_concurrency: int, extra: list[str]) -> Serv
         "--prompt-concurrency", str(max_concurrency),
         # INFO logs every request's prompt progress; not what a loaded server runs with.
         "--log-level", "WARNING",
+        *(["--pipeline"] if sharding is not None and sharding.mode == "pipeline" else []),
         *extra,
     ]  # fmt: skip
+
+    def server(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host", HOST,
+                "--port", str(port), *flags]  # fmt: skip
+
+    if sharding is None:
+        return ServerSpec(
+            name="mlx_lm",
+            argv=server,
+            model_field="default_model",  # the id mlx_lm.server maps to --model
+            # Its /v1/models scans the Hugging Face cache and fails where there is none.
+            ready_path="/health",
+            settings={"flags": " ".join(flags)},
+        )
+    exe = launcher or mlx_launch_exe()
     return ServerSpec(
         name="mlx_lm",
-        argv=lambda port: [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "server",
-            "--model",
-            str(model_dir),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            *flags,
-        ],  # fmt: skip
-        model_field="default_model",  # the id mlx_lm.server maps to --model
-        # Its /v1/models scans the Hugging Face cache and fails where there is none.
+        argv=lambda port: mlx_launch_argv(sharding, free_port_run(sharding.ranks), server(port), exe),
+        model_field="default_model",
         ready_path="/health",
-        settings={"flags": " ".join(flags)},
+        label=_with_rank(_mlx_lm_label),
+        settings={"flags": f"under mlx.launch --backend ring -n {sharding.ranks}; {' '.join(flags)}"},
+        signal_group=True,
+        stdin_pipe=True,
     )
 
 
@@ -86,6 +185,8 @@ def _ours_label(proc: psutil.Process) -> str:
         cmd = " ".join(proc.cmdline())
     except psutil.Error:
         return "gone"
+    if _is_launcher(cmd):
+        return "launcher"
     if "engine" in cmd:
         return "engine"
     if "gunicorn" in cmd or "frontend" in cmd:
@@ -93,13 +194,17 @@ def _ours_label(proc: psutil.Process) -> str:
     return "supervisor"
 
 
-def ours_spec(model_dir: Path, extra: list[str]) -> ServerSpec:
+def ours_spec(model_dir: Path, extra: list[str], sharding: Sharding | None = None) -> ServerSpec:
+    """mlx-server; sharded, with its own distributed settings (its supervisor starts the ranks)."""
+    shard = [] if sharding is None else ["--distributed-ranks", str(sharding.ranks),
+                                         "--distributed-mode", sharding.mode]  # fmt: skip
+    flags = [*shard, *extra]
     return ServerSpec(
         name="ours",
-        argv=lambda port: [sys.executable, "-m", "deploy.cli", str(model_dir), "--port", str(port), *extra],
-        label=_ours_label,
+        argv=lambda port: [sys.executable, "-m", "deploy.cli", str(model_dir), "--port", str(port), *flags],
+        label=_ours_label if sharding is None else _with_rank(_ours_label),
         profile_label="engine",
-        settings={"flags": " ".join(extra) or "defaults"},
+        settings={"flags": " ".join(flags) or "defaults"},
     )
 
 
@@ -128,10 +233,12 @@ class ServerProcess:
             env=_child_env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if spec.stdin_pipe else subprocess.DEVNULL,
             start_new_session=True,
         )
         self._known: dict[int, psutil.Process] = {}
+        # "pid command" of each process of the server still alive after the stop's grace (then killed).
+        self.leftovers: list[str] = []
 
     def log_tail(self) -> str:
         try:
@@ -192,23 +299,58 @@ class ServerProcess:
                 continue
         return out
 
+    def _sessions(self) -> set[int]:
+        """Session ids of the server's processes (its own, and any its supervisor made), never ours."""
+        own = os.getsid(0)
+        sids = set()
+        for p in self._known.values():
+            try:
+                sids.add(os.getsid(p.pid))
+            except OSError:
+                continue
+        return sids - {own}
+
+    def _strays(self, sessions: set[int]) -> list[psutil.Process]:
+        """Live processes of those sessions that the remembered tree misses (e.g. ranks of a
+        group restarted after the last look, or orphaned by a launcher that died)."""
+        out = []
+        for p in psutil.process_iter():
+            if p.pid in self._known:
+                continue
+            try:
+                if os.getsid(p.pid) in sessions:
+                    out.append(p)
+            except OSError:
+                continue
+        return out
+
     def stop(self) -> None:
-        """SIGTERM and wait; then SIGKILL whatever of the server's own tree is left."""
+        """SIGTERM and wait; then SIGKILL whatever of the server's own processes is left,
+        naming each in `leftovers`."""
         self._remember_tree()
+        sessions = self._sessions() | {self.proc.pid}
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.spec.signal_group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT_S)
         # psutil.Process checks the create time, so a reused pid is never hit.
-        _, alive = psutil.wait_procs(list(self._known.values()), timeout=CHILD_GRACE_S)
+        watched = [*self._known.values(), *self._strays(sessions)]
+        _, alive = psutil.wait_procs(watched, timeout=CHILD_GRACE_S)
         for p in alive:
             try:
+                self.leftovers.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
                 p.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)  # gone (or a zombie) when stop returns
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self._log.close()
 
     def __enter__(self) -> ServerProcess:

@@ -6,6 +6,9 @@ per-request logit-bias processors). Every target gets, per concurrency N: a
 warm-up of N streams (new batch sizes pay one-off costs), then N clients x
 --rounds requests of exactly --max-tokens tokens each (eos banned by logit_bias),
 through the API --api names (chat completions by default).
+With --distributed-ranks N (N >= 2) both servers shard the model over N local
+ranks (ring backend on 127.0.0.1): ours through its own distributed settings,
+mlx_lm.server under mlx.launch; the in-process raw targets are skipped.
 Progress goes to stderr; the report to stdout, --out and --chart.
 """
 
@@ -20,7 +23,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,12 @@ from bench import report
 from bench.loadgen import PATHS, LoadSpec, run_load
 from bench.prompts import Prompt, make_prompts
 from bench.servers import (
+    CHILD_GRACE_S,
     GpuBusy,
     Profiler,
     ServerProcess,
     ServerSpec,
+    Sharding,
     busiest_thread,
     busy_cpu_seconds,
     cpu_delta,
@@ -50,6 +55,10 @@ HTTP_TARGETS = ("ours", "mlx_lm")
 RAW_TARGETS = ("raw", "raw_nobias", "stream_generate")  # stream_generate: at 1 stream only
 ALL_TARGETS = HTTP_TARGETS + RAW_TARGETS
 GENERATED_SIZES = ("tiny", "bench")
+# Architectures of the generated models: llama (tensor sharding only in mlx-lm),
+# qwen2 (tensor and pipeline).
+ARCHITECTURES = ("llama", "qwen2")
+DISTRIBUTED_MODES = ("tensor", "pipeline")
 STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine
@@ -115,6 +124,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="tiny", help="tiny | bench (generated, cached) | a model directory")
+    p.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="llama",
+        help="of a generated --model (qwen2 shards in both --distributed-mode values, llama only in tensor)",
+    )
+    p.add_argument(
+        "--distributed-ranks",
+        type=int,
+        default=1,
+        help="N >= 2: ours and mlx_lm each shard the model over N ranks on this machine "
+        "(ring backend on 127.0.0.1; mlx_lm under mlx.launch); raw targets are skipped",
+    )
+    p.add_argument(
+        "--distributed-mode",
+        choices=DISTRIBUTED_MODES,
+        default="tensor",
+        help="with --distributed-ranks: tensor (every rank a slice of every layer) or pipeline (layers split)",
+    )
     p.add_argument("--concurrency", type=_csv_ints, default=_csv_ints("1,8,32,64"), help="comma-separated")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request, exactly (eos is banned)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="templated prompt length, exact")
@@ -179,10 +207,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--api {args.api}: mlx_lm's server speaks only chat and completions; drop mlx_lm from --targets")
     if min(args.max_tokens, args.rounds, args.repeats, args.warmup_tokens) < 1:
         p.error("--max-tokens, --rounds, --repeats and --warmup-tokens must be >= 1")
+    if args.distributed_ranks < 1:
+        p.error("--distributed-ranks must be >= 1 (1: one process, no sharding)")
     return args
 
 
-def resolve_model(name: str, cache_dir: Path) -> tuple[Path, str]:
+def sharding_of(args: argparse.Namespace) -> Sharding | None:
+    """The sharding both servers get; None for one process."""
+    return Sharding(args.distributed_ranks, args.distributed_mode) if args.distributed_ranks > 1 else None
+
+
+def resolve_model(name: str, cache_dir: Path, architecture: str = "llama") -> tuple[Path, str]:
     """(model directory, label for the report). Generated models are built once and reused."""
     if name not in GENERATED_SIZES:
         path = Path(name).expanduser().resolve()
@@ -191,11 +226,31 @@ def resolve_model(name: str, cache_dir: Path) -> tuple[Path, str]:
         return path, path.name
     from tests.model_factory import build_tiny_model  # the repo's generator; run from the repo root
 
-    out = cache_dir / f"{name}-seed0"
-    if not (out / "model.safetensors").is_file():
-        log.info("building the %s model into %s", name, out)
-        build_tiny_model(out, size=name, seed=0)
-    return out, f"generated {name}"
+    # llama keeps the cache directory it always had; other architectures get their own.
+    arch: dict[str, Any] = {} if architecture == "llama" else {"architecture": architecture}
+    out = cache_dir / (f"{name}-seed0" if not arch else f"{name}-{architecture}-seed0")
+    if not any(out.glob("*.safetensors")):
+        log.info("building the %s %s model into %s", name, architecture, out)
+        build_tiny_model(out, size=name, seed=0, **arch)
+    ensure_weight_index(out)
+    return out, f"generated {name}" + (f" ({architecture})" if arch else "")
+
+
+def ensure_weight_index(model_dir: Path) -> None:
+    """Write Hugging Face's model.safetensors.index.json where it is missing.
+
+    mlx_lm.server's pipeline mode (mlx_lm.utils.sharded_load) reads it to find each
+    rank's weight files and fails without it; a one-file model (as generated here)
+    has none. It lists each tensor's file and changes nothing else."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return
+    weight_map = {}
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        weight_map.update({name: weights.name for name in header if name != "__metadata__"})
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2), encoding="utf-8")
 
 
 def eos_ids(model_dir: Path, tokenizer: Any) -> list[int]:
@@ -230,8 +285,11 @@ def run_http_target(
     start_timeout_s: float, runs: list[RunResult], events: list[str], profile_dir: Path | None = None,
 ) -> None:  # fmt: skip
     """Append each timed run to `runs` as it ends, so a later failure keeps the earlier ones;
-    anything worth a note in the report (failed warm-ups) to `events`."""
-    with ServerProcess(spec, log_dir) as server:
+    anything worth a note in the report (failed warm-ups, processes left after the stop) to `events`."""
+    with ExitStack() as stack:
+        server = ServerProcess(spec, log_dir)
+        stack.callback(_note_leftovers, server, events)  # runs after the stop below (last in, first out)
+        stack.enter_context(server)
         log.info("%s: starting on port %d (log %s)", spec.name, server.port, server.log_path)
         model_field = server.wait_ready(min(start_timeout_s, deadline.remaining()))
         for n in load.concurrency:
@@ -280,6 +338,14 @@ def run_http_target(
                     return
                 runs.append(run)
                 _log_run(runs[-1])
+
+
+def _note_leftovers(server: ServerProcess, events: list[str]) -> None:
+    """A server whose processes outlive its stop (a rank its supervisor missed) is a finding."""
+    if server.leftovers:
+        events.append(f"{server.spec.name}: {len(server.leftovers)} process(es) still running "
+                      f"{CHILD_GRACE_S:g} s after the stop, killed: {'; '.join(server.leftovers)}")  # fmt: skip
+        log.warning("%s", events[-1])
 
 
 def engine_steps(base_url: str) -> tuple[int, float] | None:
@@ -391,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = Deadline(args.deadline_s)
     cache_dir = Path(args.cache_dir).expanduser()
     log_dir = Path(args.log_dir).expanduser() if args.log_dir else cache_dir / "logs"
-    model_dir, model_label = resolve_model(args.model, cache_dir)
+    model_dir, model_label = resolve_model(args.model, cache_dir, args.architecture)
+    sharding = sharding_of(args)
 
     from transformers import AutoTokenizer  # what both servers use for the chat template
 
@@ -405,8 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     events: list[str] = []
     ours_extra, mlx_extra = shlex.split(args.ours_args), shlex.split(args.mlx_lm_args)
     specs = {
-        "ours": ours_spec(model_dir, ours_extra),
-        "mlx_lm": mlx_lm_spec(model_dir, max(args.concurrency), mlx_extra),
+        "ours": ours_spec(model_dir, ours_extra, sharding),
+        "mlx_lm": mlx_lm_spec(model_dir, max(args.concurrency), mlx_extra, sharding),
     }
 
     runs: list[RunResult] = []
@@ -422,6 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures[target] = "skipped: overall deadline reached"
             continue
         log.info("target %s", target)
+        if target in RAW_TARGETS and sharding is not None:
+            events.append(f"{target}: skipped, the model is sharded ({sharding.describe()}); {target} runs "
+                          "one unsharded BatchGenerator in the benchmark process")  # fmt: skip
+            log.warning("%s", events[-1])
+            continue
         try:
             if target in RAW_TARGETS:
                 run_raw_target(target, model_dir, load, tokenizer, eos, deadline, runs, profile_dir)
@@ -481,6 +553,8 @@ def engine_step_notes(medians: Sequence[RunResult]) -> tuple[str, ...]:
 def section_info(
     args: argparse.Namespace, runs: list[RunResult], model_label: str, eos: list[int], specs: dict[str, ServerSpec],
 ) -> report.SectionInfo:  # fmt: skip
+    sharding = sharding_of(args)
+    generated = args.model in GENERATED_SIZES
     settings = {
         "load": f"{', '.join(map(str, args.concurrency))} concurrent streaming clients x {args.rounds} request(s) "
         f"to {PATHS[args.api]}; "
@@ -499,9 +573,13 @@ def section_info(
     }
     return report.SectionInfo(
         name=args.section
-        or f"{args.model if args.model in GENERATED_SIZES else model_label}-{os.uname().machine}"
-        + ("" if args.api == "chat" else f"-{args.api}"),
-        title=f"{model_label}, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens per stream",
+        or f"{args.model if generated else model_label}"
+        + (f"-{args.architecture}" if generated and args.architecture != "llama" else "")
+        + f"-{os.uname().machine}"
+        + ("" if args.api == "chat" else f"-{args.api}")
+        + ("" if sharding is None else f"-{sharding.mode}{sharding.ranks}"),
+        title=f"{model_label}, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens per stream"
+        + ("" if sharding is None else f", sharded: {sharding.describe()}"),
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         machine=report.machine_info(),

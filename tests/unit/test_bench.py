@@ -10,16 +10,20 @@ import dataclasses
 import http.server
 import json
 import math
+import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from bench import loadgen, report, serving
+from bench import loadgen, report, servers, serving
 from bench.loadgen import LoadSpec
 from bench.prompts import Prompt, make_prompt, make_prompts, templated_ids
-from bench.servers import busiest_thread, cpu_delta, free_port
+from bench.servers import Sharding, busiest_thread, cpu_delta, free_port
 from bench.serving import eos_ids, parse_args, replot, run_notes
 from bench.sse import Event, LineSplitter, parse_line
 from bench.stats import (
@@ -278,6 +282,118 @@ def test_cli_api_defaults_to_chat_and_keeps_mlx_lm_to_its_apis() -> None:
         parse_args(["--api", "responses", "--targets", "ours,mlx_lm"])
     with pytest.raises(SystemExit):
         parse_args(["--api", "grpc"])
+
+
+def test_cli_sharding_applies_to_both_servers_only_from_two_ranks() -> None:
+    assert serving.sharding_of(parse_args([])) is None
+    assert serving.sharding_of(parse_args(["--distributed-ranks", "1"])) is None
+    args = parse_args(["--distributed-ranks", "2", "--distributed-mode", "pipeline", "--architecture", "qwen2"])
+    assert serving.sharding_of(args) == Sharding(2, "pipeline") and args.architecture == "qwen2"
+    assert serving.sharding_of(parse_args(["--distributed-ranks", "2"])) == Sharding(2, "tensor")
+    for bad in (["--distributed-ranks", "0"], ["--distributed-mode", "expert"], ["--architecture", "gpt2"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+# --- sharded servers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_ours_sharded_passes_its_distributed_settings(mode: str) -> None:
+    spec = servers.ours_spec(Path("/m"), ["--workers", "2"], Sharding(2, mode))
+    argv = spec.argv(8100)
+    assert argv[1:] == ["-m", "deploy.cli", "/m", "--port", "8100", "--distributed-ranks", "2",
+                        "--distributed-mode", mode, "--workers", "2"]  # fmt: skip
+    # Ours' supervisor stops its own ranks: SIGTERM goes to it alone, as unsharded.
+    assert not spec.signal_group
+    assert "--distributed" not in " ".join(servers.ours_spec(Path("/m"), [], None).argv(8100))
+
+
+@pytest.mark.parametrize(("mode", "pipeline_flag"), [("tensor", []), ("pipeline", ["--pipeline"])])
+def test_mlx_lm_sharded_runs_under_mlx_launch(mode: str, pipeline_flag: list[str]) -> None:
+    spec = servers.mlx_lm_spec(Path("/m"), 32, ["--x"], Sharding(2, mode), launcher="/venv/bin/mlx.launch")
+    argv = spec.argv(8100)
+    sep = argv.index("--")
+    launch, server = argv[:sep], argv[sep + 1 :]
+    assert launch[:5] == ["/venv/bin/mlx.launch", "--backend", "ring", "-n", "2"]
+    assert launch[5] == "--starting-port" and 0 < int(launch[6]) < 65535 and len(launch) == 7
+    assert server[1:6] == ["-m", "mlx_lm", "server", "--model", "/m"]
+    assert server[6:10] == ["--host", "127.0.0.1", "--port", "8100"]
+    assert server[10:] == ["--decode-concurrency", "32", "--prompt-concurrency", "32", "--log-level", "WARNING",
+                           *pipeline_flag, "--x"]  # fmt: skip
+    # mlx.launch dies on SIGTERM without passing it on: the whole group gets it. Its stdin is
+    # an open pipe, as ours' supervisor gives its own mlx.launch (at EOF its relay spins).
+    assert spec.signal_group and spec.stdin_pipe and spec.ready_path == "/health"
+
+
+def test_mlx_lm_unsharded_is_the_server_alone() -> None:
+    argv = servers.mlx_lm_spec(Path("/m"), 8, []).argv(8100)
+    assert argv[1:4] == ["-m", "mlx_lm", "server"] and "--pipeline" not in argv
+    unsharded = servers.mlx_lm_spec(Path("/m"), 8, [])
+    assert not unsharded.signal_group and not unsharded.stdin_pipe
+
+
+def test_weight_index_names_every_tensor_once_and_is_left_alone_after(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import mlx.core as mx
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    serving.ensure_weight_index(model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == dict.fromkeys(mx.load(str(model / "model.safetensors")), "model.safetensors")
+    (model / "model.safetensors.index.json").write_text("{}")
+    serving.ensure_weight_index(model)  # an existing index is the model's own: kept
+    assert (model / "model.safetensors.index.json").read_text() == "{}"
+
+
+def test_free_port_run_is_consecutive_free_ports() -> None:
+    start = servers.free_port_run(3)
+    for port in range(start, start + 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+class _FakeProc:
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self._cmd, self._env = cmd, env
+
+    def cmdline(self) -> list[str]:
+        return self._cmd
+
+    def environ(self) -> dict[str, str]:
+        return self._env
+
+
+def test_rank_labels_keep_rank_zero_for_the_profiler() -> None:
+    ours = servers.ours_spec(Path("/m"), [], Sharding(2, "tensor"))
+    mlx_lm = servers.mlx_lm_spec(Path("/m"), 8, [], Sharding(2, "tensor"), launcher="mlx.launch")
+    engine = ["python", "-m", "engine"]
+    launcher = ["python", "/venv/bin/mlx.launch", "-n", "2", "--", *engine]
+    assert ours.label(_FakeProc(engine, {"MLX_RANK": "0"})) == ours.profile_label == "engine"
+    assert ours.label(_FakeProc(engine, {"MLX_RANK": "1"})) == "engine rank 1"
+    assert ours.label(_FakeProc(launcher, {})) == "launcher"
+    assert ours.label(_FakeProc(["python", "-m", "deploy.cli"], {})) == "supervisor"
+    server = ["python", "-m", "mlx_lm", "server"]
+    assert mlx_lm.label(_FakeProc(server, {"MLX_RANK": "0"})) == mlx_lm.profile_label == "server"
+    assert mlx_lm.label(_FakeProc(server, {"MLX_RANK": "1"})) == "server rank 1"
+    assert mlx_lm.label(_FakeProc(launcher, {})) == "launcher"
+
+
+def test_stop_names_and_kills_every_process_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "server" whose main process dies on SIGTERM and leaves a child and an orphan of its
+    session (as a launcher leaves its ranks): both are named and killed."""
+    monkeypatch.setattr(servers, "CHILD_GRACE_S", 0.2)
+    script = "(sleep 60 &) ; sleep 60 & echo started; wait"
+    spec = servers.ServerSpec(name="stub", argv=lambda port: ["sh", "-c", script])
+    server = servers.ServerProcess(spec, tmp_path)
+    for _ in range(100):  # up to 10 s for the shell to start both sleeps
+        if "started" in server.log_tail():
+            break
+        time.sleep(0.1)
+    server.stop()
+    assert len(server.leftovers) == 2 and all("sleep 60" in line for line in server.leftovers)
+    pids = [int(line.split()[0]) for line in server.leftovers]
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
 
 
 # --- report ---------------------------------------------------------------------
