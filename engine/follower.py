@@ -103,7 +103,7 @@ class Follower:
         log.info("follower stopped")
 
     def _on_plan(self, plan: StepPlan) -> None:
-        bound_s = step_timeout_s(plan, self._core.pending_prompt_tokens())
+        bound_s = step_timeout_s(plan, self._core.pending_prompt_tokens(), self.steps)
         with self._watchdog.watch(bound_s, "an engine step"):
             self._core.execute(plan)
             # Rank 0 calls this once the step's deltas are out, before its next plan.

@@ -58,6 +58,10 @@ GROUP_STEP_TIMEOUT_S = 60.0
 # process (prefill as slow as 50 tokens/s: a big model on small Macs), so a
 # long prefill is never taken for a hang, while decode steps keep the tight bound.
 GROUP_STEP_S_PER_PROMPT_TOKEN = 0.02
+# Once this many steps have run, the kernels of the usual shapes exist and a
+# step gets the sync bound as its base instead: a rank that hangs in the
+# middle of a decode step is then found within seconds, not a minute.
+GROUP_WARM_UP_STEPS = 64
 # A follower hears from rank 0 at least every housekeeping poll (about a
 # second; every idle tick while idle) while rank 0 lives: silence this long
 # means rank 0 hangs.
@@ -190,11 +194,13 @@ def settle(channel: Channel, watchdog: Watchdog) -> None:
         channel.settle()
 
 
-def step_timeout_s(plan: StepPlan, pending_prompt_tokens: int) -> float:
-    """The bound of executing ``plan`` when ``pending_prompt_tokens`` wait in the batch before it."""
+def step_timeout_s(plan: StepPlan, pending_prompt_tokens: int, steps_done: int) -> float:
+    """The bound of executing ``plan`` when ``pending_prompt_tokens`` wait in the batch before it
+    and the group has run ``steps_done`` steps (every rank counts the same plans)."""
     arriving = sum(len(r.prompt_token_ids) for r in plan.inserts)
     per_forward = min(pending_prompt_tokens + arriving, plan.prefill_rows * plan.prefill_chunk)
-    return GROUP_STEP_TIMEOUT_S + GROUP_STEP_S_PER_PROMPT_TOKEN * per_forward * plan.decode_steps
+    base = GROUP_STEP_TIMEOUT_S if steps_done < GROUP_WARM_UP_STEPS else GROUP_SYNC_TIMEOUT_S
+    return base + GROUP_STEP_S_PER_PROMPT_TOKEN * per_forward * plan.decode_steps
 
 
 def gather_host_names(channel: Channel) -> list[str]:
@@ -286,6 +292,7 @@ class GroupLink:
         self._hosts = hosts
         self.status = GroupStatus(mode=mode, backend=backend, ranks=[])
         self._last_sent = time.monotonic()
+        self._steps = 0  # plans sent: the followers count the same
 
     def _send(self, message: StepPlan | GroupPoll | GroupIdle | GroupStop, what: str) -> None:
         settle(self._channel, self._watchdog)
@@ -302,7 +309,9 @@ class GroupLink:
         """The Scheduler's plan sink: every rank executes the plan rank 0 is about to,
         within the same bound (inside ``step()``)."""
         self._send(plan, "sending a step plan")
-        self._watchdog.rearm(step_timeout_s(plan, self._pending_prompt_tokens()), "an engine step")
+        bound_s = step_timeout_s(plan, self._pending_prompt_tokens(), self._steps)
+        self._steps += 1
+        self._watchdog.rearm(bound_s, "an engine step")
 
     @contextmanager
     def step(self) -> Iterator[None]:

@@ -28,7 +28,7 @@ FAST_EXIT_S = 60  # the engine's pre-check imports mlx: seconds on a loaded 2-co
 # the stream's error comes within about a second; bounded generously for a loaded CI box.
 GROUP_DEATH_DEADLINE_S = 8.0
 # A stopped follower: rank 0 gives up on it after its group bound (engine.group: 10 s at a
-# plan or poll broadcast, GROUP_STEP_TIMEOUT_S = 60 s inside a step's collectives).
+# plan or poll broadcast, GROUP_STEP_TIMEOUT_S = 60 s inside one of the first steps' collectives).
 HUNG_GROUP_DEADLINE_S = 90.0
 RESTART_WAIT_S = 90.0
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24, "temperature": 0}

@@ -21,6 +21,8 @@ from engine.group import (
     GROUP_IDLE_TICK_S,
     GROUP_STEP_S_PER_PROMPT_TOKEN,
     GROUP_STEP_TIMEOUT_S,
+    GROUP_SYNC_TIMEOUT_S,
+    GROUP_WARM_UP_STEPS,
     GroupError,
     GroupLink,
     Watchdog,
@@ -268,12 +270,20 @@ def test_a_failed_step_in_a_group_ends_rank_0s_loop_instead_of_failing_the_reque
 
 def test_a_step_that_prefills_gets_a_longer_bound_than_a_decode_step():
     decode = StepPlan(prefill_rows=0, prefill_chunk=512, seed=0)
-    assert step_timeout_s(decode, pending_prompt_tokens=0) == GROUP_STEP_TIMEOUT_S
+    assert step_timeout_s(decode, pending_prompt_tokens=0, steps_done=0) == GROUP_STEP_TIMEOUT_S
     burst = StepPlan(inserts=[gen("a", [1] * 3000, 1)], prefill_rows=8, prefill_chunk=512, seed=0)
     # At most one forward's tokens count (8 rows x 512), not the whole prompt.
     assert (
-        step_timeout_s(burst, pending_prompt_tokens=2000) == GROUP_STEP_TIMEOUT_S + 4096 * GROUP_STEP_S_PER_PROMPT_TOKEN
+        step_timeout_s(burst, pending_prompt_tokens=2000, steps_done=0)
+        == GROUP_STEP_TIMEOUT_S + 4096 * GROUP_STEP_S_PER_PROMPT_TOKEN
     )
+
+
+def test_a_warm_group_bounds_a_decode_step_by_seconds():
+    """After the first steps (kernels built), a rank that hangs mid-step is found within the sync bound."""
+    decode = StepPlan(prefill_rows=0, prefill_chunk=512, seed=0)
+    assert step_timeout_s(decode, 0, steps_done=GROUP_WARM_UP_STEPS - 1) == GROUP_STEP_TIMEOUT_S
+    assert step_timeout_s(decode, 0, steps_done=GROUP_WARM_UP_STEPS) == GROUP_SYNC_TIMEOUT_S < GROUP_STEP_TIMEOUT_S
 
 
 def test_the_batch_counts_the_prompt_tokens_still_to_prefill(model):
