@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 
+from tests.sse import sse_data
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +116,21 @@ class ServerProcess(ChildProcess):
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None or self._tree:
             self.stop()
+
+
+def long_stream(base: str, out: dict, no_eos: dict, timeout_s: float = 60) -> None:
+    """Stream a long answer, one that runs until a fault ends it (bounded all the same by
+    ``timeout_s``); record the events and when the stream started and ended."""
+    payload = {
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 3500,
+        "stream": True,
+        "logit_bias": no_eos,
+    }
+    events = []
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=timeout_s) as r:
+        for data in sse_data(r.iter_text()):
+            events.append(data)
+            out.setdefault("first_at", time.monotonic())
+    out["events"] = events
+    out["ended_at"] = time.monotonic()

@@ -12,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.server import ServerProcess
+from tests.integration.server import ServerProcess, long_stream
 from tests.openai_schema import validate
 from tests.sse import sse_data
 from tests.waiting import wait_until
@@ -37,23 +37,6 @@ def ready(base: str) -> bool:
         return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def long_stream(base: str, out: dict, no_eos: dict) -> None:
-    """Stream a long answer; record the events and when the stream ended."""
-    payload = {
-        "messages": [{"role": "user", "content": "go on forever"}],
-        "max_tokens": 3500,
-        "stream": True,
-        "logit_bias": no_eos,
-    }
-    events = []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
-        for data in sse_data(r.iter_text()):
-            events.append(data)
-            out.setdefault("first_at", time.monotonic())
-    out["events"] = events
-    out["ended_at"] = time.monotonic()
 
 
 def test_engine_kill_fails_in_flight_then_service_returns(tiny_model_dir, server_logs, no_eos):

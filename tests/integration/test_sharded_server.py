@@ -10,17 +10,15 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 
 from ipc import runtime
-from tests.integration.server import REPO_ROOT, ServerProcess, child_env, free_port, mlx_server_command
+from tests.integration.server import REPO_ROOT, ServerProcess, child_env, free_port, long_stream, mlx_server_command
 from tests.integration.test_startup_errors import assert_one_line_error
 from tests.openai_schema import validate
-from tests.sse import sse_data
 from tests.waiting import wait_until
 
 FAST_EXIT_S = 60  # the engine's pre-check imports mlx: seconds on a loaded 2-core box
@@ -146,23 +144,13 @@ def greedy(base: str) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-def long_stream(base: str, no_eos: dict[str, int], out: dict) -> None:
-    payload = {**CHAT, "max_tokens": 3500, "stream": True, "logit_bias": no_eos}
-    events = []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=120) as r:
-        for data in sse_data(r.iter_text()):
-            events.append(data)
-            out.setdefault("first_at", time.monotonic())
-    out["events"] = events
-
-
 def fault_during_a_stream(server: ServerProcess, no_eos: dict[str, int], fault: str, deadline_s: float) -> None:
     """Hit the follower (kill or stop it) while a long stream runs: the stream must end with the
     engine-unavailable error within deadline_s, and every process of that group must go."""
     launcher, ranks = group_processes(server)
     assert [r.environ()["MLX_RANK"] for r in ranks] == ["0", "1"]
     result: dict = {}
-    stream = threading.Thread(target=long_stream, args=(server.base_url, no_eos, result))
+    stream = threading.Thread(target=long_stream, args=(server.base_url, result, no_eos, 120))
     stream.start()
     wait_until(lambda: "first_at" in result, "the stream to start", context=server.log_text)
     getattr(ranks[1], fault)()
