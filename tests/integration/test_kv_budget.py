@@ -67,7 +67,9 @@ def test_a_flood_of_long_prompts_queues_and_completes_or_gets_429(server, no_eos
         t.join(REQUEST_TIMEOUT_S)
     codes = [r.status_code for r in results]
     assert len(codes) == FLOOD and set(codes) <= {200, 429}, codes
-    assert codes.count(200) >= 2 + MAX_QUEUED, codes  # the running rows and the queue, at least
+    # The queue's bound counts the rows still prefilling (engine "queued"): a flood that
+    # arrives while the first two prefill may get no more than MAX_QUEUED answers.
+    assert codes.count(200) >= MAX_QUEUED, codes
     for r in results:
         if r.status_code == 200:
             assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
