@@ -5,13 +5,13 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models import llama
 
 from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
 from engine.prefill import BUSY_PREFILL_MIN_TOKENS
 from engine.sampling import build_request_sampling
 from ipc.messages import Generate, SamplingParams
 from tests.unit.defaults import ENGINE_LIMITS
+from tests.unit.random_llama import random_llama
 
 VOCAB = 300
 EOS = 1
@@ -21,22 +21,7 @@ MAX_STEPS = 500  # every loop below is bounded
 
 @pytest.fixture(scope="module")
 def model():
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(0)
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
+    return random_llama(vocab=VOCAB)
 
 
 def make_scheduler(model, **overrides) -> Scheduler:

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from engine.batch_adapter import Batch
 from engine.quantized_cache import BatchQuantizedKVCache, KVQuantizationUnsupported, RowQuantizedKVCache
+from tests.unit.random_llama import random_llama
 from tests.unit.test_engine_core import EOS, gen, make_scheduler, run_to_end
 
 VOCAB = 300
@@ -17,23 +18,16 @@ PROMPTS = {f"r{i}": [(7 * i + 3 * j) % (VOCAB - 2) + 2 for j in range(20 + 9 * i
 
 
 def llama_model(hidden: int, heads: int, kv_heads: int, seed: int = 0) -> llama.Model:
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        intermediate_size=2 * hidden,
-        num_attention_heads=heads,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=1024,
-        # Untied: a random model with tied embeddings only repeats its last prompt token.
-        tie_word_embeddings=False,
+    return random_llama(
+        vocab=VOCAB,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=2 * hidden,
+        context=1024,
+        tied=False,
+        seed=seed,
     )
-    mx.random.seed(seed)
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
 
 
 @pytest.fixture(scope="module")

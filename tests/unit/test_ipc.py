@@ -9,11 +9,9 @@ import threading
 import uuid
 from pathlib import Path
 
-import mlx.core as mx
 import msgspec
 import pytest
 import zmq
-from mlx_lm.models import llama
 
 from engine.core import Scheduler, SchedulerConfig
 from engine.proc import EngineLoop
@@ -35,6 +33,7 @@ from ipc.messages import (
 )
 from ipc.sockets import connect_dealer, default_ipc_address, make_private_runtime_dir
 from tests.unit.defaults import CLIENT_LIMITS, ENGINE_LIMITS
+from tests.unit.random_llama import random_llama
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,15 +80,7 @@ def test_runtime_dir_is_private():
 
 @pytest.fixture(scope="module")
 def model():
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
-    mx.random.seed(0)
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
+    return random_llama(vocab=VOCAB)
 
 
 @pytest.fixture

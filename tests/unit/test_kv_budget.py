@@ -22,6 +22,7 @@ from engine.kv_memory import (
 )
 from ipc.messages import Generate, SamplingParams
 from tests.unit.defaults import ENGINE_LIMITS
+from tests.unit.random_llama import random_llama
 
 VOCAB = 300
 MAX_STEPS = 2000  # every loop below is bounded
@@ -32,22 +33,7 @@ ROW = KV_STEP_TOKENS * BPT
 
 
 def make_model(layers: int = 2) -> llama.Model:
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=layers,
-        intermediate_size=128,
-        num_attention_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(0)
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
+    return random_llama(vocab=VOCAB, hidden=128, layers=layers, heads=2, kv_heads=1, context=1024)
 
 
 @pytest.fixture(scope="module")
