@@ -32,6 +32,8 @@ PATHS = {
     "responses": "/v1/responses",
 }
 CONNECT_TIMEOUT_S = 10.0
+# Answered by every target (ours and mlx_lm.server): opens the clients' connections.
+CONNECT_PATH = "/health"
 ERROR_BODY_CHARS = 200
 # A server whose listen backlog overflows (mlx_lm.server's socketserver keeps 5)
 # resets new connections during a burst. Clients retry those, as the openai SDK
@@ -170,6 +172,19 @@ async def _client(
             result.error = f"{type(exc).__name__}: {exc}"
 
 
+async def _connect(session: aiohttp.ClientSession, n: int) -> None:
+    """Open the n keep-alive connections before the clock starts, as long-lived
+    clients (SDKs, agents) hold them: TTFT then measures the server, not n TCP
+    connects and the client's set-up of each, which on one asyncio loop delay
+    every request of a burst behind all the others'."""
+
+    async def one() -> None:
+        async with session.get(CONNECT_PATH) as resp:
+            await resp.read()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
 async def _run(
     base_url: str, spec: LoadSpec, per_client: Sequence[Sequence[Prompt]], deadline_s: float
 ) -> tuple[list[RequestResult], float]:
@@ -178,6 +193,7 @@ async def _run(
     timeout = aiohttp.ClientTimeout(total=spec.request_timeout_s, connect=CONNECT_TIMEOUT_S)
     results: list[list[RequestResult]] = [[] for _ in range(n)]
     async with aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout) as session:
+        await _connect(session, n)
         start = time.perf_counter()
         tasks = [
             asyncio.create_task(_client(session, spec, p, r, spec.ramp_s * i / n))

@@ -131,21 +131,27 @@ class EngineLoop:
         timeout = self._idle_poll_ms if block else 0
         while self._poller.poll(timeout):
             timeout = 0
+            # [worker identity, message, message, ...]: a worker forwards everything
+            # its requests queued as one frame set, so a burst is never split by a step.
             frames = self._sock.recv_multipart(copy=False)
-            if len(frames) != 2:
+            if len(frames) < 2:
                 log.warning("dropping malformed frame set (%d parts)", len(frames))
                 continue
-            worker, payload = frames[0].bytes, frames[1].buffer
+            worker = frames[0].bytes
             self._last_seen[worker] = time.monotonic()
-            try:
-                message = codec.decode_frontend_message(payload)
-            except msgspec.DecodeError as exc:
-                log.warning("dropping undecodable message from %r: %s", worker, exc)
-                continue
-            try:
-                self._handlers[type(message)](worker, message)
-            except Exception:  # one bad message must not take the engine down
-                log.exception("handling %s from %r failed", type(message).__name__, worker)
+            for frame in frames[1:]:
+                self._handle(worker, frame.buffer)
+
+    def _handle(self, worker: bytes, payload: memoryview) -> None:
+        try:
+            message = codec.decode_frontend_message(payload)
+        except msgspec.DecodeError as exc:
+            log.warning("dropping undecodable message from %r: %s", worker, exc)
+            return
+        try:
+            self._handlers[type(message)](worker, message)
+        except Exception:  # one bad message must not take the engine down
+            log.exception("handling %s from %r failed", type(message).__name__, worker)
 
     def _forget_silent_workers(self) -> None:
         now = time.monotonic()

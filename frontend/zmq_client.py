@@ -283,8 +283,12 @@ class ZmqEngineClient:
         while True:
             for sock, _ in poller.poll(IO_POLL_MS):
                 if sock is self._pull:
+                    # What the request greenlets queued goes as one frame set: the
+                    # engine receives a burst whole and prefills it in one forward.
+                    queued = [self._pull.recv(copy=False)]
                     while self._pull.poll(0):
-                        dealer.send(self._pull.recv(copy=False), copy=False)
+                        queued.append(self._pull.recv(copy=False))
+                    dealer.send_multipart(queued, copy=False)
                 elif sock is dealer:
                     while dealer.poll(0):
                         self._dispatch(dealer.recv(copy=False).buffer)

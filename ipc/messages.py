@@ -31,7 +31,9 @@ import msgspec
 #    GroupStop (rank 0 to the other ranks).
 # 6: finish_reason "too_large"; EngineStatus.kv_budget_bytes, .kv_reserved_bytes,
 #    .kv_bytes_per_token, .kv_bits, .kv_group_size (with defaults).
-PROTOCOL_VERSION = 6
+# 7: a worker's frame set may carry several messages (everything its requests
+#    queued since its last send): [identity, message, message, ...].
+PROTOCOL_VERSION = 7
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.

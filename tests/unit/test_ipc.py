@@ -211,6 +211,31 @@ def test_protocol_mismatch_is_rejected(engine):
         ctx.term()
 
 
+def test_one_frame_set_carries_several_messages_and_a_bad_one_costs_only_itself(engine):
+    """A worker forwards what its requests queued as one frame set (a burst reaches
+    the engine whole); an undecodable message in it is dropped, the others served."""
+    address, _, _ = engine
+    ctx = zmq.Context()
+    sock = connect_dealer(ctx, address, uuid.uuid4().hex.encode())
+    try:
+        sock.send(codec.encode(Hello("batching-worker", PROTOCOL_VERSION)))
+        assert sock.poll(10_000) and isinstance(codec.decode_engine_message(sock.recv()), Welcome)
+        sock.send_multipart([codec.encode(gen("a", 3)), b"\x93not msgpack of ours", codec.encode(gen("b", 3))])
+        tokens: dict[str, int] = {"a": 0, "b": 0}
+        finals: dict[str, str] = {}
+        while len(finals) < 2:
+            assert sock.poll(10_000), f"no answer; finals so far: {finals}"
+            message = codec.decode_engine_message(sock.recv())
+            for delta in message.deltas:
+                tokens[delta.request_id] += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    finals[delta.request_id] = delta.finish_reason
+        assert finals == {"a": "length", "b": "length"} and tokens == {"a": 3, "b": 3}
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def test_engine_death_fails_streams_at_once_instead_of_hanging(engine):
     address, loop, _ = engine
     client = connect(address, request_timeout_s=60, silence_limit_s=30.0)

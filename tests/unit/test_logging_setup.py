@@ -156,6 +156,22 @@ def test_gunicorn_logs_in_the_configs_format(model: Path):
     assert json.loads(out.stdout)["formatters"]["mlx_server"]["log_format"] == "json"
 
 
+def test_gunicorn_builds_no_access_log_line(monkeypatch):
+    """The access log is off, so no request pays for building one (its atoms)."""
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("logger_class", gunicorn_conf.logger_class)
+    cfg.set("logconfig_dict", {"version": 1})  # what turns gunicorn's access log on
+    logger = cfg.logger_class(cfg)
+
+    def atoms(*args: object) -> dict:
+        raise AssertionError("an access log line was built")
+
+    monkeypatch.setattr(logger, "atoms", atoms)
+    logger.access(SimpleNamespace(status="200 OK"), SimpleNamespace(), {}, None)
+
+
 # ---------------------------------------------------------------- gunicorn's metrics directory
 
 
