@@ -126,6 +126,9 @@ class FinishedChoice:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCall] | None = None
     reasoning: str = ""  # the whole reasoning text, apart from ``text``
+    # The logprobs of the answer's tokens: the pieces that carry ``text``, and the last
+    # tokens' that completed no text (not those of pieces of reasoning or calls only).
+    text_logprobs: list[TokenLogprob] | None = None
 
 
 class ChoiceRun:
@@ -295,16 +298,25 @@ class ChoiceRun:
         texts: list[str] = []
         reasoning: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if self._want_logprobs else None
+        text_logprobs: list[TokenLogprob] | None = [] if self._want_logprobs else None
         calls: list[ToolCall] = []
         for part in self.parts():
             texts.append(part.text)
             reasoning.append(part.reasoning)
-            if logprobs is not None and part.logprobs:
+            if logprobs is not None and text_logprobs is not None and part.logprobs:
                 logprobs.extend(part.logprobs)
+                if part.text or not (part.reasoning or part.tool_calls):
+                    text_logprobs.extend(part.logprobs)
             calls += part.tool_calls or []
         assert self.finish_reason is not None
         return FinishedChoice(
-            self.index, "".join(texts), self.finish_reason, logprobs, calls or None, "".join(reasoning)
+            self.index,
+            "".join(texts),
+            self.finish_reason,
+            logprobs,
+            calls or None,
+            "".join(reasoning),
+            text_logprobs,
         )
 
     def text(self) -> str:

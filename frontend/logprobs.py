@@ -1,6 +1,7 @@
 """OpenAI's logprob shapes from the engine's (token id, float) pairs.
 
-Chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}``.
+Chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}``;
+Responses: ``output_text.logprobs`` is that ``content`` list.
 Completions: ``{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}``.
 Token strings and bytes come from the tokenizer (``Tokenization.token_entry``).
 """
@@ -31,15 +32,20 @@ def _top(token_id: int, logprob: float, entry: TokenEntry) -> TopLogprob:
     return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(raw))
 
 
-def chat_logprobs(tokens: Sequence[TokenLogprob] | None, entry: TokenEntry) -> ChoiceLogprobs | None:
-    if tokens is None:
-        return None
-    content = []
+def token_logprobs(tokens: Sequence[TokenLogprob], entry: TokenEntry) -> list[TokenLogprobShape]:
+    """Chat's ``content`` list; the Responses API's ``logprobs`` have the same shape."""
+    shapes = []
     for t in tokens:
         token, raw = entry(t.token_id)
         top = [_top(i, v, entry) for i, v in t.top]
-        content.append(TokenLogprobShape(token=token, logprob=_finite(t.logprob), bytes=list(raw), top_logprobs=top))
-    return ChoiceLogprobs(content=content, refusal=None)
+        shapes.append(TokenLogprobShape(token=token, logprob=_finite(t.logprob), bytes=list(raw), top_logprobs=top))
+    return shapes
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob] | None, entry: TokenEntry) -> ChoiceLogprobs | None:
+    if tokens is None:
+        return None
+    return ChoiceLogprobs(content=token_logprobs(tokens, entry), refusal=None)
 
 
 def completion_logprobs(

@@ -24,6 +24,18 @@ from ipc.messages import Constraint, ModelInfo, SamplingParams
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _MEDIA_PARTS = frozenset({"input_image", "input_file", "input_audio"})
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
+# OpenAI's ``include`` values (its Includable enum); an unknown one is a 400, as there.
+Includable = Literal[
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _SEND_FULL_INPUT = "this server stores no responses: send the whole conversation in input (store is accepted)"
 
 
@@ -46,9 +58,11 @@ class ResponsesRequest(BaseModel):
     stream: bool | None = None
     # mlx-server's extension, as in chat (bench.serving bans EOS with it).
     logit_bias: dict[str, float] | None = None
+    # "message.output_text.logprobs" turns logprobs on; the other values name what
+    # this server never produces (built-in tools' results, encrypted reasoning).
+    include: list[Includable] | None = None
     # Accepted without effect: nothing is stored, usage is always reported.
     store: bool | None = None
-    include: list[str] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
     # Refused unless harmless (check_supported).
@@ -70,8 +84,13 @@ class ResponsesRequest(BaseModel):
             raise unsupported("prompt", "stored prompt templates are not supported: send instructions and input")
         if self.truncation == "auto":
             raise unsupported("truncation", "truncation 'auto' is not supported: the input must fit the context")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "logprobs are not supported on /v1/responses")
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Generate.logprobs: None, or how many top logprobs per token (top_logprobs
+        alone asks for them too: its alternatives come with each token's own)."""
+        wanted = LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs
+        return (self.top_logprobs or 0) if wanted else None
 
     def sampling(self, vocab_size: int) -> SamplingParams:
         given: dict[str, Any] = {

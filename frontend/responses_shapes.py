@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import RootModel
 
+from frontend.openai_shapes import TokenLogprob
 from frontend.shapes import Shape
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -21,7 +22,7 @@ class OutputText(Shape):
     type: Literal["output_text"]
     text: str
     annotations: list[Any]  # always empty: no citations here
-    logprobs: list[Any]
+    logprobs: list[TokenLogprob]  # empty unless asked for (include, top_logprobs)
 
 
 class ReasoningText(Shape):
@@ -160,7 +161,7 @@ class OutputTextDeltaEvent(Shape):
     output_index: int
     content_index: int
     delta: str
-    logprobs: list[Any]
+    logprobs: list[TokenLogprob]
 
 
 class OutputTextDoneEvent(Shape):
@@ -170,7 +171,7 @@ class OutputTextDoneEvent(Shape):
     output_index: int
     content_index: int
     text: str
-    logprobs: list[Any]
+    logprobs: list[TokenLogprob]
 
 
 class ReasoningTextDeltaEvent(Shape):

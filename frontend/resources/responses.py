@@ -21,7 +21,9 @@ import falcon
 from frontend import pipeline, sse
 from frontend.context import AppContext
 from frontend.errors import APIError, invalid_request
-from frontend.generation import FinishedChoice
+from frontend.generation import FinishedChoice, TokenLogprob
+from frontend.logprobs import token_logprobs
+from frontend.openai_shapes import TokenLogprob as TokenLogprobShape
 from frontend.openapi import GENERATION_ERRORS, Operation
 from frontend.reasoning import effort_switch
 from frontend.request_body import read_request
@@ -82,6 +84,7 @@ def pipeline_request(ctx: AppContext, request: ResponsesRequest) -> pipeline.Pip
         sampling=request.sampling(ctx.engine.model.vocab_size),
         max_tokens=request.max_output_tokens,
         constraint=tools.constraint or answer,
+        logprobs=request.engine_logprobs,
         tools=tools,
     )
 
@@ -147,7 +150,12 @@ class ResponseBuilder:
 
     def body(self, outcome: pipeline.Outcome) -> Response:
         [choice] = outcome.choices
-        return self.response(_status(choice.finish_reason), _items(choice), self.usage(outcome.usage, choice.reasoning))
+        items = _items(choice, self.logprobs(choice.text_logprobs))
+        return self.response(_status(choice.finish_reason), items, self.usage(outcome.usage, choice.reasoning))
+
+    def logprobs(self, tokens: list[TokenLogprob] | None) -> list[TokenLogprobShape]:
+        """output_text.logprobs of these tokens (none when logprobs were not asked for)."""
+        return token_logprobs(tokens or [], self._tok.token_entry)
 
 
 def _status(finish_reason: str) -> str:
@@ -159,8 +167,8 @@ def _response_error(error: APIError) -> ResponseError:
     return ResponseError(code=code, message=error.message)
 
 
-def _output_text(text: str) -> OutputText:
-    return OutputText(type="output_text", text=text, annotations=[], logprobs=[])
+def _output_text(text: str, logprobs: list[TokenLogprobShape] | None = None) -> OutputText:
+    return OutputText(type="output_text", text=text, annotations=[], logprobs=logprobs or [])
 
 
 def _reasoning_item(item_id: str, text: str, status: Any) -> ReasoningItem:
@@ -168,8 +176,10 @@ def _reasoning_item(item_id: str, text: str, status: Any) -> ReasoningItem:
     return ReasoningItem(id=item_id, type="reasoning", summary=[], content=content, status=status)
 
 
-def _message_item(item_id: str, text: str | None, status: Any) -> OutputMessage:
-    content = [] if text is None else [_output_text(text)]
+def _message_item(
+    item_id: str, text: str | None, status: Any, logprobs: list[TokenLogprobShape] | None = None
+) -> OutputMessage:
+    content = [] if text is None else [_output_text(text, logprobs)]
     return OutputMessage(id=item_id, type="message", role="assistant", content=content, status=status)
 
 
@@ -179,7 +189,7 @@ def _call_item(item_id: str, call: ToolCall, arguments: str, status: Any) -> Fun
     )
 
 
-def _items(choice: FinishedChoice) -> list[OutputItem]:
+def _items(choice: FinishedChoice, text_logprobs: list[TokenLogprobShape]) -> list[OutputItem]:
     """A finished choice's output items (non-streaming)."""
     status = _status(choice.finish_reason)
     items: list[OutputItem] = []
@@ -188,7 +198,7 @@ def _items(choice: FinishedChoice) -> list[OutputItem]:
         answered = bool(choice.text or choice.tool_calls)
         items.append(_reasoning_item(_item_id("rs"), choice.reasoning, "completed" if answered else status))
     if choice.text or not choice.tool_calls:
-        items.append(_message_item(_item_id("msg"), choice.text, status))
+        items.append(_message_item(_item_id("msg"), choice.text, status, text_logprobs))
     items += [_call_item(_item_id("fc"), call, call.arguments, "completed") for call in choice.tool_calls or []]
     return items
 
@@ -203,6 +213,7 @@ class ResponsesStream:
         self._open: str | None = None  # "reasoning" or "message": the item being streamed
         self._open_id = ""
         self._text = ""  # of the open item
+        self._logprobs: list[TokenLogprobShape] = []  # of the open message's text
         self._reasoning = ""  # all reasoning text, for usage
         self._status = "completed"
         self._answered = False  # a message or a call is out: no empty message at the end
@@ -241,7 +252,7 @@ class ResponsesStream:
         if self._open == kind:
             return
         yield from self._close_item()
-        self._open, self._text = kind, ""
+        self._open, self._text, self._logprobs = kind, "", []
         if kind == "reasoning":
             self._open_id = _item_id("rs")
             yield self._item_added(_reasoning_item(self._open_id, "", "in_progress"))
@@ -252,13 +263,17 @@ class ResponsesStream:
             yield self._item_added(_message_item(self._open_id, None, "in_progress"))
             yield self._part("added", _output_text(""))
 
-    def _text_delta(self, text: str) -> bytes:
+    def _text_delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> bytes:
         self._text += text
         where = {"item_id": self._open_id, "output_index": len(self._output), "content_index": 0}
         if self._open == "reasoning":
             self._reasoning += text
             return self._event(ReasoningTextDeltaEvent, type="response.reasoning_text.delta", delta=text, **where)
-        return self._event(OutputTextDeltaEvent, type="response.output_text.delta", delta=text, logprobs=[], **where)
+        shapes = self._builder.logprobs(logprobs)
+        self._logprobs += shapes
+        return self._event(
+            OutputTextDeltaEvent, type="response.output_text.delta", delta=text, logprobs=shapes, **where
+        )
 
     def _close_item(self, status: str = "completed") -> Iterator[bytes]:
         kind, text = self._open, self._text
@@ -270,9 +285,12 @@ class ResponsesStream:
             yield self._part("done", ReasoningText(type="reasoning_text", text=text))
             item: OutputItem = _reasoning_item(self._open_id, text, status)
         else:
-            yield self._event(OutputTextDoneEvent, type="response.output_text.done", text=text, logprobs=[], **where)
-            yield self._part("done", _output_text(text))
-            item = _message_item(self._open_id, text, status)
+            logprobs = self._logprobs
+            yield self._event(
+                OutputTextDoneEvent, type="response.output_text.done", text=text, logprobs=logprobs, **where
+            )
+            yield self._part("done", _output_text(text, logprobs))
+            item = _message_item(self._open_id, text, status, logprobs)
         self._open = None
         yield self._item_done(item)
 
@@ -310,11 +328,14 @@ class ResponsesStream:
             yield self._text_delta(piece.reasoning)
         if piece.text:
             yield from self._open_item("message")
-            yield self._text_delta(piece.text)
+            yield self._text_delta(piece.text, piece.logprobs)
         if piece.tool_calls:
             yield from self._close_item()
             for call in piece.tool_calls:
                 yield from self._call(call)
+        elif piece.logprobs and not (piece.text or piece.reasoning) and self._open == "message":
+            # The last tokens completed no text: their logprobs end the message's list.
+            self._logprobs += self._builder.logprobs(piece.logprobs)
 
     def finished(self, event: pipeline.Finished) -> Iterator[bytes]:
         self._status = _status(event.reason)

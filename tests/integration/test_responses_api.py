@@ -86,6 +86,28 @@ def test_streamed_text_equals_non_streamed_at_temperature_0(client):
     assert final.usage.output_tokens == plain.usage.output_tokens
 
 
+def test_logprobs_streamed_and_not_agree_with_the_text(client):
+    kwargs = {
+        "model": "x",
+        "input": "Tell me a story.",
+        "max_output_tokens": 12,
+        "temperature": 0,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+    }
+    plain = client.responses.create(**kwargs)
+    _valid(plain)
+    [part] = plain.output[-1].content
+    assert part.logprobs and all(len(entry.top_logprobs) == 2 for entry in part.logprobs)
+    assert len(part.logprobs) == plain.usage.output_tokens  # one per token, none of them reasoning
+    # Greedy: each token is its position's most likely one.
+    assert all(entry.logprob == max(t.logprob for t in entry.top_logprobs) for entry in part.logprobs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    deltas = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    assert [(e.token, e.logprob) for e in deltas] == [(e.token, e.logprob) for e in part.logprobs]
+
+
 def test_stream_true_yields_events(client):
     events = list(client.responses.create(model="x", input="Hi", max_output_tokens=5, stream=True))
     assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")

@@ -12,7 +12,7 @@ import pytest
 
 from frontend import pipeline
 from frontend.app import create_app
-from frontend.generation import FinishedChoice, Piece
+from frontend.generation import FinishedChoice, Piece, TokenLogprob
 from frontend.reasoning import effort_switch
 from frontend.resources.responses import ResponseBuilder, ResponsesStream
 from frontend.responses_protocol import ResponsesRequest
@@ -21,7 +21,14 @@ from frontend.tools import ToolCall
 from tests.openai_schema import validate
 from tests.tool_template import TOOLS_CHATML_TEMPLATE
 from tests.unit.defaults import frontend_settings
-from tests.unit.fakes import FakeEngineClient, Script, make_model_info, write_tokenizer_dir
+from tests.unit.fakes import (
+    FakeEngineClient,
+    Script,
+    fake_logprob,
+    fake_top_logprobs,
+    make_model_info,
+    write_tokenizer_dir,
+)
 
 URL = "/v1/responses"
 TOOL_MODEL = make_model_info(
@@ -160,6 +167,64 @@ def test_streamed_events_in_order(client, engine, tok):
     assert engine.all_closed()
 
 
+# ---------------------------------------------------------------- logprobs
+
+
+def expected_logprobs(tok: Tokenization, token_ids: list[int], top: int, start: int = 0) -> list[dict[str, Any]]:
+    """output_text.logprobs as chat's logprobs.content: one entry per token, the fake engine's numbers."""
+    entries = []
+    for i, token_id in enumerate(token_ids, start):
+        alternatives = [
+            {"token": tok.token_entry(t)[0], "logprob": v, "bytes": list(tok.token_entry(t)[1])}
+            for t, v in fake_top_logprobs(token_id, i, top)
+        ]
+        token, raw = tok.token_entry(token_id)
+        entries.append({"token": token, "logprob": fake_logprob(i), "bytes": list(raw), "top_logprobs": alternatives})
+    return entries
+
+
+@pytest.mark.parametrize(
+    ("fields", "top"),
+    [
+        ({"include": ["message.output_text.logprobs"]}, 0),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 2}, 2),
+        ({"top_logprobs": 3}, 3),
+    ],
+)
+def test_logprobs_come_with_the_output_text(client, engine, tok, fields, top):
+    token_ids = ids(tok, "Paris is the capital.")
+    engine.script(Script(token_ids))
+    body = post(client, **fields).json
+    validate(body, "Response")
+    [request] = engine.submitted
+    assert request.logprobs == top
+    [part] = body["output"][0]["content"]
+    assert part["text"] == "Paris is the capital."
+    assert part["logprobs"] == expected_logprobs(tok, token_ids, top)
+    assert b"".join(bytes(e["bytes"]) for e in part["logprobs"]) == b"Paris is the capital."
+
+
+def test_no_logprobs_unless_asked(client, engine, tok):
+    engine.script(Script(ids(tok, "Paris.")))
+    body = post(client, include=["reasoning.encrypted_content"], top_logprobs=0).json
+    assert engine.submitted[0].logprobs is None
+    assert body["output"][0]["content"][0]["logprobs"] == []
+
+
+def test_streamed_logprobs_come_with_each_delta_and_whole_at_the_end(client, engine, tok):
+    token_ids = ids(tok, "Hello there, world")
+    engine.script(Script(token_ids, chunk=2))
+    events = named_events(post(client, stream=True, include=["message.output_text.logprobs"], top_logprobs=1).text)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 1 and sum(len(e["logprobs"]) for e in deltas) == len(token_ids)
+    streamed = [entry for e in deltas for entry in e["logprobs"]]
+    assert streamed == expected_logprobs(tok, token_ids, 1)
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    [part_done] = [e for e in events if e["type"] == "response.content_part.done"]
+    assert done["logprobs"] == part_done["part"]["logprobs"] == streamed
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == streamed
+
+
 def test_streamed_cut_is_incomplete(client, engine, tok):
     engine.script(Script(ids(tok, "The quick brown fox jumps over the lazy dog.")))
     events = named_events(post(client, stream=True, max_output_tokens=2).text)
@@ -264,6 +329,27 @@ def test_tool_choice_auto_without_tools_is_plain_text(client, engine):
     assert engine.submitted[0].constraint is None
 
 
+def test_output_text_logprobs_are_the_answers_tokens_only(tok):
+    def lp(*token_ids: int) -> list[TokenLogprob]:
+        return [TokenLogprob(t, -0.5, (), 0) for t in token_ids]
+
+    builder = _builder(tok, include=["message.output_text.logprobs"])
+    events = _encode(
+        ResponsesStream(builder),
+        [
+            pipeline.Started(0),
+            pipeline.Delta(0, Piece("", lp(10, 11), reasoning="Let me think.")),
+            pipeline.Delta(0, Piece("Paris", lp(20))),
+            pipeline.Delta(0, Piece("", lp(21))),  # the last token completed no text
+            pipeline.Finished(0, "stop"),
+            pipeline.Completed(pipeline.TokenCounts(5, 4, 0)),
+        ],
+    )
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [tok.token_entry(t)[0] for t in (20, 21)] == [entry["token"] for entry in done["logprobs"]]
+    assert events[-1]["response"]["output"][1]["content"][0]["logprobs"] == done["logprobs"]
+
+
 def test_finished_choice_with_reasoning_and_calls(tok):
     call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
     choice = FinishedChoice(0, "", "tool_calls", tool_calls=[call], reasoning="Hmm.")
@@ -345,6 +431,8 @@ def test_input_items_become_chat_messages():
         ({"input": [{"type": ["message"]}]}, "input[0].type", ""),
         ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role", ""),
         ({"input": [{"role": "user", "content": [{"type": {}, "text": "x"}]}]}, "input[0].content[0]", ""),
+        ({"include": ["message.output_text.logprob"]}, "include[0]", ""),
+        ({"top_logprobs": 21}, "top_logprobs", ""),
     ],
 )
 def test_what_cannot_be_done_is_a_400_naming_it(client, engine, body, param, words):
