@@ -557,8 +557,9 @@ class Scheduler:
         if not (self._inbox or self._aborts or self.core.active):
             return None
         aborts, self._aborts = list(self._aborts), {}
-        inserts = self._admit_by_kv(aborts)
-        rows = self.core.batch.rows(without=self.core.uids(aborts))
+        leaving = self.core.uids(aborts)  # rows this step removes: their KV and slots are free
+        inserts = self._admit_by_kv(leaving)
+        rows = self.core.batch.rows(without=leaving)
         waiting = rows.waiting + len(inserts)
         free_rows = max(min(self._prefill_rows - rows.prefilling, self._config.max_batch_size - rows.decoding), 0)
         busy = bool(rows.prefilling or rows.decoding)
@@ -578,14 +579,12 @@ class Scheduler:
             seed=self._seeds.getrandbits(32),
         )
 
-    def _admit_by_kv(self, aborts: list[str]) -> list[Generate]:
+    def _admit_by_kv(self, leaving: list[int]) -> list[Generate]:
         """Take from the inbox, in arrival order, the requests whose KV reservation
         fits the budget beside the rows that stay; the others keep waiting
         (counted in ``queued``). The prefix cache yields what they need."""
         waiting = list(self._inbox.values())
-        fit = self.core.kv.admissible(
-            (len(r.prompt_token_ids) + r.max_tokens for r in waiting), without=self.core.uids(aborts)
-        )
+        fit = self.core.kv.admissible((len(r.prompt_token_ids) + r.max_tokens for r in waiting), without=leaving)
         admitted = waiting[:fit]
         for request in admitted:
             del self._inbox[request.request_id]
