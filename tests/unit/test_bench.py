@@ -648,8 +648,16 @@ class _StubSSE(http.server.BaseHTTPRequestHandler):
     """Streams each API's two text events, usage and end; answers 400 to a body without messages or input."""
 
     protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+    seen: list[str] = []  # "METHOD path" of every request, in arrival order
+
+    def do_GET(self) -> None:
+        self.seen.append(f"GET {self.path}")
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
 
     def do_POST(self) -> None:
+        self.seen.append(f"POST {self.path}")
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if not (body.get("messages") or body.get("input") or body.get("prompt")):
             self.send_response(400)
@@ -689,6 +697,13 @@ def test_run_load_streams_every_prompt_of_every_client(stub_url: str, api: str) 
     for r in results:
         assert (r.ok, r.chunks, r.tokens, len(r.itl_s), r.retries) == (True, 2, 2, 1, 0)
         assert r.ttft_s is not None and r.ttft_s >= 0
+
+
+def test_run_load_opens_every_clients_connection_before_the_clock(stub_url: str) -> None:
+    spec = LoadSpec(model="m", max_tokens=2, logit_bias={}, request_timeout_s=10)
+    _StubSSE.seen.clear()
+    loadgen.run_load(stub_url, spec, [[Prompt("hi", (1,))] for _ in range(3)], deadline_s=30)
+    assert _StubSSE.seen == [f"GET {loadgen.CONNECT_PATH}"] * 3 + ["POST /v1/chat/completions"] * 3
 
 
 def test_run_load_records_http_errors_and_refused_connections(stub_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
