@@ -85,8 +85,8 @@ def free_port_range(count: int, rng: random.Random | None = None) -> int:
 
 
 def ports_needed(group: runtime.DistributedConfig) -> int:
-    if group.backend == "jaccl":
-        return 1  # the coordinator, at rank 0's first IP
+    if group.backend in ("jaccl", "nccl"):
+        return 1  # the coordinator (jaccl) or rendezvous (nccl), at rank 0's first IP
     if group.hostfile is None:
         return group.ranks  # mlx.launch -n: one 127.0.0.1 port per rank
     return read_hostfile(Path(group.hostfile)).ring_ports()
@@ -112,7 +112,8 @@ def launch_command(
     command = [sys.executable, "-m", "deploy.group_launch", launcher_path(), "--backend", group.backend]
     command += ["--hostfile", group.hostfile] if group.hostfile else ["-n", str(group.ranks)]
     # --python: every host runs the engine with this interpreter's path (the same venv path on each Mac).
-    command += ["--starting-port", str(starting_port), "--python", sys.executable]
+    port_flag = "--nccl-port" if group.backend == "nccl" else "--starting-port"
+    command += [port_flag, str(starting_port), "--python", sys.executable]
     if config_for_remote is not None:
         command += ["--env", f"{runtime.CONFIG_ENV}={config_for_remote}"]
     return [*command, "--", "-m", "engine", "--restarts", str(restarts)]

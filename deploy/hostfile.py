@@ -100,8 +100,10 @@ def check_backend(hostfile: Hostfile, backend: DistributedBackend) -> None:
         )
     if backend == "ring":
         _check_ring(hostfile)
-    else:
+    elif backend == "jaccl":
         _check_jaccl(hostfile)
+    elif not hostfile.hosts[0].ips:  # nccl
+        raise ValueError(f"host 0 ({hostfile.hosts[0].ssh}) has no `ips`: nccl's rendezvous is rank 0's first IP")
 
 
 def _check_ring(hostfile: Hostfile) -> None:

@@ -211,7 +211,9 @@ class Settings(BaseSettings):
         "or pipeline (consecutive layers per rank)",
     )
     distributed_backend: runtime.DistributedBackend = Field(
-        "ring", description="mlx.distributed backend of a sharded model: ring (TCP) or jaccl (Thunderbolt 5 RDMA)"
+        "ring",
+        description="mlx.distributed backend of a sharded model: ring (TCP), jaccl (Thunderbolt 5 RDMA) "
+        "or nccl (NVIDIA GPUs with mlx's CUDA build, one GPU per rank)",
     )
     ipc_address: str | None = Field(
         None,

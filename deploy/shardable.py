@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ipc.runtime import DistributedMode
+from ipc.runtime import DistributedBackend, DistributedMode
 
 # Exit status of `python -m engine.sharding` when the model cannot be split the asked way.
 EXIT_CANNOT_SHARD = 2
@@ -51,16 +51,23 @@ def config_problem(model_path: Path, mode: DistributedMode, ranks: int) -> str |
     return None
 
 
-def engine_check_command(model_path: str, mode: DistributedMode, ranks: int, adapter_path: str | None) -> list[str]:
+def engine_check_command(
+    model_path: str, mode: DistributedMode, ranks: int, adapter_path: str | None, backend: DistributedBackend
+) -> list[str]:
     command = [sys.executable, "-m", "engine.sharding", model_path, "--mode", mode, "--ranks", str(ranks)]
-    return command + (["--adapter", adapter_path] if adapter_path else [])
+    return command + ["--backend", backend] + (["--adapter", adapter_path] if adapter_path else [])
 
 
 def engine_problem(
-    model_path: str, mode: DistributedMode, ranks: int, adapter_path: str | None, env: dict[str, str]
+    model_path: str,
+    mode: DistributedMode,
+    ranks: int,
+    adapter_path: str | None,
+    backend: DistributedBackend,
+    env: dict[str, str],
 ) -> str | None:
     """The engine's one-line reason this model cannot be sharded so, or None when it can."""
-    command = engine_check_command(model_path, mode, ranks, adapter_path)
+    command = engine_check_command(model_path, mode, ranks, adapter_path, backend)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=ENGINE_CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -280,7 +280,7 @@ def sharding_problem(settings: Settings) -> str | None:
         return None
     adapter = None if settings.adapter_path is None else str(settings.adapter_path)
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    return shardable.engine_problem(str(settings.model_path), group.mode, group.ranks, adapter, env)
+    return shardable.engine_problem(str(settings.model_path), group.mode, group.ranks, adapter, group.backend, env)
 
 
 def run(settings: Settings) -> int:

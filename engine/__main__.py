@@ -136,7 +136,7 @@ def run_group_rank(config: runtime.RuntimeConfig, restarts: int) -> int:
     """One rank of a sharded engine (started by mlx.launch): rank 0 serves, the others follow."""
     dist = config.distributed
     assert dist is not None
-    problem = sharding_problem(config.model_path, dist.mode, dist.ranks, config.adapter_path)
+    problem = sharding_problem(config.model_path, dist.mode, dist.ranks, config.adapter_path, dist.backend)
     if problem is not None:
         print(f"engine: error: {problem}", file=sys.stderr)
         return EXIT_CANNOT_SHARD

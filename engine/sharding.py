@@ -1,7 +1,7 @@
 """Can this model be sharded this way, and doing it: one model over an mlx.distributed group.
 
 ``sharding_problem`` is the pre-check (the supervisor runs
-``python -m engine.sharding MODEL --mode M --ranks N [--adapter PATH]``
+``python -m engine.sharding MODEL --mode M --ranks N [--adapter PATH] [--backend B]``
 before it launches a group, and every rank runs it again at load): one
 line saying why the model cannot be split the asked way, or None.
 ``prepare`` fuses a LoRA adapter into the weights and shards the model.
@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ipc.runtime import DistributedMode
+from ipc.runtime import DistributedBackend, DistributedMode
 
 MODES: tuple[DistributedMode, ...] = ("tensor", "pipeline")
+BACKENDS: tuple[DistributedBackend, ...] = ("ring", "jaccl", "nccl")
 # Exit status of the pre-check when the model cannot be sharded as asked (a usage error).
 EXIT_CANNOT_SHARD = 2
 # config.json keys whose values tensor parallelism splits across ranks.
@@ -53,12 +54,21 @@ def _model_skeleton(config: dict[str, Any]) -> Any:
     return model_class(args_class.from_dict(config))
 
 
-def sharding_problem(model_path: str, mode: DistributedMode, ranks: int, adapter_path: str | None = None) -> str | None:
-    """Why ``model_path`` cannot run on ``ranks`` ranks in ``mode``, in one line; None when it can."""
+def sharding_problem(
+    model_path: str,
+    mode: DistributedMode,
+    ranks: int,
+    adapter_path: str | None = None,
+    backend: DistributedBackend = "ring",
+) -> str | None:
+    """Why ``model_path`` cannot run on ``ranks`` ranks in ``mode`` over ``backend``, in one
+    line; None when it can."""
     if mode not in MODES:
         return f"unknown distributed mode {mode!r} (expected one of {', '.join(MODES)})"
     if ranks < 1:
         return f"a group needs at least one rank, not {ranks}"
+    if backend == "nccl" and not _cuda_available():
+        return "distributed_backend nccl needs NVIDIA GPUs and mlx's CUDA build; this machine has neither: use ring"
     try:
         config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -92,6 +102,12 @@ def sharding_problem(model_path: str, mode: DistributedMode, ranks: int, adapter
     return None
 
 
+def _cuda_available() -> bool:
+    import mlx.core as mx
+
+    return bool(mx.cuda.is_available())
+
+
 def fuse_adapter(model: Any) -> None:
     """Fold the LoRA (or DoRA) layers that load_adapters put in into plain Linear layers."""
     from mlx.utils import tree_unflatten
@@ -120,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--ranks", type=int, required=True)
     p.add_argument("--adapter", default=None, help="LoRA adapter directory")
+    p.add_argument("--backend", choices=BACKENDS, default="ring")
     args = p.parse_args(argv)
-    problem = sharding_problem(args.model_path, args.mode, args.ranks, args.adapter)
+    problem = sharding_problem(args.model_path, args.mode, args.ranks, args.adapter, args.backend)
     if problem is None:
         return 0
     print(problem, file=sys.stderr)

@@ -32,7 +32,7 @@ import msgspec
 # 6: finish_reason "too_large"; EngineStatus.kv_budget_bytes, .kv_reserved_bytes,
 #    .kv_bytes_per_token, .kv_bits, .kv_group_size (with defaults).
 # 7: a worker's frame set may carry several messages (everything its requests
-#    queued since its last send): [identity, message, message, ...].
+#    queued since its last send): [identity, message, message, ...]; GroupStatus.backend "nccl".
 PROTOCOL_VERSION = 7
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
@@ -184,7 +184,7 @@ class GroupStatus(msgspec.Struct, frozen=True, kw_only=True):
     """A sharded engine's group: how it is split and each rank's memory."""
 
     mode: Literal["tensor", "pipeline"]
-    backend: Literal["ring", "jaccl"]
+    backend: Literal["ring", "jaccl", "nccl"]
     ranks: list[RankStatus]
 
 

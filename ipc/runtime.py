@@ -53,7 +53,7 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 DistributedMode = Literal["tensor", "pipeline"]
-DistributedBackend = Literal["ring", "jaccl"]
+DistributedBackend = Literal["ring", "jaccl", "nccl"]
 
 
 class DistributedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -93,6 +93,12 @@ def test_engine_pre_check_refuses_a_model_that_cannot_split_that_way(tiny_model_
     assert not processes_naming(str(tiny_model_dir))
 
 
+def test_nccl_without_nvidia_gpus_is_refused_before_any_rank_starts(tiny_model_dir: Path) -> None:
+    result = run_cli(str(tiny_model_dir), "--distributed-ranks", "2", "--distributed-backend", "nccl")
+    assert_usage_error(result, "nccl needs NVIDIA GPUs", "use ring")
+    assert not processes_naming(str(tiny_model_dir))
+
+
 def test_a_group_whose_ranks_cannot_load_exits_with_the_cause(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken-weights"
     shutil.copytree(tiny_qwen2_dir, broken)

@@ -135,6 +135,21 @@ def test_launch_command_for_ranks_on_this_machine() -> None:
     ]  # fmt: skip
 
 
+def test_launch_command_for_nccl_names_its_rendezvous_port() -> None:
+    # mlx.launch gives rank i of `-n N` the GPU CUDA_VISIBLE_DEVICES=i and meets at NCCL_PORT.
+    group = runtime.DistributedConfig(mode="tensor", backend="nccl", ranks=2, hostfile=None)
+    command = launch_command(group, 21000, 0, None)
+    assert command[4:10] == ["--backend", "nccl", "-n", "2", "--nccl-port", "21000"]
+    assert "--starting-port" not in command
+
+
+def test_nccl_needs_rank_zeros_ip(tmp_path: Path) -> None:
+    check_backend(read_hostfile(write(tmp_path, RING_2)), "nccl")
+    named = read_hostfile(write(tmp_path, [{"ssh": "gpu-a"}, {"ssh": "gpu-b", "ips": ["10.0.0.2"]}]))
+    with pytest.raises(ValueError, match="host 0 .gpu-a. has no `ips`: nccl"):
+        check_backend(named, "nccl")
+
+
 def test_launch_command_for_a_hostfile_carries_the_config_to_remote_hosts(tmp_path: Path) -> None:
     path = str(write(tmp_path, RING_2))
     group = runtime.DistributedConfig(mode="pipeline", backend="ring", ranks=2, hostfile=path)
