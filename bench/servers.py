@@ -55,13 +55,14 @@ def free_port_run(count: int, tries: int = 50) -> int:
 
 @dataclass(frozen=True)
 class Sharding:
-    """One model over `ranks` processes of this machine (mlx.distributed, ring backend on 127.0.0.1)."""
+    """One model over `ranks` processes of this machine (mlx.distributed on 127.0.0.1)."""
 
     ranks: int
     mode: str  # "tensor" (model.shard) or "pipeline" (layers split over the ranks)
+    backend: str = "ring"  # or "nccl": one NVIDIA GPU per rank
 
     def describe(self) -> str:
-        return f"{self.ranks} ranks, {self.mode}, ring on {HOST}"
+        return f"{self.ranks} ranks, {self.mode}, {self.backend} on {HOST}"
 
 
 def mlx_launch_exe() -> str:
@@ -76,11 +77,13 @@ def mlx_launch_exe() -> str:
 
 
 def mlx_launch_argv(sharding: Sharding, ring_port: int, command: list[str], launcher: str) -> list[str]:
-    """`mlx.launch` running `command` as `sharding.ranks` local ranks of a ring group.
+    """`mlx.launch` running `command` as `sharding.ranks` local ranks of one group.
 
-    Ranks listen on ring_port, ring_port+1, ...; mlx.launch sets MLX_RANK and
-    MLX_HOSTFILE for each and runs them as its own children."""
-    return [launcher, "--backend", "ring", "-n", str(sharding.ranks), "--starting-port", str(ring_port), "--",
+    Ring: ranks listen on ring_port, ring_port+1, ...; nccl: they meet at ring_port,
+    rank i on GPU i. mlx.launch sets MLX_RANK (and the backend's variables) for each
+    and runs them as its own children."""
+    port_flag = "--nccl-port" if sharding.backend == "nccl" else "--starting-port"
+    return [launcher, "--backend", sharding.backend, "-n", str(sharding.ranks), port_flag, str(ring_port), "--",
             *command]  # fmt: skip
 
 
@@ -174,7 +177,7 @@ def mlx_lm_spec(
         model_field="default_model",
         ready_path="/health",
         label=_with_rank(_mlx_lm_label),
-        settings={"flags": f"under mlx.launch --backend ring -n {sharding.ranks}; {' '.join(flags)}"},
+        settings={"flags": f"under mlx.launch --backend {sharding.backend} -n {sharding.ranks}; {' '.join(flags)}"},
         signal_group=True,
         stdin_pipe=True,
     )
@@ -197,7 +200,8 @@ def _ours_label(proc: psutil.Process) -> str:
 def ours_spec(model_dir: Path, extra: list[str], sharding: Sharding | None = None) -> ServerSpec:
     """mlx-server; sharded, with its own distributed settings (its supervisor starts the ranks)."""
     shard = [] if sharding is None else ["--distributed-ranks", str(sharding.ranks),
-                                         "--distributed-mode", sharding.mode]  # fmt: skip
+                                         "--distributed-mode", sharding.mode,
+                                         "--distributed-backend", sharding.backend]  # fmt: skip
     flags = [*shard, *extra]
     return ServerSpec(
         name="ours",
@@ -402,14 +406,16 @@ def busiest_thread(before: dict[int, tuple[str, float]], after: dict[int, tuple[
 class GpuBusy:
     """Mean GPU utilization over a `with` block, sampled by `nvidia-smi -lms` in the background.
 
-    `pct` is None without nvidia-smi (CPU machines) or without samples. A sample is
-    the share of the last period in which a kernel ran: it tells a GPU-bound
-    step (near 100) from one that waits on the host (well under)."""
+    `per_gpu` is each GPU's mean by index, `pct` GPU 0's (the GPU of an unsharded
+    server); None / empty without nvidia-smi (CPU machines) or without samples. A
+    sample is the share of the last period in which a kernel ran: it tells a
+    GPU-bound step (near 100) from one that waits on the host (well under)."""
 
     PERIOD_MS = 200
 
     def __init__(self) -> None:
         self.pct: float | None = None
+        self.per_gpu: list[float] = []
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> GpuBusy:
@@ -417,7 +423,7 @@ class GpuBusy:
         if exe:
             try:
                 self._proc = subprocess.Popen(
-                    [exe, "--id=0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.PERIOD_MS}"],
+                    [exe, "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.PERIOD_MS}"],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
                 )  # fmt: skip
             except OSError:
@@ -433,15 +439,25 @@ class GpuBusy:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             out, _ = self._proc.communicate()
-        values = []
-        for line in out.splitlines():
-            try:
-                values.append(float(line.strip()))
-            except ValueError:
-                continue
-        # The first sample covers the time before the block.
-        values = values[1:] if len(values) > 1 else values
-        self.pct = sum(values) / len(values) if values else None
+        self.per_gpu = gpu_means(out)
+        self.pct = self.per_gpu[0] if self.per_gpu else None
+
+
+def gpu_means(samples: str) -> list[float]:
+    """Each GPU's mean utilization from nvidia-smi's "index, percent" lines (by index)."""
+    by_gpu: dict[int, list[float]] = {}
+    for line in samples.splitlines():
+        try:
+            index, value = (field.strip() for field in line.split(","))
+            by_gpu.setdefault(int(index), []).append(float(value))
+        except ValueError:
+            continue
+    means = []
+    for index in sorted(by_gpu):
+        values = by_gpu[index]
+        values = values[1:] if len(values) > 1 else values  # the first sample covers the time before the block
+        means.append(sum(values) / len(values))
+    return means
 
 
 class Profiler:

@@ -143,6 +143,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="tensor",
         help="with --distributed-ranks: tensor (every rank a slice of every layer) or pipeline (layers split)",
     )
+    p.add_argument(
+        "--distributed-backend",
+        choices=("ring", "nccl"),
+        default="ring",
+        help="with --distributed-ranks: ring (TCP on 127.0.0.1) or nccl (one NVIDIA GPU per rank)",
+    )
     p.add_argument("--concurrency", type=_csv_ints, default=_csv_ints("1,8,32,64"), help="comma-separated")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request, exactly (eos is banned)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="templated prompt length, exact")
@@ -214,7 +220,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def sharding_of(args: argparse.Namespace) -> Sharding | None:
     """The sharding both servers get; None for one process."""
-    return Sharding(args.distributed_ranks, args.distributed_mode) if args.distributed_ranks > 1 else None
+    if args.distributed_ranks < 2:
+        return None
+    return Sharding(args.distributed_ranks, args.distributed_mode, args.distributed_backend)
 
 
 def resolve_model(name: str, cache_dir: Path, architecture: str = "llama") -> tuple[Path, str]:
@@ -329,6 +337,7 @@ def run_http_target(
                 cpu.other_s = max(busy_cpu_seconds() - busy0 - cpu.client_s - sum(cpu.server_s.values()), 0.0)
                 cpu.busiest_thread_s = busiest_thread(threads0, server.thread_seconds())
                 cpu.gpu_busy_pct = gpu.pct
+                cpu.gpu_busy_per_gpu = gpu.per_gpu if len(gpu.per_gpu) > 1 else []
                 run = RunResult(spec.name, n, load.max_tokens, wall, results, cpu)
                 if steps0 and steps1:
                     run.engine_steps, run.engine_step_s = steps1[0] - steps0[0], steps1[1] - steps0[1]
@@ -526,7 +535,10 @@ def run_notes(runs: Sequence[RunResult]) -> tuple[str, ...]:
             if label in busiest:
                 cell += f" (busiest thread {busiest[label] / r.wall_s:.2f})"
             cells.append(cell)
+        each = r.cpu.gpu_busy_per_gpu
         gpu = "" if r.cpu.gpu_busy_pct is None else f"; GPU busy {r.cpu.gpu_busy_pct:.0f}%"
+        if each:
+            gpu = "; GPU busy " + " / ".join(f"{pct:.0f}%" for pct in each) + " (GPU 0, 1, ...)"
         step = (
             "" if r.engine_step_ms is None else f"; engine {r.engine_step_ms:.2f} ms per step ({r.engine_steps} steps)"
         )

@@ -47,6 +47,8 @@ class CpuUse:
     # Mean GPU utilization over the run (nvidia-smi's utilization.gpu, 0..100:
     # share of time a kernel was running); None where there is no NVIDIA GPU.
     gpu_busy_pct: float | None = None
+    # The same for each GPU of the machine, by index (a sharded server's ranks), when more than one.
+    gpu_busy_per_gpu: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -289,8 +289,11 @@ def test_cli_sharding_applies_to_both_servers_only_from_two_ranks() -> None:
     assert serving.sharding_of(parse_args(["--distributed-ranks", "1"])) is None
     args = parse_args(["--distributed-ranks", "2", "--distributed-mode", "pipeline", "--architecture", "qwen2"])
     assert serving.sharding_of(args) == Sharding(2, "pipeline") and args.architecture == "qwen2"
-    assert serving.sharding_of(parse_args(["--distributed-ranks", "2"])) == Sharding(2, "tensor")
-    for bad in (["--distributed-ranks", "0"], ["--distributed-mode", "expert"], ["--architecture", "gpt2"]):
+    assert serving.sharding_of(parse_args(["--distributed-ranks", "2"])) == Sharding(2, "tensor", "ring")
+    nccl = parse_args(["--distributed-ranks", "2", "--distributed-backend", "nccl"])
+    assert serving.sharding_of(nccl) == Sharding(2, "tensor", "nccl")
+    for bad in (["--distributed-ranks", "0"], ["--distributed-mode", "expert"], ["--architecture", "gpt2"],
+                ["--distributed-backend", "jaccl"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -303,7 +306,7 @@ def test_ours_sharded_passes_its_distributed_settings(mode: str) -> None:
     spec = servers.ours_spec(Path("/m"), ["--workers", "2"], Sharding(2, mode))
     argv = spec.argv(8100)
     assert argv[1:] == ["-m", "deploy.cli", "/m", "--port", "8100", "--distributed-ranks", "2",
-                        "--distributed-mode", mode, "--workers", "2"]  # fmt: skip
+                        "--distributed-mode", mode, "--distributed-backend", "ring", "--workers", "2"]  # fmt: skip
     # Ours' supervisor stops its own ranks: SIGTERM goes to it alone, as unsharded.
     assert not spec.signal_group
     assert "--distributed" not in " ".join(servers.ours_spec(Path("/m"), [], None).argv(8100))
@@ -324,6 +327,14 @@ def test_mlx_lm_sharded_runs_under_mlx_launch(mode: str, pipeline_flag: list[str
     # mlx.launch dies on SIGTERM without passing it on: the whole group gets it. Its stdin is
     # an open pipe, as ours' supervisor gives its own mlx.launch (at EOF its relay spins).
     assert spec.signal_group and spec.stdin_pipe and spec.ready_path == "/health"
+
+
+def test_nccl_groups_meet_at_one_port_with_a_gpu_per_rank() -> None:
+    spec = servers.mlx_lm_spec(Path("/m"), 8, [], Sharding(2, "tensor", "nccl"), launcher="mlx.launch")
+    launch = spec.argv(8100)[: spec.argv(8100).index("--")]
+    assert launch[:5] == ["mlx.launch", "--backend", "nccl", "-n", "2"] and launch[5] == "--nccl-port"
+    ours = servers.ours_spec(Path("/m"), [], Sharding(2, "tensor", "nccl")).argv(8100)
+    assert ours[ours.index("--distributed-backend") + 1] == "nccl"
 
 
 def test_mlx_lm_unsharded_is_the_server_alone() -> None:
@@ -570,6 +581,16 @@ def test_run_notes_name_cores_busiest_thread_and_gpu() -> None:
     )
 
 
+def test_gpu_busy_is_each_gpus_mean_after_its_first_sample() -> None:
+    samples = "0, 10\n1, 0\n0, 80\n1, 60\n0, 90\n1, 70\nNo devices were found\n"
+    assert servers.gpu_means(samples) == [85.0, 65.0]
+    assert servers.gpu_means("0, 40\n") == [40.0] and servers.gpu_means("") == []
+    run = _run()
+    run.cpu.gpu_busy_pct, run.cpu.gpu_busy_per_gpu = 85.0, [85.0, 65.0]
+    (note,) = run_notes([run])
+    assert note.endswith("; GPU busy 85% / 65% (GPU 0, 1, ...)")
+
+
 def test_replot_redraws_the_section_and_leaves_out_runs_cut_by_the_deadline(tmp_path: Path) -> None:
     good = _run()
     cut = RunResult("raw", 3, 3, 1.0, [RequestResult(chunks=1, error="cut by the overall deadline")])
@@ -601,6 +622,20 @@ def test_padded_tokenizer_covers_every_id_and_encodes_as_before() -> None:
     text = "Hello there, the quick brown fox."
     assert padded.encode(text).ids == base.encode(text).ids
     assert padded.decode([4000, 4999]) == " w4000 w4999"
+
+
+def test_gpu_model_qwen2_layout_can_be_split_into_a_pipeline(tmp_path: Path) -> None:
+    from bench.gpu_model import main as gpu_model_main
+    from engine.sharding import sharding_problem
+
+    assert gpu_model_main([str(tmp_path / "q"), "--shape", "tiny", "--architecture", "qwen2"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "qwen2"
+    assert sharding_problem(str(tmp_path / "q"), "pipeline", 2) is None
+    assert sharding_problem(str(tmp_path / "q"), "tensor", 2) is None
+    from mlx_lm import load
+
+    model, _ = load(str(tmp_path / "q"))  # every weight, the biases included, where mlx-lm wants it
+    assert model.model.layers[0].self_attn.q_proj.bias.shape == (64,)
 
 
 def test_gpu_model_tiny_shape_loads_in_mlx_lm(tmp_path: Path) -> None:
