@@ -35,7 +35,8 @@ def mlx_server_command(*args: str) -> list[str]:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SERVER_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    # The repo first; an existing PYTHONPATH (a --target install, as on the GPU host) kept after it.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
