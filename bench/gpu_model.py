@@ -61,11 +61,9 @@ SHAPES = {
 }
 
 
-# --architecture -> (Hugging Face class, mlx-lm model_type)
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
-
-
 def model_config(shape: Shape, eos_ids: list[int], architecture: str = "llama") -> dict:
+    from tests.model_factory import ARCHITECTURES  # --architecture -> (Hugging Face class, mlx-lm model_type)
+
     hf_class, model_type = ARCHITECTURES[architecture]
     return {
         "architectures": [hf_class],
@@ -100,16 +98,13 @@ def model_config(shape: Shape, eos_ids: list[int], architecture: str = "llama") 
 
 def weight_shapes(shape: Shape, architecture: str = "llama") -> dict[str, tuple[int, ...]]:
     """Hugging Face llama names; no lm_head (tied to the embeddings); qwen2 adds q/k/v biases."""
-    from tests.model_factory import llama_weight_shapes  # the repo's generator; run from the repo root
+    from tests.model_factory import llama_weight_shapes, with_qwen2_biases  # run from the repo root
 
     shapes = llama_weight_shapes(
         hidden=shape.hidden, layers=shape.layers, heads=shape.heads, kv_heads=shape.kv_heads,
         intermediate=shape.intermediate, vocab=shape.vocab, tied_embeddings=True,
     )  # fmt: skip
-    if architecture == "qwen2":
-        for name in [n for n in shapes if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
-            shapes[name.removesuffix("weight") + "bias"] = shapes[name][:1]
-    return shapes
+    return with_qwen2_biases(shapes) if architecture == "qwen2" else shapes
 
 
 def padded_tokenizer_json(base_json: str, vocab: int) -> str:
@@ -185,6 +180,8 @@ def _complete(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tests.model_factory import ARCHITECTURES
+
     p = argparse.ArgumentParser(prog="python -m bench.gpu_model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("out", type=Path, help="bf16 model directory (kept if already complete)")

@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from deploy.engine_group import port_flag
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 READY_POLL_S = 0.25
@@ -82,9 +84,8 @@ def mlx_launch_argv(sharding: Sharding, ring_port: int, command: list[str], laun
     Ring: ranks listen on ring_port, ring_port+1, ...; nccl: they meet at ring_port,
     rank i on GPU i. mlx.launch sets MLX_RANK (and the backend's variables) for each
     and runs them as its own children."""
-    port_flag = "--nccl-port" if sharding.backend == "nccl" else "--starting-port"
-    return [launcher, "--backend", sharding.backend, "-n", str(sharding.ranks), port_flag, str(ring_port), "--",
-            *command]  # fmt: skip
+    return [launcher, "--backend", sharding.backend, "-n", str(sharding.ranks), port_flag(sharding.backend),
+            str(ring_port), "--", *command]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,11 @@ def remote_config(config: runtime.RuntimeConfig) -> str | None:
     return runtime.encode(msgspec.structs.replace(config, web=web))
 
 
+def port_flag(backend: str) -> str:
+    """mlx.launch's flag for a group's first port: nccl's rendezvous, or the ring's (and jaccl's) ports."""
+    return "--nccl-port" if backend == "nccl" else "--starting-port"
+
+
 def launch_command(
     group: runtime.DistributedConfig, starting_port: int, restarts: int, config_for_remote: str | None
 ) -> list[str]:
@@ -112,8 +117,7 @@ def launch_command(
     command = [sys.executable, "-m", "deploy.group_launch", launcher_path(), "--backend", group.backend]
     command += ["--hostfile", group.hostfile] if group.hostfile else ["-n", str(group.ranks)]
     # --python: every host runs the engine with this interpreter's path (the same venv path on each Mac).
-    port_flag = "--nccl-port" if group.backend == "nccl" else "--starting-port"
-    command += [port_flag, str(starting_port), "--python", sys.executable]
+    command += [port_flag(group.backend), str(starting_port), "--python", sys.executable]
     if config_for_remote is not None:
         command += ["--env", f"{runtime.CONFIG_ENV}={config_for_remote}"]
     return [*command, "--", "-m", "engine", "--restarts", str(restarts)]

@@ -257,13 +257,17 @@ def _weight_shapes(size: ModelSize, vocab: int, architecture: str = "llama") -> 
         hidden=size.hidden, layers=size.layers, heads=size.heads, kv_heads=size.kv_heads,
         intermediate=size.intermediate, vocab=vocab, tied_embeddings=False,
     )  # fmt: skip
-    if architecture == "qwen2":
-        # Qwen2 is llama's layout plus biases on the q, k and v projections.
-        for i in range(size.layers):
-            for key in ("q_proj", "k_proj", "v_proj"):
-                name = f"model.layers.{i}.self_attn.{key}"
-                shapes[f"{name}.bias"] = shapes[f"{name}.weight"][:1]
-    return shapes
+    return with_qwen2_biases(shapes) if architecture == "qwen2" else shapes
+
+
+def with_qwen2_biases(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Qwen2's layout: llama's plus biases on the q, k and v projections. Also bench/gpu_model.py's."""
+    biases = {
+        name.removesuffix("weight") + "bias": dims[:1]
+        for name, dims in shapes.items()
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+    }
+    return shapes | biases
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
