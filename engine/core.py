@@ -450,6 +450,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._pending or self._inbox or self._aborts or self.core.active)
 
+    def wait_s(self) -> float | None:
+        """How long the socket loop may wait for messages before the next step:
+        None (until one comes) when there is no work; while a burst's first
+        arrivals are held and nothing runs, the rest of that hold; else 0."""
+        if not self.has_work():
+            return None
+        if self._pending or self._aborts:
+            return 0.0
+        rows = self.core.batch.rows()
+        if rows.prefilling or rows.decoding:
+            return 0.0
+        return self._prefill.hold_left(time.monotonic())
+
     def has_request(self, request_id: str) -> bool:
         return request_id in self._owners
 
@@ -547,7 +560,12 @@ class Scheduler:
         if plan is None:
             return self.collect(None)
         self._plan_sink(plan)
-        return self.collect(self.core.execute(plan))
+        if not log.isEnabledFor(logging.DEBUG):
+            return self.collect(self.core.execute(plan))
+        started = time.perf_counter()
+        outputs = self.collect(self.core.execute(plan))
+        _trace_step(plan, self.core.batch.rows(), time.perf_counter() - started)
+        return outputs
 
     def plan(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to execute.
@@ -608,6 +626,24 @@ class Scheduler:
 
     def remember_finished(self) -> None:
         self.core.remember_finished()
+
+
+def _trace_step(plan: StepPlan, rows: Any, seconds: float) -> None:
+    """One debug line per step: what it admitted and ran, and how long it took
+    (where a burst's first tokens wait: ``MLX_SERVER_LOG_LEVEL=debug``)."""
+    log.debug(
+        "step t=%.1f ms: +%d inserted, -%d aborted, prefill rows %d chunk %d; now %d waiting, %d prefilling, "
+        "%d decoding; took %.2f ms",
+        time.monotonic() * 1000 % 1e6,
+        len(plan.inserts),
+        len(plan.aborts),
+        plan.prefill_rows,
+        plan.prefill_chunk,
+        rows.waiting,
+        rows.prefilling,
+        rows.decoding,
+        seconds * 1000,
+    )
 
 
 def _logprobs(wanted: list[tuple[Any, int]]) -> dict[int, tuple[float, list[tuple[int, float]]]]:

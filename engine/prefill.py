@@ -6,10 +6,13 @@ per token, and on a GPU the fixed part dominates small batches. mlx-lm's
 BatchGenerator runs prefill and decode as separate forwards, so every extra
 prefill forward stalls all running streams by at least its fixed cost.
 
-* Admission: a burst of clients reaches the engine over a few steps. Prompts
-  admitted as they trickle in would each pay a prefill forward (and give the
-  decode batch a new shape each time); holding them while the burst is still
-  arriving, briefly, prefills them together.
+* Admission: a burst of clients reaches the engine over a few milliseconds
+  (several HTTP workers, each forwarding what it has parsed). Prompts admitted
+  as they trickle in would each pay a prefill forward, and every forward after
+  the first delays the first tokens of all rows behind it; holding them while
+  the burst is still arriving, briefly, prefills them together. An idle
+  engine holds a first arrival for a moment of quiet too: a lone request pays
+  that moment, a burst saves whole forwards.
 * Chunk size: while streams decode, a prompt is fed in chunks costing a
   share of a decode step, so the running streams' token gaps stay within
   twice the idle ones. Chunking only spreads the same work over more
@@ -38,6 +41,10 @@ COST_SMOOTHING = 0.2
 # Short next to a first token's cost on any model, long enough to gather a
 # burst of HTTP clients (they reach the engine over tens of milliseconds).
 ADMISSION_HOLD_MAX_S = 0.05
+# A burst is still arriving while its requests come closer together than
+# this (or since the last step, when steps are longer). A few times the gap
+# between one HTTP worker's forwards of a burst; small next to a prefill forward.
+ARRIVAL_QUIET_S = 0.002
 # A prefill costing at most this many decode steps in all is not chunked:
 # the running streams see one gap of that size (once per burst of short
 # prompts) instead of the prompts' first tokens coming that many steps later.
@@ -91,6 +98,7 @@ class PrefillPolicy:
         # every forward averages away; consecutive chunks have nearly the same context.
         self._latest: tuple[int, float] | None = None
         self._held_since: float | None = None
+        self._last_arrival = float("-inf")
 
     # ---------------------------------------------------------------- costs
 
@@ -121,11 +129,12 @@ class PrefillPolicy:
 
     def admit(self, now: float, waiting: int, free_rows: int, arrived_since_last_step: int, busy: bool) -> bool:
         """Whether waiting prompts may join the prefill batch this step."""
+        if arrived_since_last_step:
+            self._last_arrival = now
         hold = (
-            waiting > 0
-            and busy  # idle: start at once
-            and waiting < free_rows  # a full prefill batch is already here
-            and arrived_since_last_step > 0  # the burst is still arriving
+            0 < waiting < free_rows  # none waits, or a full prefill batch is already here
+            # The burst is still arriving: a busy engine's steps pace the check.
+            and ((busy and arrived_since_last_step > 0) or now - self._last_arrival < ARRIVAL_QUIET_S)
         )
         if hold:
             self._held_since = self._held_since if self._held_since is not None else now
@@ -133,6 +142,17 @@ class PrefillPolicy:
                 return False
         self._held_since = None
         return True
+
+    def hold_left(self, now: float) -> float:
+        """Seconds until a hold decided now would end for want of new arrivals
+        (0 when nothing is held): how long an engine with nothing else to run
+        may wait for its socket."""
+        if self._held_since is None:
+            return 0.0
+        return max(
+            min(self._last_arrival + ARRIVAL_QUIET_S, self._held_since + ADMISSION_HOLD_MAX_S) - now,
+            0.0,
+        )
 
     def chunk(self, rows: int, decoding_rows: int, tokens_left: int) -> int:
         """Prompt tokens per row for this step's prefill forward of ``rows``

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -105,7 +106,7 @@ class EngineLoop:
         log.info("engine ready (pid %d)", os.getpid())
         try:
             while not self._stop:
-                self._drain(block=not self._scheduler.has_work())
+                self._drain(self._scheduler.wait_s())
                 # Right after draining: pings that queued during a long step are
                 # counted, so only a worker that really stopped looks silent.
                 if time.monotonic() >= self._next_housekeeping:
@@ -126,9 +127,12 @@ class EngineLoop:
             self._ctx.term()
             log.info("engine stopped")
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, wait_s: float | None) -> None:
+        """Read every frame set that has come; first wait up to ``wait_s`` for
+        one (None: idle, up to the idle poll)."""
         # One Poller for the loop's life (Socket.poll builds one per call).
-        timeout = self._idle_poll_ms if block else 0
+        # zmq counts whole milliseconds: round up, or a short wait would spin.
+        timeout = self._idle_poll_ms if wait_s is None else math.ceil(wait_s * 1000)
         while self._poller.poll(timeout):
             timeout = 0
             # [worker identity, message, message, ...]: a worker forwards everything
@@ -139,6 +143,8 @@ class EngineLoop:
                 continue
             worker = frames[0].bytes
             self._last_seen[worker] = time.monotonic()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("t=%.1f ms: %d message(s) from %r", time.monotonic() * 1000 % 1e6, len(frames) - 1, worker)
             for frame in frames[1:]:
                 self._handle(worker, frame.buffer)
 

@@ -13,6 +13,9 @@ from ipc.messages import Generate, SamplingParams
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.random_llama import random_llama
 
+# Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
+pytestmark = pytest.mark.usefixtures("steps_without_clock")
+
 VOCAB = 300
 EOS = 1
 GREEDY = SamplingParams(temperature=0.0)
@@ -410,6 +413,28 @@ def test_a_burst_arriving_over_steps_is_prefilled_together(model, monkeypatch):
     for rid, prompt in prompts.items():
         assert results[rid]["tokens"] == reference_greedy(model, prompt, 6)
     assert early + results["running"]["tokens"] == reference_greedy(model, [5, 6, 7], 40)
+
+
+def test_an_idle_engine_gathers_a_burst_before_its_first_prefill(model, monkeypatch):
+    monkeypatch.setattr("engine.prefill.ARRIVAL_QUIET_S", 600.0)  # every arrival is "just now"
+    s = make_scheduler(model, prefill_batch_size=8)
+    assert s.wait_s() is None  # nothing to do: the socket loop waits for a message
+    prompts = {f"b{i}": [9 + i, 10, 11, 12] for i in range(3)}
+    for rid, prompt in prompts.items():
+        s.add(b"w", gen(rid, prompt, 6))
+        assert step_planned(s).prefill_rows == 0
+        rows = s.core.batch.rows()
+        assert (rows.prefilling, rows.decoding) == (0, 0)
+        # Nothing runs: the loop waits on its socket for the rest of the hold.
+        assert 0 < s.wait_s() <= 600.0
+    monkeypatch.setattr("engine.prefill.ARRIVAL_QUIET_S", 0.0)  # the quiet moment has passed
+    assert step_planned(s).prefill_rows > 0
+    rows = s.core.batch.rows()
+    assert rows.prefilling + rows.decoding == len(prompts)  # one prefill batch for all
+    assert s.wait_s() == 0.0  # rows run: step at once
+    results = run_to_end(s)
+    for rid, prompt in prompts.items():
+        assert results[rid]["tokens"] == reference_greedy(model, prompt, 6)
 
 
 def test_held_requests_can_be_aborted(model, monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 
 from engine.prefill import (
     ADMISSION_HOLD_MAX_S,
+    ARRIVAL_QUIET_S,
     BUSY_PREFILL_MIN_TOKENS,
     BUSY_PREFILL_SHARE,
     PREFILL_FORWARD_TOKENS,
@@ -141,9 +142,40 @@ def test_a_prefill_of_a_few_decode_steps_goes_whole():
     assert p.chunk(rows=13, decoding_rows=19, tokens_left=whole + 13) == BUSY_PREFILL_MIN_TOKENS
 
 
-def test_idle_engine_admits_at_once():
+def test_an_idle_engine_holds_a_first_arrival_for_a_moment_of_quiet():
     p = PrefillPolicy(512)
-    assert p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
+    assert not p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
+    assert p.hold_left(0.0) == ARRIVAL_QUIET_S
+    # More came within the quiet gap: the hold goes on from the latest.
+    assert not p.admit(now=ARRIVAL_QUIET_S / 2, waiting=3, free_rows=8, arrived_since_last_step=2, busy=False)
+    assert p.hold_left(ARRIVAL_QUIET_S / 2) == ARRIVAL_QUIET_S
+    assert p.admit(now=ARRIVAL_QUIET_S * 1.5, waiting=3, free_rows=8, arrived_since_last_step=0, busy=False)
+    assert p.hold_left(ARRIVAL_QUIET_S * 1.5) == 0.0
+
+
+def test_a_busy_engine_holds_while_arrivals_come_within_its_steps_or_the_quiet_gap():
+    p = PrefillPolicy(512)
+    assert not p.admit(now=0.0, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
+    assert not p.admit(now=ARRIVAL_QUIET_S / 2, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
+    assert p.admit(now=ARRIVAL_QUIET_S, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
+
+
+def test_nothing_held_nothing_to_wait_for():
+    p = PrefillPolicy(512)
+    assert p.hold_left(0.0) == 0.0
+    assert p.admit(now=0.0, waiting=0, free_rows=8, arrived_since_last_step=0, busy=False)
+    assert p.hold_left(0.0) == 0.0
+
+
+def test_a_hold_never_waits_past_its_bound():
+    p = PrefillPolicy(512)
+    now = 0.0
+    for i in range(100):
+        now = i * ARRIVAL_QUIET_S / 2
+        if p.admit(now=now, waiting=1 + i, free_rows=1000, arrived_since_last_step=1, busy=False):
+            break
+        assert 0 < p.hold_left(now) <= ADMISSION_HOLD_MAX_S - now + 1e-12
+    assert ADMISSION_HOLD_MAX_S <= now < ADMISSION_HOLD_MAX_S + ARRIVAL_QUIET_S
 
 
 def test_a_burst_is_held_while_it_arrives_then_admitted_together():
