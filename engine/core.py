@@ -392,6 +392,7 @@ class Scheduler:
         # Admission and chunk sizes of prefill, from measured costs.
         self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
         self._prefill = PrefillPolicy(config.prefill_step_size)
+        self._planned_decoding_rows = 0  # the last plan's, for its measured costs
         # Requests not finished yet (queued here or in the batch) and their workers.
         self._owners: dict[str, WorkerId] = {}
         # Accepted requests that the next plan inserts, in arrival order.
@@ -578,6 +579,7 @@ class Scheduler:
         leaving = self.core.uids(aborts)  # rows this step removes: their KV and slots are free
         inserts = self._admit_by_kv(leaving)
         rows = self.core.batch.rows(without=leaving)
+        self._planned_decoding_rows = rows.decoding
         waiting = rows.waiting + len(inserts)
         free_rows = max(min(self._prefill_rows - rows.prefilling, self._config.max_batch_size - rows.decoding), 0)
         busy = bool(rows.prefilling or rows.decoding)
@@ -614,7 +616,7 @@ class Scheduler:
         outputs, self._pending = self._pending, defaultdict(list)
         if result is None:
             return outputs
-        self._prefill.learn(*result.costs)
+        self._prefill.learn(*result.costs, decoding_rows=self._planned_decoding_rows)
         for delta in result.deltas:
             worker = self._owners.get(delta.request_id)
             if worker is None:

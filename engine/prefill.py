@@ -59,10 +59,14 @@ MIN_RELATIVE_SPREAD = 0.05
 
 
 class LinearCost:
-    """Exponentially weighted least-squares fit of ``seconds = fixed + per_token * tokens``."""
+    """Exponentially weighted least-squares fit of ``seconds = fixed + per_token * tokens``.
 
-    def __init__(self, smoothing: float = COST_SMOOTHING) -> None:
+    Until the samples spread enough to separate the two, the cost is taken as
+    proportional to the tokens (``proportional``) or as flat: the mean."""
+
+    def __init__(self, smoothing: float = COST_SMOOTHING, proportional: bool = True) -> None:
         self._alpha = smoothing
+        self._proportional = proportional
         self._n = self._t = self._nn = self._nt = 0.0
         self.samples = 0
 
@@ -83,7 +87,7 @@ class LinearCost:
             per_token = (self._nt - self._n * self._t) / variance
             if per_token > 0:
                 return max(self._t - per_token * self._n, 0.0), per_token
-        return 0.0, self._t / self._n
+        return (0.0, self._t / self._n) if self._proportional else (self._t, 0.0)
 
 
 @dataclass
@@ -91,7 +95,12 @@ class PrefillPolicy:
     max_chunk: int  # the configured prefill step size (tokens per row)
 
     def __post_init__(self) -> None:
-        self.decode_step_s = 0.0
+        # A decode step's cost by the rows it decodes: a burst's first rows start
+        # decoding a step before its tail is prefilled, and the tail's chunks are
+        # sized against the batch that decodes beside them, not the one before.
+        # Flat until it has seen several batch sizes: on a GPU a step costs
+        # nearly the same at 2 rows as at 40.
+        self.decode = LinearCost(proportional=False)
         self.prefill = LinearCost()
         # The latest prefill forward: (tokens, seconds). A prompt's chunks cost
         # more per token as its context grows (attention), which a fit over
@@ -102,9 +111,20 @@ class PrefillPolicy:
 
     # ---------------------------------------------------------------- costs
 
-    def learn(self, decode_steps: int, decode_s: float, prompt_tokens: int, prompt_s: float) -> None:
+    def decode_step_s(self, rows: int) -> float:
+        """A decode step's cost at ``rows`` streams (0 before any was measured)."""
+        fit = self.decode.fit()
+        if fit is None:
+            return 0.0
+        fixed, per_row = fit
+        return fixed + per_row * max(rows, 1)
+
+    def learn(
+        self, decode_steps: int, decode_s: float, prompt_tokens: int, prompt_s: float, decoding_rows: int
+    ) -> None:
         """One engine step's measurements (BatchGenerator's own timers): a step
-        runs at most one decode forward and one prefill forward.
+        runs at most one decode forward, of ``decoding_rows`` streams, and one
+        prefill forward.
 
         BatchGenerator pipelines decoding: each decode step queues the next
         one's forward before it returns. A step's prefill evaluation therefore
@@ -113,15 +133,11 @@ class PrefillPolicy:
         without prefill only, and a prefill chunk that ran beside decoding
         costs the step's whole time less one decode step."""
         if decode_steps and not prompt_tokens:
-            sample = decode_s / decode_steps
-            self.decode_step_s = (
-                sample
-                if not self.decode_step_s
-                else (self.decode_step_s + COST_SMOOTHING * (sample - self.decode_step_s))
-            )
+            self.decode.add(max(decoding_rows, 1), decode_s / decode_steps)
         if prompt_tokens:
-            if decode_steps and self.decode_step_s:
-                prompt_s = max(decode_s + prompt_s - self.decode_step_s, 0.0)
+            decode_step_s = self.decode_step_s(decoding_rows)
+            if decode_steps and decode_step_s:
+                prompt_s = max(decode_s + prompt_s - decode_step_s, 0.0)
             self.prefill.add(prompt_tokens, prompt_s)
             self._latest = (prompt_tokens, prompt_s)
 
@@ -168,15 +184,16 @@ class PrefillPolicy:
         # prompts wait for a first token as streams decode (the rest of a
         # burst behind its first arrivals), or the whole prefill costs a few
         # decode steps, the first tokens win.
-        if not decoding_rows or fit is None or not self.decode_step_s or rows >= decoding_rows:
+        decode_step_s = self.decode_step_s(decoding_rows)
+        if not decoding_rows or fit is None or not decode_step_s or rows >= decoding_rows:
             return full
         fixed, per_token = fit
-        if fixed + per_token * tokens_left <= WHOLE_PREFILL_MAX_STEPS * self.decode_step_s:
+        if fixed + per_token * tokens_left <= WHOLE_PREFILL_MAX_STEPS * decode_step_s:
             return full
         if self._latest is not None:
             tokens, seconds = self._latest
             per_token = max(per_token, (seconds - fixed) / tokens)
-        budget_s = BUSY_PREFILL_SHARE * self.decode_step_s - fixed
+        budget_s = BUSY_PREFILL_SHARE * decode_step_s - fixed
         # When the fixed cost alone exceeds the share (small batches on a GPU),
         # no chunk keeps the streams' gaps that short: make each forward count,
         # spending at least as much on tokens as on the forward itself.

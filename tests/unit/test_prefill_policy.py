@@ -51,13 +51,13 @@ def busy_step(p: PrefillPolicy, decode_s: float, tokens: int, chunk_s: float) ->
     """A step that decoded and prefilled, as BatchGenerator times it: the decode
     forward was queued by the step before, so the decode timer finds its tokens
     nearly ready and the prefill timer waits for that forward, then the chunk."""
-    p.learn(1, 0.05 * decode_s, tokens, 0.95 * decode_s + chunk_s)
+    p.learn(1, 0.05 * decode_s, tokens, 0.95 * decode_s + chunk_s, decoding_rows=8)
 
 
 def policy(decode_s: float, fixed: float, per_token: float, max_chunk: int = 512) -> PrefillPolicy:
     p = PrefillPolicy(max_chunk=max_chunk)
     for tokens in (32, 256, 64, 512):
-        p.learn(1, decode_s, 0, 0.0)  # a decode-only step
+        p.learn(1, decode_s, 0, 0.0, decoding_rows=8)  # a decode-only step
         busy_step(p, decode_s, tokens, fixed + per_token * tokens)
     return p
 
@@ -72,7 +72,7 @@ def test_a_chunk_beside_decoding_is_charged_without_the_decode_forward():
 def test_a_chunk_with_nothing_decoding_is_charged_its_own_time():
     p = PrefillPolicy(max_chunk=512)
     for tokens in (32, 256, 64, 512):
-        p.learn(0, 0.0, tokens, 0.001 + 2e-5 * tokens)
+        p.learn(0, 0.0, tokens, 0.001 + 2e-5 * tokens, decoding_rows=0)
     assert p.prefill.fit() == (pytest.approx(0.001, rel=1e-6), pytest.approx(2e-5, rel=1e-6))
 
 
@@ -140,6 +140,25 @@ def test_a_prefill_of_a_few_decode_steps_goes_whole():
     whole = int(WHOLE_PREFILL_MAX_STEPS * 100)
     assert p.chunk(rows=13, decoding_rows=19, tokens_left=whole) == 512
     assert p.chunk(rows=13, decoding_rows=19, tokens_left=whole + 13) == BUSY_PREFILL_MIN_TOKENS
+
+
+def test_a_burst_tail_is_sized_against_the_batch_that_decodes_beside_it():
+    # A CPU: 2.5 ms a step at 2 rows, 7.25 ms at 40; prefill 1 ms fixed, 20 us/token.
+    p = PrefillPolicy(max_chunk=512)
+    for rows in (2, 40, 2, 40, 2, 40):
+        p.learn(1, 0.0025 + 0.000125 * (rows - 2), 0, 0.0, decoding_rows=rows)
+        p.learn(0, 0.0, 1000, 0.001 + 2e-5 * 1000, decoding_rows=0)
+    assert p.decode_step_s(2) == pytest.approx(0.0025, rel=1e-3)
+    assert p.decode_step_s(40) == pytest.approx(0.00725, rel=1e-3)
+    # 25 prompts of 45 tokens behind 40 streams that just started: 23.5 ms in all,
+    # within 4 steps of the 40-row batch (29 ms), though not of a 2-row one (10 ms).
+    assert p.chunk(rows=25, decoding_rows=40, tokens_left=25 * 45) == 512
+
+
+def test_a_decode_cost_seen_at_one_batch_size_is_taken_as_flat():
+    p = PrefillPolicy(max_chunk=512)
+    p.learn(1, 0.010, 0, 0.0, decoding_rows=8)
+    assert p.decode_step_s(1) == p.decode_step_s(64) == pytest.approx(0.010)
 
 
 def test_an_idle_engine_holds_a_first_arrival_for_a_moment_of_quiet():
