@@ -98,9 +98,9 @@ class ResponseBuilder:
         self._tok = tok
         self.id = "resp_" + generation.response_id.removeprefix("resp-")
 
-    def usage(self, counts: pipeline.TokenCounts, reasoning: str) -> ResponseUsage:
-        # Counted from the reasoning text: the engine counts all output tokens together.
-        reasoning_tokens = len(self._tok.hf.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+    def usage(self, counts: pipeline.TokenCounts) -> ResponseUsage:
+        # The reasoning parser counted the tokens it took as reasoning (None: nothing is split).
+        reasoning_tokens = self._generation.reasoning_tokens() or 0
         return ResponseUsage(
             input_tokens=counts.prompt,
             input_tokens_details=InputTokensDetails(cached_tokens=counts.cached, cache_write_tokens=0),
@@ -151,7 +151,7 @@ class ResponseBuilder:
     def body(self, outcome: pipeline.Outcome) -> Response:
         [choice] = outcome.choices
         items = _items(choice, self.logprobs(choice.text_logprobs))
-        return self.response(_status(choice.finish_reason), items, self.usage(outcome.usage, choice.reasoning))
+        return self.response(_status(choice.finish_reason), items, self.usage(outcome.usage))
 
     def logprobs(self, tokens: list[TokenLogprob] | None) -> list[TokenLogprobShape]:
         """output_text.logprobs of these tokens (none when logprobs were not asked for)."""
@@ -214,7 +214,6 @@ class ResponsesStream:
         self._open_id = ""
         self._text = ""  # of the open item
         self._logprobs: list[TokenLogprobShape] = []  # of the open message's text
-        self._reasoning = ""  # all reasoning text, for usage
         self._status = "completed"
         self._answered = False  # a message or a call is out: no empty message at the end
 
@@ -267,7 +266,6 @@ class ResponsesStream:
         self._text += text
         where = {"item_id": self._open_id, "output_index": len(self._output), "content_index": 0}
         if self._open == "reasoning":
-            self._reasoning += text
             return self._event(ReasoningTextDeltaEvent, type="response.reasoning_text.delta", delta=text, **where)
         shapes = self._builder.logprobs(logprobs)
         self._logprobs += shapes
@@ -345,7 +343,7 @@ class ResponsesStream:
             yield from self._close_item(self._status)
 
     def completed(self, event: pipeline.Completed) -> Iterable[bytes]:
-        usage = self._builder.usage(event.usage, self._reasoning)
+        usage = self._builder.usage(event.usage)
         return [self._lifecycle(self._status, self._builder.response(self._status, self._output, usage))]
 
     def failed(self, event: pipeline.Failed) -> Iterable[bytes]:

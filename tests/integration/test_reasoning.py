@@ -129,11 +129,11 @@ def test_responses_reasoning_item_on_a_thinking_model(thinking_client, no_eos):
     assert response.status == "incomplete" and response.output[0].type == "reasoning"
     reasoning = "".join(part.text for part in response.output[0].content or [])
     assert reasoning and response.usage.output_tokens_details.reasoning_tokens == 12
-    deltas = [
-        event.delta
-        for event in thinking_client.responses.create(**request, **extra, stream=True)
-        if event.type == "response.reasoning_text.delta"
-    ]
+    events = list(thinking_client.responses.create(**request, **extra, stream=True))
+    deltas = [event.delta for event in events if event.type == "response.reasoning_text.delta"]
     assert "".join(deltas) == reasoning
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.usage.output_tokens_details.reasoning_tokens == 12
     off = thinking_client.responses.create(**request, **extra, reasoning={"effort": "none"})
     assert [item.type for item in off.output] == ["message"] and off.output_text
+    assert off.usage.output_tokens_details.reasoning_tokens == 0

@@ -298,7 +298,6 @@ def test_reasoning_then_answer_then_call_are_three_items(tok):
         "completed",
     )
     assert [i["id"][:3] for i in final["output"]] == ["rs_", "msg", "fc_"]
-    assert 0 < final["usage"]["output_tokens_details"]["reasoning_tokens"] <= 9
     assert final["reasoning"]["effort"] == "high"
 
 
