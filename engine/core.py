@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
 
-from engine.batch_adapter import Batch, StepCosts
+from engine.batch_adapter import Batch, BatchRows, StepCosts
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.kv_budget import KvLedger
 from engine.kv_memory import model_bytes_per_token, resolve_budget
@@ -561,11 +561,10 @@ class Scheduler:
         if plan is None:
             return self.collect(None)
         self._plan_sink(plan)
-        if not log.isEnabledFor(logging.DEBUG):
-            return self.collect(self.core.execute(plan))
         started = time.perf_counter()
         outputs = self.collect(self.core.execute(plan))
-        _trace_step(plan, self.core.batch.rows(), time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            _trace_step(plan, self.core.batch.rows(), time.perf_counter() - started)
         return outputs
 
     def plan(self) -> StepPlan | None:
@@ -630,7 +629,7 @@ class Scheduler:
         self.core.remember_finished()
 
 
-def _trace_step(plan: StepPlan, rows: Any, seconds: float) -> None:
+def _trace_step(plan: StepPlan, rows: BatchRows, seconds: float) -> None:
     """One debug line per step: what it admitted and ran, and how long it took
     (where a burst's first tokens wait: ``MLX_SERVER_LOG_LEVEL=debug``)."""
     log.debug(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
@@ -435,6 +437,15 @@ def test_an_idle_engine_gathers_a_burst_before_its_first_prefill(model, monkeypa
     results = run_to_end(s)
     for rid, prompt in prompts.items():
         assert results[rid]["tokens"] == reference_greedy(model, prompt, 6)
+
+
+def test_each_step_is_one_debug_line(model, caplog):
+    s = make_scheduler(model)
+    s.add(b"w", gen("r", [5, 6, 7], 2))
+    with caplog.at_level(logging.DEBUG, logger="engine.core"):
+        s.step()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert "+1 inserted" in line and "took" in line
 
 
 def test_held_requests_can_be_aborted(model, monkeypatch):
