@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
@@ -48,6 +48,7 @@ from bench.servers import (
     wait_for_quiet,
 )
 from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize, summarize_repeats
+from ipc.runtime import DistributedMode
 
 log = logging.getLogger("bench.serving")
 
@@ -58,7 +59,7 @@ GENERATED_SIZES = ("tiny", "bench")
 # Architectures of the generated models: llama (tensor sharding only in mlx-lm),
 # qwen2 (tensor and pipeline).
 ARCHITECTURES = ("llama", "qwen2")
-DISTRIBUTED_MODES = ("tensor", "pipeline")
+DISTRIBUTED_MODES = get_args(DistributedMode)  # the server setting's own list
 STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine

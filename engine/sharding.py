@@ -20,12 +20,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ipc.runtime import DistributedBackend, DistributedMode
 
-MODES: tuple[DistributedMode, ...] = ("tensor", "pipeline")
-BACKENDS: tuple[DistributedBackend, ...] = ("ring", "jaccl", "nccl")
+# The settings' own lists (ipc.runtime), for the pre-check's command line.
+MODES: tuple[DistributedMode, ...] = get_args(DistributedMode)
+BACKENDS: tuple[DistributedBackend, ...] = get_args(DistributedBackend)
 # Exit status of the pre-check when the model cannot be sharded as asked (a usage error).
 EXIT_CANNOT_SHARD = 2
 # config.json keys whose values tensor parallelism splits across ranks.
