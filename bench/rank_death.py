@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.servers import ServerProcess, Sharding, ours_spec
+from bench.servers import DISTRIBUTED_MODES, LOCAL_BACKENDS, ServerProcess, Sharding, ours_spec
 
 STREAM_TOKENS = 100_000  # far more than the kill takes: the stream can only end by the kill
 STREAM_TIMEOUT_S = 300.0
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rank_death", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", type=Path)
-    p.add_argument("--distributed-backend", choices=("ring", "nccl"), default="ring")
-    p.add_argument("--distributed-mode", choices=("tensor", "pipeline"), default="tensor")
+    p.add_argument("--distributed-backend", choices=LOCAL_BACKENDS, default="ring")
+    p.add_argument("--distributed-mode", choices=DISTRIBUTED_MODES, default="tensor")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--log-dir", type=Path, default=None)
     args = p.parse_args(argv)

@@ -19,11 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import psutil
 
 from deploy.engine_group import port_flag
+from ipc.runtime import DistributedMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -53,6 +55,12 @@ def free_port_run(count: int, tries: int = 50) -> int:
             continue
         return start
     raise RuntimeError(f"no run of {count} free ports on {HOST} in {tries} tries")
+
+
+# The server setting's modes, and the backends that run every rank on this machine
+# (ring over 127.0.0.1; nccl, one NVIDIA GPU per rank): jaccl needs Thunderbolt between Macs.
+DISTRIBUTED_MODES: tuple[str, ...] = get_args(DistributedMode)
+LOCAL_BACKENDS = ("ring", "nccl")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import httpx
 
@@ -35,6 +35,8 @@ from bench.loadgen import PATHS, LoadSpec, run_load
 from bench.prompts import Prompt, make_prompts
 from bench.servers import (
     CHILD_GRACE_S,
+    DISTRIBUTED_MODES,
+    LOCAL_BACKENDS,
     GpuBusy,
     Profiler,
     ServerProcess,
@@ -48,7 +50,6 @@ from bench.servers import (
     wait_for_quiet,
 )
 from bench.stats import CpuUse, RunResult, median_run, run_from_dict, summarize, summarize_repeats
-from ipc.runtime import DistributedMode
 
 log = logging.getLogger("bench.serving")
 
@@ -59,7 +60,6 @@ GENERATED_SIZES = ("tiny", "bench")
 # Architectures of the generated models: llama (tensor sharding only in mlx-lm),
 # qwen2 (tensor and pipeline).
 ARCHITECTURES = ("llama", "qwen2")
-DISTRIBUTED_MODES = get_args(DistributedMode)  # the server setting's own list
 STATUS_TIMEOUT_S = 10.0  # ours' /v1/mlx/status, read before and after each timed run
 EOS_BIAS = -100.0  # the OpenAI minimum: the token is never sampled
 QUIET_CORES = 0.25  # what wait_for_quiet accepts as an idle machine
@@ -146,7 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--distributed-backend",
-        choices=("ring", "nccl"),
+        choices=LOCAL_BACKENDS,
         default="ring",
         help="with --distributed-ranks: ring (TCP on 127.0.0.1) or nccl (one NVIDIA GPU per rank)",
     )
