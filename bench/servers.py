@@ -26,6 +26,7 @@ import psutil
 
 from deploy.engine_group import port_flag
 from ipc.runtime import DistributedMode
+from tests.integration.server import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -221,15 +222,6 @@ def ours_spec(model_dir: Path, extra: list[str], sharding: Sharding | None = Non
     )
 
 
-def _child_env() -> dict[str, str]:
-    # Our own settings come from the command line only, never a stray MLX_SERVER_*.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SERVER_")}
-    # The repo first; an existing PYTHONPATH (a --target install, as on the GPU host) kept after it.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 class ServerProcess:
     """One server as a child process; use as a context manager so it always stops."""
 
@@ -243,7 +235,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             spec.argv(self.port),
             cwd=REPO_ROOT,
-            env=_child_env(),
+            env=child_env(),  # no stray MLX_SERVER_*: ours' settings come from its command line
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if spec.stdin_pipe else subprocess.DEVNULL,
