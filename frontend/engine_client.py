@@ -44,6 +44,11 @@ class RequestStream(Protocol):
 
     def close(self) -> None: ...
 
+    def forwarded(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until the request has left this process for
+        the engine: True when it has, False when the time ran out first."""
+        ...
+
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the next delta without taking it: True
         when iterating would not block (a delta, the end or an error is

@@ -114,6 +114,9 @@ class ObservedStream:
     def watch(self, cancelled: Callable[[], bool]) -> None:
         self._stream.watch(cancelled)
 
+    def forwarded(self, timeout_s: float) -> bool:
+        return self._stream.forwarded(timeout_s)
+
     def wait(self, timeout_s: float) -> bool:
         return self._stream.wait(timeout_s)
 

@@ -26,6 +26,9 @@ DONE = b"data: [DONE]\n\n"
 # SSE clients skip, or the API's own no-op event (Anthropic's ping).
 KEEPALIVE_INTERVAL_S = 15.0
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# A response starts once its requests have left the worker for the engine,
+# which takes one turn of the worker's I/O loop; this bounds that wait.
+FORWARD_WAIT_S = 1.0
 
 
 # Line separators that JSON leaves raw but clients that split lines like
@@ -57,6 +60,12 @@ class SSEBody:
         self._streams = list(streams)
 
     def __iter__(self) -> Iterator[bytes]:
+        # A burst's requests reach the engine before any of their responses
+        # start: starting one costs the worker two socket writes (headers, first
+        # event), which would delay every request of the burst parsed after it.
+        # They are written while the engine prefills.
+        for stream in self._streams:
+            stream.forwarded(FORWARD_WAIT_S)
         # gunicorn sends the status line and headers on the first write, even
         # an empty one: the client sees its response start before any token
         # (an API whose first event waits for one, completions, would not).

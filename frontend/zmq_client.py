@@ -18,6 +18,7 @@ runner) the DEALER reconnects by itself and the client handshakes again.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -88,6 +89,7 @@ class _Stream:
         self._client = client
         self._timeout_s = timeout_s
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._forwarded = threading.Event()
         self._done = False
         self._started = time.monotonic()
         self._cancelled: Callable[[], bool] | None = None
@@ -100,6 +102,9 @@ class _Stream:
 
     def put(self, item: _Item) -> None:
         self._queue.put(item)
+
+    def forwarded(self, timeout_s: float) -> bool:
+        return self._forwarded.wait(timeout_s)
 
     def wait(self, timeout_s: float) -> bool:
         if self._done or self._ready is not None:
@@ -186,6 +191,8 @@ class ZmqEngineClient:
         # never interrupted), threads each need their own (sockets are not thread-safe).
         self._pushes: dict[int, zmq.Socket] = {}
         self._streams: dict[str, _Stream] = {}
+        # Submitted streams, oldest first, until the I/O loop has sent their Generate.
+        self._unforwarded: collections.deque[_Stream] = collections.deque()
         self._status_waiters: dict[str, queue.SimpleQueue[EngineStatus]] = {}
         self._lock = threading.Lock()
         self._model: ModelInfo | None = None
@@ -232,6 +239,9 @@ class ZmqEngineClient:
         stream = _Stream(self, request.request_id, self._request_timeout_s)
         with self._lock:
             self._streams[request.request_id] = stream
+        # Counted before it is posted: a count the I/O loop takes then covers
+        # every Generate in the pipe (and at worst one about to be, told early).
+        self._unforwarded.append(stream)
         self._post(codec.encode(request))
         return stream
 
@@ -285,10 +295,13 @@ class ZmqEngineClient:
                 if sock is self._pull:
                     # What the request greenlets queued goes as one frame set: the
                     # engine receives a burst whole and prefills it in one forward.
+                    forwarding = len(self._unforwarded)
                     queued = [self._pull.recv(copy=False)]
                     while self._pull.poll(0):
                         queued.append(self._pull.recv(copy=False))
                     dealer.send_multipart(queued, copy=False)
+                    for _ in range(forwarding):
+                        self._unforwarded.popleft()._forwarded.set()
                 elif sock is dealer:
                     while dealer.poll(0):
                         self._dispatch(dealer.recv(copy=False).buffer)

@@ -67,6 +67,10 @@ class FakeStream:
     def watch(self, cancelled) -> None:
         self._cancelled = cancelled
 
+    def forwarded(self, timeout_s: float) -> bool:
+        self._client.events.append(("forwarded", self.request_id))
+        return True
+
     def wait(self, timeout_s: float) -> bool:
         self.wait_timeouts.append(timeout_s)
         if self._late_waits > 0 and not self.closed:

@@ -24,6 +24,9 @@ class _SchedulerStream:
     def watch(self, cancelled: Callable[[], bool]) -> None:
         pass
 
+    def forwarded(self, timeout_s: float) -> bool:
+        return True  # the scheduler has it from the submit on
+
     def wait(self, timeout_s: float) -> bool:
         return True  # the next delta is computed when iterating asks for it
 

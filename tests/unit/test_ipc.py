@@ -160,16 +160,19 @@ from tests.unit.defaults import CLIENT_LIMITS
 client = ZmqEngineClient(sys.argv[1], **{**CLIENT_LIMITS, "request_timeout_s": 30})
 assert client.wait_ready(30)
 results = {}
+order = []
 
 def one(i):
     request = Generate(request_id=f"g{i}", prompt_token_ids=[5, 6, 7], max_tokens=10,
                        sampling=SamplingParams(temperature=0.0), stop_token_ids=[])
     with client.submit(request) as stream:
+        order.append("submitted")
+        order.append("forwarded" if stream.forwarded(5) else "not forwarded")
         results[f"g{i}"] = sum(len(d.token_ids) for d in stream)
 
 gevent.joinall([gevent.spawn(one, i) for i in range(16)], timeout=60)
 print(json.dumps({"results": results, "green": isinstance(client._ctx, zmq.green.Context),
-                  "status_running": client.status().running_requests}))
+                  "status_running": client.status().running_requests, "order": order}))
 """
 
 
@@ -180,7 +183,18 @@ def test_many_concurrent_streams_from_greenlets(engine):
                           timeout=120, cwd=REPO_ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every greenlet submitted before the first was told its request had left:
+    # the burst went as one frame set, before any response would have started.
+    assert out.pop("order") == ["submitted"] * 16 + ["forwarded"] * 16
     assert out == {"results": {f"g{i}": 10 for i in range(16)}, "green": True, "status_running": 0}
+
+
+def test_a_stream_is_forwarded_once_the_io_thread_sent_it(engine):
+    address, _, scheduler = engine
+    client = connect(address, request_timeout_s=30)
+    with client.submit(gen("fwd", 400)) as stream:
+        assert stream.forwarded(5)
+        wait_until(lambda: scheduler.has_request("fwd"), "the engine to hold the forwarded request", 5.0, 0.01)
 
 
 def test_client_without_gevent_uses_plain_sockets(engine):
