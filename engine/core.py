@@ -464,6 +464,10 @@ class Scheduler:
             return 0.0
         return self._prefill.hold_left(time.monotonic())
 
+    def set_senders(self, workers: int) -> None:
+        """How many HTTP workers forward requests now (the engine loop counts their handshakes)."""
+        self._prefill.one_sender = workers == 1
+
     def has_request(self, request_id: str) -> bool:
         return request_id in self._owners
 

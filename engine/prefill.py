@@ -10,9 +10,9 @@ prefill forward stalls all running streams by at least its fixed cost.
   (several HTTP workers, each forwarding what it has parsed). Prompts admitted
   as they trickle in would each pay a prefill forward, and every forward after
   the first delays the first tokens of all rows behind it; holding them while
-  the burst is still arriving, briefly, prefills them together. An idle
-  engine holds a first arrival for a moment of quiet too: a lone request pays
-  that moment, a burst saves whole forwards.
+  the burst is still arriving, briefly, prefills them together. Fed by
+  several workers, an idle engine holds a first arrival for a moment of quiet
+  too: a lone request pays that moment, a burst saves whole forwards.
 * Chunk size: while streams decode, a prompt is fed in chunks costing a
   share of a decode step, so the running streams' token gaps stay within
   twice the idle ones. Chunking only spreads the same work over more
@@ -43,7 +43,10 @@ COST_SMOOTHING = 0.2
 ADMISSION_HOLD_MAX_S = 0.05
 # A burst is still arriving while its requests come closer together than
 # this (or since the last step, when steps are longer). A few times the gap
-# between one HTTP worker's forwards of a burst; small next to a prefill forward.
+# between the HTTP workers' forwards of one burst; small next to a prefill
+# forward. With one worker there is no such gap to wait for: it forwards a
+# burst as one message, or its first request alone and the rest further apart
+# than this (parsed one after the other).
 ARRIVAL_QUIET_S = 0.002
 # A prefill costing at most this many decode steps in all is not chunked:
 # the running streams see one gap of that size (once per burst of short
@@ -108,6 +111,13 @@ class PrefillPolicy:
         self._latest: tuple[int, float] | None = None
         self._held_since: float | None = None
         self._last_arrival = float("-inf")
+        # Whether a single HTTP worker forwards every request (the engine loop
+        # knows; unknown counts as several).
+        self.one_sender = False
+
+    @property
+    def _quiet_s(self) -> float:
+        return 0.0 if self.one_sender else ARRIVAL_QUIET_S
 
     # ---------------------------------------------------------------- costs
 
@@ -150,7 +160,7 @@ class PrefillPolicy:
         hold = (
             0 < waiting < free_rows  # none waits, or a full prefill batch is already here
             # The burst is still arriving: a busy engine's steps pace the check.
-            and ((busy and arrived_since_last_step > 0) or now - self._last_arrival < ARRIVAL_QUIET_S)
+            and ((busy and arrived_since_last_step > 0) or now - self._last_arrival < self._quiet_s)
         )
         if hold:
             self._held_since = self._held_since if self._held_since is not None else now
@@ -166,7 +176,7 @@ class PrefillPolicy:
         if self._held_since is None:
             return 0.0
         return max(
-            min(self._last_arrival + ARRIVAL_QUIET_S, self._held_since + ADMISSION_HOLD_MAX_S) - now,
+            min(self._last_arrival + self._quiet_s, self._held_since + ADMISSION_HOLD_MAX_S) - now,
             0.0,
         )
 

@@ -75,6 +75,7 @@ class EngineLoop:
         self._idle_poll_ms = IDLE_POLL_MS if group is None else int(GROUP_IDLE_TICK_S * 1000)
         self._parent_pid = os.getppid()
         self._last_seen: dict[bytes, float] = {}
+        self._workers: set[bytes] = set()  # the identities that shook hands
         self._next_housekeeping = 0.0
         self._steps = 0
         self._step_seconds = 0.0
@@ -165,6 +166,9 @@ class EngineLoop:
         for worker, seen in list(self._last_seen.items()):
             if now - seen > self._worker_silence_limit_s:
                 del self._last_seen[worker]
+                if worker in self._workers:
+                    self._workers.discard(worker)
+                    self._scheduler.set_senders(len(self._workers))
                 if self._scheduler.drop_worker(worker):
                     log.warning("worker %r went silent: aborted its requests", worker)
 
@@ -205,6 +209,8 @@ class EngineLoop:
             self._send(worker, Rejected(f"protocol {msg.protocol_version} != {PROTOCOL_VERSION}"))
             return
         log.debug("worker %s connected", msg.worker_id)
+        self._workers.add(worker)
+        self._scheduler.set_senders(len(self._workers))
         self._send(worker, Welcome(PROTOCOL_VERSION, self._model))
 
     def _on_generate(self, worker: bytes, msg: Generate) -> None:

@@ -197,6 +197,16 @@ def test_a_stream_is_forwarded_once_the_io_thread_sent_it(engine):
         wait_until(lambda: scheduler.has_request("fwd"), "the engine to hold the forwarded request", 5.0, 0.01)
 
 
+def test_the_engine_knows_whether_one_worker_or_several_forward_requests(engine):
+    address, _, scheduler = engine
+    policy = scheduler._prefill
+    assert not policy.one_sender  # none known yet: as if several
+    connect(address)
+    wait_until(lambda: policy.one_sender, "the engine to count one worker", 5.0, 0.01)
+    connect(address)
+    wait_until(lambda: not policy.one_sender, "the engine to count two workers", 5.0, 0.01)
+
+
 def test_client_without_gevent_uses_plain_sockets(engine):
     address, _, _ = engine
     assert type(connect(address)._ctx) is zmq.Context

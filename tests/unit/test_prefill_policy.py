@@ -179,6 +179,15 @@ def test_a_busy_engine_holds_while_arrivals_come_within_its_steps_or_the_quiet_g
     assert p.admit(now=ARRIVAL_QUIET_S, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
 
 
+def test_fed_by_one_worker_an_idle_engine_admits_at_once_and_a_busy_one_holds_between_steps():
+    p = PrefillPolicy(512)
+    p.one_sender = True  # a burst comes whole, or in parts further apart than any quiet gap
+    assert p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
+    assert p.hold_left(0.0) == 0.0
+    assert not p.admit(now=0.1, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
+    assert p.admit(now=0.1 + ARRIVAL_QUIET_S / 2, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
+
+
 def test_nothing_held_nothing_to_wait_for():
     p = PrefillPolicy(512)
     assert p.hold_left(0.0) == 0.0
