@@ -28,7 +28,7 @@ from engine.batch_adapter import Batch, BatchRows, StepCosts
 from engine.constraints import ConstraintError, GrammarCompiler, GrammarProcessor
 from engine.kv_budget import KvLedger
 from engine.kv_memory import model_bytes_per_token, resolve_budget
-from engine.prefill import PrefillPolicy
+from engine.prefill import Announcements, PrefillPolicy
 from engine.prefix_cache import PrefixCache
 from engine.sampling import RequestSampling, build_request_sampling
 from ipc.messages import LOGPROB_FLOOR, FinishReason, Generate, StepPlan, TokenDelta
@@ -392,6 +392,7 @@ class Scheduler:
         # Admission and chunk sizes of prefill, from measured costs.
         self._prefill_rows = min(config.prefill_batch_size, config.max_batch_size)
         self._prefill = PrefillPolicy(config.prefill_step_size)
+        self._announcements = Announcements()
         self._planned_decoding_rows = 0  # the last plan's, for its measured costs
         # Requests not finished yet (queued here or in the batch) and their workers.
         self._owners: dict[str, WorkerId] = {}
@@ -453,8 +454,9 @@ class Scheduler:
 
     def wait_s(self) -> float | None:
         """How long the socket loop may wait for messages before the next step:
-        None (until one comes) when there is no work; while a burst's first
-        arrivals are held and nothing runs, the rest of that hold; else 0."""
+        None (until one comes) when there is no work; while nothing runs and
+        the waiting requests are held for announced ones, the rest of that
+        hold (their arrival ends the wait sooner); else 0."""
         if not self.has_work():
             return None
         if self._pending or self._aborts:
@@ -464,9 +466,13 @@ class Scheduler:
             return 0.0
         return self._prefill.hold_left(time.monotonic())
 
-    def set_senders(self, workers: int) -> None:
-        """How many HTTP workers forward requests now (the engine loop counts their handshakes)."""
-        self._prefill.one_sender = workers == 1
+    def arriving(self, worker: WorkerId, seq: int) -> None:
+        """A worker announced a request (``Arriving``): it is on its way."""
+        self._announcements.arriving(worker, seq, time.monotonic())
+
+    def settled(self, worker: WorkerId, seq: int) -> None:
+        """What that announced request submits has come (``Settled``)."""
+        self._announcements.settled(worker, seq, time.monotonic())
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._owners
@@ -543,6 +549,7 @@ class Scheduler:
             if self._inbox.pop(request_id, None) is None:
                 self._aborts[request_id] = None
         self._pending.pop(worker, None)
+        self._announcements.drop(worker)
         return len(ids)
 
     def fail_all(self, reason: str) -> None:
@@ -586,7 +593,9 @@ class Scheduler:
         waiting = rows.waiting + len(inserts)
         free_rows = max(min(self._prefill_rows - rows.prefilling, self._config.max_batch_size - rows.decoding), 0)
         busy = bool(rows.prefilling or rows.decoding)
-        admit = self._prefill.admit(time.monotonic(), waiting, free_rows, len(inserts), busy=busy)
+        now = time.monotonic()
+        announced = self._announcements.pending(now)
+        admit = self._prefill.admit(now, waiting, free_rows, len(inserts), busy=busy, announced=announced)
         admitted = min(waiting, free_rows) if admit else 0
         # Prompt tokens the prefill batch will hold (prefix-cache hits not yet
         # subtracted: an upper bound): a short prefill is not chunked.

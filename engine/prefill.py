@@ -10,9 +10,11 @@ prefill forward stalls all running streams by at least its fixed cost.
   (several HTTP workers, each forwarding what it has parsed). Prompts admitted
   as they trickle in would each pay a prefill forward, and every forward after
   the first delays the first tokens of all rows behind it; holding them while
-  the burst is still arriving, briefly, prefills them together. Fed by
-  several workers, an idle engine holds a first arrival for a moment of quiet
-  too: a lone request pays that moment, a burst saves whole forwards.
+  the burst is still arriving, briefly, prefills them together. A worker
+  announces each request as its handler starts, ahead of the request itself,
+  so the engine knows what is still on its way: a lone request is admitted
+  the moment it comes, a burst that several workers parse at once waits for
+  the slowest (``Announcements``).
 * Chunk size: while streams decode, a prompt is fed in chunks costing a
   share of a decode step, so the running streams' token gaps stay within
   twice the idle ones. Chunking only spreads the same work over more
@@ -41,13 +43,9 @@ COST_SMOOTHING = 0.2
 # Short next to a first token's cost on any model, long enough to gather a
 # burst of HTTP clients (they reach the engine over tens of milliseconds).
 ADMISSION_HOLD_MAX_S = 0.05
-# A burst is still arriving while its requests come closer together than
-# this (or since the last step, when steps are longer). A few times the gap
-# between the HTTP workers' forwards of one burst; small next to a prefill
-# forward. With one worker there is no such gap to wait for: it forwards a
-# burst as one message, or its first request alone and the rest further apart
-# than this (parsed one after the other).
-ARRIVAL_QUIET_S = 0.002
+# An announced request not settled this long after is taken as gone (its
+# handler killed between the two): far longer than any request's parsing.
+ANNOUNCEMENT_EXPIRY_S = 1.0
 # A prefill costing at most this many decode steps in all is not chunked:
 # the running streams see one gap of that size (once per burst of short
 # prompts) instead of the prompts' first tokens coming that many steps later.
@@ -93,6 +91,40 @@ class LinearCost:
         return (0.0, self._t / self._n) if self._proportional else (self._t, 0.0)
 
 
+class Announcements:
+    """Requests the workers announced (``Arriving``) and have not settled: on their way.
+
+    Keyed by (worker, sequence number), so a Settled that overtakes its Arriving
+    (they travel on two sockets) cancels it when it comes, and an announcement
+    that is never settled expires instead of holding every burst after it."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[bytes, int], float] = {}
+        self._settled_early: dict[tuple[bytes, int], float] = {}
+
+    def arriving(self, worker: bytes, seq: int, now: float) -> None:
+        if self._settled_early.pop((worker, seq), None) is None:
+            self._open[(worker, seq)] = now
+
+    def settled(self, worker: bytes, seq: int, now: float) -> None:
+        if self._open.pop((worker, seq), None) is None:
+            self._settled_early[(worker, seq)] = now
+
+    def drop(self, worker: bytes) -> None:
+        """A worker went away: what it announced will not come."""
+        for table in (self._open, self._settled_early):
+            for key in [k for k in table if k[0] == worker]:
+                del table[key]
+
+    def pending(self, now: float) -> int:
+        """Announced requests still on their way."""
+        for table in (self._open, self._settled_early):
+            if table:
+                for key in [k for k, since in table.items() if now - since > ANNOUNCEMENT_EXPIRY_S]:
+                    del table[key]
+        return len(self._open)
+
+
 @dataclass
 class PrefillPolicy:
     max_chunk: int  # the configured prefill step size (tokens per row)
@@ -110,14 +142,7 @@ class PrefillPolicy:
         # every forward averages away; consecutive chunks have nearly the same context.
         self._latest: tuple[int, float] | None = None
         self._held_since: float | None = None
-        self._last_arrival = float("-inf")
-        # Whether a single HTTP worker forwards every request (the engine loop
-        # knows; unknown counts as several).
-        self.one_sender = False
-
-    @property
-    def _quiet_s(self) -> float:
-        return 0.0 if self.one_sender else ARRIVAL_QUIET_S
+        self._held_for_announced = False
 
     # ---------------------------------------------------------------- costs
 
@@ -153,14 +178,17 @@ class PrefillPolicy:
 
     # ------------------------------------------------------------ decisions
 
-    def admit(self, now: float, waiting: int, free_rows: int, arrived_since_last_step: int, busy: bool) -> bool:
-        """Whether waiting prompts may join the prefill batch this step."""
-        if arrived_since_last_step:
-            self._last_arrival = now
+    def admit(
+        self, now: float, waiting: int, free_rows: int, arrived_since_last_step: int, busy: bool, announced: int = 0
+    ) -> bool:
+        """Whether waiting prompts may join the prefill batch this step
+        (``announced``: requests the workers announced that have not come yet)."""
+        self._held_for_announced = announced > 0
         hold = (
             0 < waiting < free_rows  # none waits, or a full prefill batch is already here
-            # The burst is still arriving: a busy engine's steps pace the check.
-            and ((busy and arrived_since_last_step > 0) or now - self._last_arrival < self._quiet_s)
+            # The burst is still arriving: announced, or (a busy engine's steps
+            # pace the check) arriving between steps.
+            and (announced > 0 or (busy and arrived_since_last_step > 0))
         )
         if hold:
             self._held_since = self._held_since if self._held_since is not None else now
@@ -170,15 +198,12 @@ class PrefillPolicy:
         return True
 
     def hold_left(self, now: float) -> float:
-        """Seconds until a hold decided now would end for want of new arrivals
-        (0 when nothing is held): how long an engine with nothing else to run
-        may wait for its socket."""
-        if self._held_since is None:
+        """Seconds an engine with nothing else to run may wait on its socket for
+        the announced requests that hold its waiting ones (0: none hold them);
+        their arrival ends the wait sooner."""
+        if self._held_since is None or not self._held_for_announced:
             return 0.0
-        return max(
-            min(self._last_arrival + self._quiet_s, self._held_since + ADMISSION_HOLD_MAX_S) - now,
-            0.0,
-        )
+        return max(self._held_since + ADMISSION_HOLD_MAX_S - now, 0.0)
 
     def chunk(self, rows: int, decoding_rows: int, tokens_left: int) -> int:
         """Prompt tokens per row for this step's prefill forward of ``rows``

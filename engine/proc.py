@@ -25,6 +25,7 @@ from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
+    Arriving,
     EngineStatus,
     Generate,
     Hello,
@@ -32,6 +33,7 @@ from ipc.messages import (
     Ping,
     Pong,
     Rejected,
+    Settled,
     StatusQuery,
     StepOutputs,
     Welcome,
@@ -75,13 +77,14 @@ class EngineLoop:
         self._idle_poll_ms = IDLE_POLL_MS if group is None else int(GROUP_IDLE_TICK_S * 1000)
         self._parent_pid = os.getppid()
         self._last_seen: dict[bytes, float] = {}
-        self._workers: set[bytes] = set()  # the identities that shook hands
         self._next_housekeeping = 0.0
         self._steps = 0
         self._step_seconds = 0.0
         self._handlers: dict[type, Callable[[bytes, Any], None]] = {
             Hello: self._on_hello,
             Generate: self._on_generate,
+            Arriving: self._on_arriving,
+            Settled: self._on_settled,
             Abort: self._on_abort,
             StatusQuery: self._on_status,
             Ping: self._on_ping,
@@ -166,9 +169,6 @@ class EngineLoop:
         for worker, seen in list(self._last_seen.items()):
             if now - seen > self._worker_silence_limit_s:
                 del self._last_seen[worker]
-                if worker in self._workers:
-                    self._workers.discard(worker)
-                    self._scheduler.set_senders(len(self._workers))
                 if self._scheduler.drop_worker(worker):
                     log.warning("worker %r went silent: aborted its requests", worker)
 
@@ -209,12 +209,17 @@ class EngineLoop:
             self._send(worker, Rejected(f"protocol {msg.protocol_version} != {PROTOCOL_VERSION}"))
             return
         log.debug("worker %s connected", msg.worker_id)
-        self._workers.add(worker)
-        self._scheduler.set_senders(len(self._workers))
         self._send(worker, Welcome(PROTOCOL_VERSION, self._model))
 
     def _on_generate(self, worker: bytes, msg: Generate) -> None:
         self._scheduler.add(worker, msg)
+
+    def _on_arriving(self, worker: bytes, msg: Arriving) -> None:
+        # From the worker's second socket: the request is counted as its main one's.
+        self._scheduler.arriving(msg.worker.encode(), msg.seq)
+
+    def _on_settled(self, worker: bytes, msg: Settled) -> None:
+        self._scheduler.settled(worker, msg.seq)
 
     def _on_abort(self, worker: bytes, msg: Abort) -> None:
         self._scheduler.abort(msg.request_ids)

@@ -17,7 +17,7 @@ from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
 from frontend.guards import ApiKeyGate
 from frontend.metrics import MetricsResource
-from frontend.middleware import RequestObserver
+from frontend.middleware import ArrivalNotice, RequestObserver
 from frontend.resources.chat import ChatCompletionsResource
 from frontend.resources.completions import CompletionsResource
 from frontend.resources.health import LivenessResource, ReadinessResource
@@ -86,7 +86,7 @@ def create_app(
     load it from ``engine.model.model_path``.
     """
     ctx = AppContext(engine=engine, tokenization=_tokenization(engine, tokenizer, settings), settings=settings)
-    middleware: list[object] = [ctx.drain_gate]
+    middleware: list[object] = [ctx.drain_gate, ArrivalNotice(engine)]
     if settings.api_keys:
         middleware.insert(0, ApiKeyGate(settings.api_keys))
     if settings.cors_origins:

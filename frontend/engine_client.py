@@ -75,6 +75,16 @@ class EngineClient(Protocol):
         """Whether the engine is connected and answering right now."""
         ...
 
+    def announce(self) -> None:
+        """A generation request began in this thread (greenlet): tell the engine
+        at once, ahead of the request itself. Best effort; settled by ``settle``."""
+        ...
+
+    def settle(self) -> None:
+        """This thread's announced request has submitted what it will (maybe
+        nothing): call after its last submit or when it fails. Idempotent."""
+        ...
+
     def submit(self, request: Generate) -> RequestStream: ...
 
     def status(self, timeout_s: float = 5.0) -> EngineStatus: ...

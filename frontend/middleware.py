@@ -16,6 +16,7 @@ from typing import Any
 import falcon
 
 from frontend import metrics
+from frontend.engine_client import EngineClient
 from ipc.logging_setup import REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -82,3 +83,27 @@ class RequestObserver:
             resp.stream = _TimedBody(resp.stream, done)
         else:
             done()
+
+
+class ArrivalNotice:
+    """Tells the engine that a generation request began before its handler reads
+    the body (``EngineClient.announce``), and settles the announcement when the
+    handler returns, whatever happened; a request that submitted settled then.
+
+    A worker forwards a burst only when it has parsed all of it, and several
+    workers do so at different moments: told that requests are on their way, an
+    engine prefills the burst whole instead of in parts. Generation routes are
+    the ones whose operation streams."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: object) -> None:
+        operation = getattr(resource, "openapi", {}).get(req.method.lower())
+        if operation is not None and operation.stream is not None:
+            self._engine.announce()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        self._engine.settle()

@@ -215,6 +215,8 @@ def _submit_all(engine: EngineClient, requests: Sequence[Generate]) -> list[Requ
     except BaseException:
         sse.close_all(streams)
         raise
+    finally:
+        engine.settle()  # after the Generates: the engine sees them first
     return streams
 
 

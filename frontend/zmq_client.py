@@ -29,6 +29,7 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import msgspec
 import zmq
@@ -39,6 +40,7 @@ from ipc import codec
 from ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
+    Arriving,
     EngineStatus,
     Generate,
     Hello,
@@ -46,6 +48,7 @@ from ipc.messages import (
     Ping,
     Pong,
     Rejected,
+    Settled,
     StatusQuery,
     StepOutputs,
     TokenDelta,
@@ -68,6 +71,9 @@ IO_POLL_MS = 100
 CANCEL_POLL_S = 0.2
 
 _Item = TokenDelta | EngineUnavailable
+
+# The announcement of the request this thread (greenlet) handles, until it is settled.
+_ANNOUNCED: ContextVar[int | None] = ContextVar("announced", default=None)
 
 
 def _zmq_flavour() -> types.ModuleType:
@@ -202,6 +208,19 @@ class ZmqEngineClient:
         self._connected = False
         self._last_heard = time.monotonic()
         self._nonce = itertools.count()
+        # Arriving goes out on a DEALER of its own, from the request's own thread
+        # (greenlet) and at once: the I/O loop's DEALER cannot be shared (a send
+        # from another greenlet can swallow the wake-up its poll waits for), and
+        # the I/O loop runs only when a worker's request greenlets have all yielded.
+        self._arrivals = self._ctx.socket(zmq.DEALER)
+        self._arrivals.setsockopt(zmq.LINGER, 0)
+        self._arrivals.setsockopt(zmq.IDENTITY, self._identity + b"/arrivals")
+        # Queued only to a connected engine: an announcement must not reach a
+        # restarted engine that never gets its Settled.
+        self._arrivals.setsockopt(zmq.IMMEDIATE, 1)
+        self._arrivals.connect(address)
+        self._arrivals_lock = threading.Lock()
+        self._announcements = itertools.count()
         # The inproc PULL must exist before any PUSH connects to it.
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(self._inbox)
@@ -230,6 +249,24 @@ class ZmqEngineClient:
     @property
     def alive(self) -> bool:
         return self._alive
+
+    def announce(self) -> None:
+        if not self._alive or _ANNOUNCED.get() is not None:
+            return
+        seq = next(self._announcements)
+        try:
+            with self._arrivals_lock:
+                self._arrivals.send(codec.encode(Arriving(self._identity.decode(), seq)), zmq.NOBLOCK)
+        except zmq.Again:
+            return  # no engine connected: nothing to announce to
+        _ANNOUNCED.set(seq)
+
+    def settle(self) -> None:
+        seq = _ANNOUNCED.get()
+        if seq is not None:
+            _ANNOUNCED.set(None)
+            # Through the I/O loop, after the request's Generates: the same frame set.
+            self._post(codec.encode(Settled(seq)))
 
     def submit(self, request: Generate) -> _Stream:
         if not self._alive:

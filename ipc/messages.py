@@ -4,7 +4,9 @@ Every message is a tagged msgspec Struct encoded as msgpack: plain data, never P
 A frontend worker opens with ``Hello``; the engine answers ``Welcome`` (same
 ``PROTOCOL_VERSION``) or ``Rejected``. Every ``Generate`` ends with exactly one
 ``TokenDelta`` whose ``finish_reason`` is set: that is the request's final
-outcome (finished, aborted or failed). Inside a sharded engine, rank 0 sends
+outcome (finished, aborted or failed). A worker announces each generation
+request with ``Arriving`` the moment its handler starts (from a second socket)
+and closes the announcement with ``Settled`` after the request's Generates. Inside a sharded engine, rank 0 sends
 every other rank the ``StepPlan`` of each step, a ``GroupPoll`` about every
 second, ``GroupIdle`` while it has no work and a ``GroupStop`` at the end.
 
@@ -33,7 +35,8 @@ import msgspec
 #    .kv_bytes_per_token, .kv_bits, .kv_group_size (with defaults).
 # 7: a worker's frame set may carry several messages (everything its requests
 #    queued since its last send): [identity, message, message, ...]; GroupStatus.backend "nccl".
-PROTOCOL_VERSION = 7
+# 8: Arriving (from a worker's second socket) and Settled.
+PROTOCOL_VERSION = 8
 
 # OpenAI's floor for a log probability ("very unlikely"); masked tokens
 # (-inf) are reported as this, since JSON has no infinity.
@@ -113,6 +116,24 @@ class Generate(msgspec.Struct, tag=True, frozen=True, kw_only=True, gc=False):
     # likely tokens at each position (TokenDelta.logprobs / top_logprobs).
     logprobs: int | None = None
     constraint: Constraint | None = None
+
+
+class Arriving(msgspec.Struct, tag=True, frozen=True, gc=False):
+    """A generation request began on ``worker`` (its identity): its Generates or
+    nothing follow, then one Settled. Sent the moment its handler starts, on a
+    socket of its own, so it overtakes the frame set in which the worker forwards
+    the rest of a burst: an engine that knows requests are on their way holds the
+    ones that came for them (at most ADMISSION_HOLD_MAX_S) and prefills them together."""
+
+    worker: str  # the identity of the worker's main socket, which its Generates and the Settled come from
+    seq: int  # this announcement among the worker's
+
+
+class Settled(msgspec.Struct, tag=True, frozen=True, gc=False):
+    """The request an Arriving announced has sent its Generates, or never will.
+    Sent after those Generates, in order; it may still overtake its Arriving."""
+
+    seq: int
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True, gc=False):
@@ -275,6 +296,6 @@ class GroupStop(msgspec.Struct, tag=True, frozen=True):
     """The group stops cleanly: every other rank exits 0."""
 
 
-FrontendMessage = Hello | Generate | Abort | StatusQuery | Ping
+FrontendMessage = Hello | Generate | Arriving | Settled | Abort | StatusQuery | Ping
 EngineMessage = Welcome | Rejected | StepOutputs | EngineStatus | Pong
 GroupMessage = StepPlan | GroupPoll | GroupIdle | GroupStop

@@ -24,10 +24,3 @@ def engine() -> FakeEngineClient:
 @pytest.fixture
 def client(engine: FakeEngineClient, tok: Tokenization) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(engine, tok, settings=frontend_settings()))
-
-
-@pytest.fixture
-def steps_without_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Scheduler admits what arrived before a step at that step, as if steps
-    were far apart: tests that count steps do not race the arrival-quiet clock."""
-    monkeypatch.setattr("engine.prefill.ARRIVAL_QUIET_S", 0.0)

@@ -175,6 +175,12 @@ class FakeEngineClient:
         """Answer the next submits with these scripts, in order."""
         self._scripts.extend(scripts)
 
+    def announce(self) -> None:
+        self.events.append(("announce", ""))
+
+    def settle(self) -> None:
+        self.events.append(("settle", ""))
+
     def submit(self, request: Generate) -> FakeStream:
         if not self.available or (self.fail_submit_after is not None and len(self.submitted) >= self.fail_submit_after):
             raise EngineUnavailable("fake engine is down")

@@ -67,6 +67,12 @@ class SchedulerClient:
         self._rewrite = rewrite
         self._deltas: dict[str, deque[TokenDelta]] = defaultdict(deque)
 
+    def announce(self) -> None:
+        pass  # requests reach the scheduler at their submit, nothing is on its way
+
+    def settle(self) -> None:
+        pass
+
     def submit(self, request: Generate) -> _SchedulerStream:
         if self._rewrite is not None:
             request = self._rewrite(request)

@@ -9,14 +9,13 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from engine.core import MIN_PREFIX_REUSE_TOKENS, Scheduler, SchedulerConfig
-from engine.prefill import BUSY_PREFILL_MIN_TOKENS
+from engine.prefill import ADMISSION_HOLD_MAX_S, BUSY_PREFILL_MIN_TOKENS
 from engine.sampling import build_request_sampling
 from ipc.messages import Generate, SamplingParams
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.random_llama import random_llama
 
 # Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
-pytestmark = pytest.mark.usefixtures("steps_without_clock")
 
 VOCAB = 300
 EOS = 1
@@ -417,26 +416,30 @@ def test_a_burst_arriving_over_steps_is_prefilled_together(model, monkeypatch):
     assert early + results["running"]["tokens"] == reference_greedy(model, [5, 6, 7], 40)
 
 
-def test_an_idle_engine_gathers_a_burst_before_its_first_prefill(model, monkeypatch):
-    monkeypatch.setattr("engine.prefill.ARRIVAL_QUIET_S", 600.0)  # every arrival is "just now"
+def test_an_engine_holds_what_came_while_announced_requests_are_on_their_way(model):
     s = make_scheduler(model, prefill_batch_size=8)
-    assert s.wait_s() is None  # nothing to do: the socket loop waits for a message
-    prompts = {f"b{i}": [9 + i, 10, 11, 12] for i in range(3)}
-    for rid, prompt in prompts.items():
-        s.add(b"w", gen(rid, prompt, 6))
-        assert step_planned(s).prefill_rows == 0
-        rows = s.core.batch.rows()
-        assert (rows.prefilling, rows.decoding) == (0, 0)
-        # Nothing runs: the loop waits on its socket for the rest of the hold.
-        assert 0 < s.wait_s() <= 600.0
-    monkeypatch.setattr("engine.prefill.ARRIVAL_QUIET_S", 0.0)  # the quiet moment has passed
+    s.arriving(b"w1", 0)
+    s.arriving(b"w2", 0)  # another worker's, still being parsed
+    s.add(b"w1", gen("first", [9, 10, 11], 6))
+    s.settled(b"w1", 0)
+    assert step_planned(s).prefill_rows == 0  # w2's request is on its way
+    assert 0 < s.wait_s() <= ADMISSION_HOLD_MAX_S  # the loop waits on its socket, not spinning
+    s.add(b"w2", gen("second", [12, 13, 14], 6))
+    s.settled(b"w2", 0)
     assert step_planned(s).prefill_rows > 0
     rows = s.core.batch.rows()
-    assert rows.prefilling + rows.decoding == len(prompts)  # one prefill batch for all
-    assert s.wait_s() == 0.0  # rows run: step at once
+    assert rows.prefilling + rows.decoding == 2  # one prefill batch for both
     results = run_to_end(s)
-    for rid, prompt in prompts.items():
-        assert results[rid]["tokens"] == reference_greedy(model, prompt, 6)
+    assert results["first"]["tokens"] == reference_greedy(model, [9, 10, 11], 6)
+    assert results["second"]["tokens"] == reference_greedy(model, [12, 13, 14], 6)
+
+
+def test_a_gone_workers_announcements_hold_nothing(model):
+    s = make_scheduler(model, prefill_batch_size=8)
+    s.arriving(b"gone", 0)
+    s.drop_worker(b"gone")
+    s.add(b"w", gen("r", [9, 10, 11], 2))
+    assert step_planned(s).prefill_rows > 0
 
 
 def test_each_step_is_one_debug_line(model, caplog):

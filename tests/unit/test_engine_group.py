@@ -37,7 +37,6 @@ from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen
 
 # Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
-pytestmark = pytest.mark.usefixtures("steps_without_clock")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)

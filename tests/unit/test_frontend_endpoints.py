@@ -167,3 +167,43 @@ def test_create_app_loads_tokenizer_from_model_path(tmp_path):
     client = falcon.testing.TestClient(create_app(engine, settings=frontend_settings()))
     result = client.simulate_post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
     assert result.status_code == 200, result.text
+
+
+GENERATIONS = {
+    "/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/completions": {"model": "m", "prompt": "hi", "max_tokens": 2},
+    "/v1/messages": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/responses": {"model": "m", "input": "hi", "max_output_tokens": 2},
+}
+
+
+def _notices(engine: FakeEngineClient) -> list[str]:
+    return [kind for kind, _ in engine.events if kind in ("announce", "submit", "settle")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", list(GENERATIONS))
+def test_a_generation_is_announced_before_its_submit_and_settled_after_it(client, engine, path, stream):
+    result = client.simulate_post(path, json={**GENERATIONS[path], "stream": stream})
+    assert result.status_code == 200, result.text
+    # _submit_all settles after the last submit; the middleware's settle at the end is a no-op then.
+    assert _notices(engine) == ["announce", "submit", "settle", "settle"]
+
+
+def test_a_generation_that_fails_before_its_submit_is_settled_too(client, engine):
+    result = client.simulate_post("/v1/chat/completions", json={"model": "m", "messages": "not a list"})
+    assert result.status_code == 400
+    assert _notices(engine) == ["announce", "settle"]
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/messages/count_tokens", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("POST", "/tokenize", {"prompt": "hi"}),
+    ],
+)
+def test_other_routes_announce_nothing(client, engine, method, path, body):
+    assert client.simulate_request(method, path, json=body).status_code == 200
+    assert "announce" not in _notices(engine)

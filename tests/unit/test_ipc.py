@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -197,14 +198,22 @@ def test_a_stream_is_forwarded_once_the_io_thread_sent_it(engine):
         wait_until(lambda: scheduler.has_request("fwd"), "the engine to hold the forwarded request", 5.0, 0.01)
 
 
-def test_the_engine_knows_whether_one_worker_or_several_forward_requests(engine):
+def test_an_announced_request_counts_as_on_its_way_until_it_is_settled(engine):
     address, _, scheduler = engine
-    policy = scheduler._prefill
-    assert not policy.one_sender  # none known yet: as if several
-    connect(address)
-    wait_until(lambda: policy.one_sender, "the engine to count one worker", 5.0, 0.01)
-    connect(address)
-    wait_until(lambda: not policy.one_sender, "the engine to count two workers", 5.0, 0.01)
+    client = connect(address)
+    pending = lambda: scheduler._announcements.pending(time.monotonic())  # noqa: E731
+    client.announce()
+    client.announce()  # one request, one announcement
+    wait_until(lambda: pending() == 1, "the engine to count the announced request", 5.0, 0.01)
+    with client.submit(gen("announced", 2)) as stream:
+        client.settle()  # after its submit: the Settled follows the Generate
+        wait_until(lambda: pending() == 0, "the engine to count it settled", 5.0, 0.01)
+        assert sum(len(d.token_ids) for d in stream) == 2
+    client.announce()
+    wait_until(lambda: pending() == 1, "the engine to count the next one", 5.0, 0.01)
+    client.settle()  # failed before any submit
+    client.settle()  # idempotent
+    wait_until(lambda: pending() == 0, "the engine to count it settled", 5.0, 0.01)
 
 
 def test_client_without_gevent_uses_plain_sockets(engine):

@@ -6,11 +6,12 @@ import pytest
 
 from engine.prefill import (
     ADMISSION_HOLD_MAX_S,
-    ARRIVAL_QUIET_S,
+    ANNOUNCEMENT_EXPIRY_S,
     BUSY_PREFILL_MIN_TOKENS,
     BUSY_PREFILL_SHARE,
     PREFILL_FORWARD_TOKENS,
     WHOLE_PREFILL_MAX_STEPS,
+    Announcements,
     LinearCost,
     PrefillPolicy,
 )
@@ -161,31 +162,47 @@ def test_a_decode_cost_seen_at_one_batch_size_is_taken_as_flat():
     assert p.decode_step_s(1) == p.decode_step_s(64) == pytest.approx(0.010)
 
 
-def test_an_idle_engine_holds_a_first_arrival_for_a_moment_of_quiet():
+def test_an_idle_engine_admits_what_came_at_once_and_a_busy_one_holds_while_arrivals_come_between_steps():
     p = PrefillPolicy(512)
-    assert not p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
-    assert p.hold_left(0.0) == ARRIVAL_QUIET_S
-    # More came within the quiet gap: the hold goes on from the latest.
-    assert not p.admit(now=ARRIVAL_QUIET_S / 2, waiting=3, free_rows=8, arrived_since_last_step=2, busy=False)
-    assert p.hold_left(ARRIVAL_QUIET_S / 2) == ARRIVAL_QUIET_S
-    assert p.admit(now=ARRIVAL_QUIET_S * 1.5, waiting=3, free_rows=8, arrived_since_last_step=0, busy=False)
-    assert p.hold_left(ARRIVAL_QUIET_S * 1.5) == 0.0
-
-
-def test_a_busy_engine_holds_while_arrivals_come_within_its_steps_or_the_quiet_gap():
-    p = PrefillPolicy(512)
-    assert not p.admit(now=0.0, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
-    assert not p.admit(now=ARRIVAL_QUIET_S / 2, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
-    assert p.admit(now=ARRIVAL_QUIET_S, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
-
-
-def test_fed_by_one_worker_an_idle_engine_admits_at_once_and_a_busy_one_holds_between_steps():
-    p = PrefillPolicy(512)
-    p.one_sender = True  # a burst comes whole, or in parts further apart than any quiet gap
     assert p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False)
     assert p.hold_left(0.0) == 0.0
     assert not p.admit(now=0.1, waiting=2, free_rows=8, arrived_since_last_step=2, busy=True)
-    assert p.admit(now=0.1 + ARRIVAL_QUIET_S / 2, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
+    assert p.hold_left(0.1) == 0.0  # rows run: the loop steps, it does not wait
+    assert p.admit(now=0.101, waiting=2, free_rows=8, arrived_since_last_step=0, busy=True)
+
+
+def test_announced_requests_hold_what_came_until_they_come_or_the_bound():
+    p = PrefillPolicy(512)
+    assert not p.admit(now=0.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=False, announced=2)
+    # Nothing else to run: the loop may wait for the rest of the bound (a message wakes it).
+    assert p.hold_left(0.01) == pytest.approx(ADMISSION_HOLD_MAX_S - 0.01)
+    assert not p.admit(now=0.01, waiting=2, free_rows=8, arrived_since_last_step=1, busy=False, announced=1)
+    assert p.admit(now=0.02, waiting=3, free_rows=8, arrived_since_last_step=1, busy=False, announced=0)
+    # Never past the bound, however many stay announced.
+    assert not p.admit(now=1.0, waiting=1, free_rows=8, arrived_since_last_step=1, busy=True, announced=5)
+    assert p.admit(
+        now=1.0 + ADMISSION_HOLD_MAX_S, waiting=1, free_rows=8, arrived_since_last_step=0, busy=True, announced=5
+    )
+    # A full prefill batch is not held for more.
+    assert p.admit(now=2.0, waiting=8, free_rows=8, arrived_since_last_step=8, busy=False, announced=3)
+
+
+def test_announcements_count_what_is_on_its_way_in_any_order_and_expire():
+    a = Announcements()
+    a.arriving(b"w1", 0, now=0.0)
+    a.arriving(b"w1", 1, now=0.0)
+    a.arriving(b"w2", 0, now=0.0)
+    assert a.pending(0.0) == 3
+    a.settled(b"w1", 1, now=0.001)
+    assert a.pending(0.001) == 2
+    a.settled(b"w2", 1, now=0.001)  # overtook its Arriving (two sockets)
+    a.arriving(b"w2", 1, now=0.002)  # ... which then cancels nothing more
+    assert a.pending(0.002) == 2
+    a.drop(b"w2")  # the worker went away
+    assert a.pending(0.002) == 1
+    # Never settled (its handler killed): it stops counting after a while.
+    assert a.pending(ANNOUNCEMENT_EXPIRY_S / 2) == 1
+    assert a.pending(ANNOUNCEMENT_EXPIRY_S + 0.001) == 0
 
 
 def test_nothing_held_nothing_to_wait_for():
@@ -199,11 +216,11 @@ def test_a_hold_never_waits_past_its_bound():
     p = PrefillPolicy(512)
     now = 0.0
     for i in range(100):
-        now = i * ARRIVAL_QUIET_S / 2
-        if p.admit(now=now, waiting=1 + i, free_rows=1000, arrived_since_last_step=1, busy=False):
+        now = i * 0.001
+        if p.admit(now=now, waiting=1 + i, free_rows=1000, arrived_since_last_step=1, busy=False, announced=1):
             break
         assert 0 < p.hold_left(now) <= ADMISSION_HOLD_MAX_S - now + 1e-12
-    assert ADMISSION_HOLD_MAX_S <= now < ADMISSION_HOLD_MAX_S + ARRIVAL_QUIET_S
+    assert ADMISSION_HOLD_MAX_S <= now < ADMISSION_HOLD_MAX_S + 0.001
 
 
 def test_a_burst_is_held_while_it_arrives_then_admitted_together():
