@@ -2,7 +2,9 @@
 
 ZeroMQ sockets are not thread-safe, so one I/O thread owns the DEALER. Request
 threads hand it encoded messages through per-thread inproc PUSH sockets; the
-I/O thread routes incoming deltas to per-request queues.
+I/O thread routes incoming deltas to per-request queues. A second DEALER, send
+only and behind a lock, carries what cannot wait for the I/O thread's turn:
+the announcement that a generation request began (``announce``).
 
 Under gunicorn's gevent worker (the server's), threading and queue are
 gevent's: the "threads" are greenlets of one OS thread, so the sockets must be

@@ -154,6 +154,7 @@ from gevent import monkey
 monkey.patch_all()
 import json, sys
 import gevent, zmq.green
+from frontend import zmq_client
 from frontend.zmq_client import ZmqEngineClient
 from ipc.messages import Generate, SamplingParams
 from tests.unit.defaults import CLIENT_LIMITS
@@ -166,7 +167,10 @@ order = []
 def one(i):
     request = Generate(request_id=f"g{i}", prompt_token_ids=[5, 6, 7], max_tokens=10,
                        sampling=SamplingParams(temperature=0.0), stop_token_ids=[])
+    client.announce()  # as the worker's ArrivalNotice does, from the request's greenlet
+    order.append("announced" if zmq_client._ANNOUNCED.get() is not None else "not announced")
     with client.submit(request) as stream:
+        client.settle()
         order.append("submitted")
         order.append("forwarded" if stream.forwarded(5) else "not forwarded")
         results[f"g{i}"] = sum(len(d.token_ids) for d in stream)
@@ -186,8 +190,13 @@ def test_many_concurrent_streams_from_greenlets(engine):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     # Every greenlet submitted before the first was told its request had left:
     # the burst went as one frame set, before any response would have started.
-    assert out.pop("order") == ["submitted"] * 16 + ["forwarded"] * 16
+    assert out.pop("order") == ["announced", "submitted"] * 16 + ["forwarded"] * 16
     assert out == {"results": {f"g{i}": 10 for i in range(16)}, "green": True, "status_running": 0}
+    # Every announcement from the greenlets' own socket met its Settled.
+    _, _, scheduler = engine
+    announcements = scheduler._announcements
+    wait_until(lambda: announcements.pending(time.monotonic()) == 0, "every announcement settled", 5.0, 0.01)
+    wait_until(lambda: not announcements._settled_early, "every Settled matched to its Arriving", 5.0, 0.01)
 
 
 def test_a_stream_is_forwarded_once_the_io_thread_sent_it(engine):
