@@ -36,8 +36,6 @@ from tests.unit import test_engine_core as core
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen
 
-# Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
 SHARED_PREFIX = list(range(5, 45))  # long enough for the prefix cache

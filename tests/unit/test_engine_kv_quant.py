@@ -13,8 +13,6 @@ from engine.quantized_cache import BatchQuantizedKVCache, KVQuantizationUnsuppor
 from tests.unit.random_llama import random_llama
 from tests.unit.test_engine_core import EOS, gen, make_scheduler, run_to_end
 
-# Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
-
 VOCAB = 300
 PROMPTS = {f"r{i}": [(7 * i + 3 * j) % (VOCAB - 2) + 2 for j in range(20 + 9 * i)] for i in range(4)}
 

@@ -12,8 +12,6 @@ from tests.unit import test_engine_core as core
 from tests.unit.defaults import ENGINE_LIMITS
 from tests.unit.test_engine_core import EOS, MAX_STEPS, VOCAB, gen, reference_greedy
 
-# Steps here are counted: arrivals are admitted at the next step, not after a moment of quiet.
-
 CONFIG = SchedulerConfig(eos_token_ids=(EOS,), vocab_size=VOCAB, context_length=512, **ENGINE_LIMITS)
 SHARED_PREFIX = list(range(5, 45))  # long enough for the prefix cache
 
