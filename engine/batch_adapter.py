@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from engine.quantized_cache import check_kv_quantization, quantized_row_cache
@@ -143,7 +144,37 @@ class Batch:
     def step(self) -> list[Any]:
         """One decode step and at most one prefill forward; the decode responses."""
         _, responses = self._gen.next()
+        self._start_decoding_prefilled()
         return responses
+
+    def _start_decoding_prefilled(self) -> None:
+        """Move the rows whose prompt this step finished into the decode batch now.
+
+        BatchGenerator moves them at the start of its next step, which only
+        queues their last prompt token's forward: their first token then comes
+        a step later still (three steps from insert to first token). Queued
+        here, at the end of the step that prefilled them, that forward runs
+        while the engine sends this step's tokens, and the next step returns
+        their first token (two steps): the same forwards, one step sooner.
+        Mirrors the split at the top of BatchGenerator._next, which then finds
+        nothing left to move.
+        """
+        gen = self._gen
+        if len(gen._generation_batch) >= gen.completion_batch_size:
+            return  # BatchGenerator would not move them either
+        # _currently_processing: [segments still to prefill, done, total]; a row
+        # down to its one last token is ready for its first decode forward.
+        ready = [
+            i
+            for i, (segments, _, _) in enumerate(gen._currently_processing)
+            if len(segments) == 1 and len(segments[0]) == 1
+        ]
+        if not ready:
+            return
+        last_tokens = [gen._currently_processing[i][0][0] for i in ready]
+        gen._currently_processing = [row for i, row in enumerate(gen._currently_processing) if i not in set(ready)]
+        with mx.stream(gen._stream):
+            gen._generation_batch.extend(gen._prompt_batch.split(ready).generate(last_tokens))
 
     def costs(self) -> StepCosts:
         """The timers so far; ``costs().since(before)`` is what steps in between cost."""

@@ -98,6 +98,54 @@ def test_request_joins_a_running_batch(model):
     assert early + results["first"]["tokens"] == reference_greedy(model, list(range(5, 25)), 20)
 
 
+def tokens_of(outputs: dict, request_id: str) -> list[int]:
+    return [t for deltas in outputs.values() for d in deltas if d.request_id == request_id for t in d.token_ids]
+
+
+def test_a_burst_gets_its_first_tokens_on_the_step_after_its_prefill(model):
+    # mlx-lm's BatchGenerator returns them a step later: it queues the last
+    # prompt token's forward only at the start of the step after the prefill.
+    s = make_scheduler(model)
+    prompts = {f"r{i}": list(range(5 + i, 30 + 2 * i)) for i in range(3)}
+    for rid, p in prompts.items():
+        s.add(b"w", gen(rid, p, 6))
+    prefill_step = s.step()
+    assert all(tokens_of(prefill_step, rid) == [] for rid in prompts)
+    rows = s.core.batch.rows()
+    assert (rows.prefilling, rows.decoding) == (0, 3)  # decoding from the prefill step on
+    first_step = s.step()
+    results = run_to_end(s)
+    for rid, p in prompts.items():
+        assert tokens_of(first_step, rid) == reference_greedy(model, p, 1)
+        assert tokens_of(first_step, rid) + results[rid]["tokens"] == reference_greedy(model, p, 6)
+
+
+def test_a_request_joining_a_busy_batch_gets_its_first_token_on_the_step_after_its_prefill(model):
+    s = make_scheduler(model)
+    s.add(b"w", gen("running", [5, 6, 7], 30))
+    running = []
+    for _ in range(3):
+        running += tokens_of(s.step(), "running")
+    late_prompt = list(range(40, 60))
+    s.add(b"w", gen("late", late_prompt, 6))
+    late: list[int] = []
+    steps_after_prefill = None
+    for _ in range(MAX_STEPS):
+        outputs = s.step()
+        running += tokens_of(outputs, "running")
+        late += tokens_of(outputs, "late")
+        if late:
+            break
+        if steps_after_prefill is not None:
+            steps_after_prefill += 1
+        elif s.core.batch.rows().waiting == 0:
+            steps_after_prefill = 0  # this step prefilled it (held while it had just come, then one chunk)
+    assert steps_after_prefill == 0  # its first token came with the very next step
+    results = run_to_end(s)
+    assert late + results["late"]["tokens"] == reference_greedy(model, late_prompt, 6)
+    assert running + results["running"]["tokens"] == reference_greedy(model, [5, 6, 7], 30)
+
+
 def test_outputs_grouped_per_worker_one_list_per_step(model):
     s = make_scheduler(model)
     s.add(b"a", gen("a1", [5, 6, 7], 4))
