@@ -142,7 +142,8 @@ class Batch:
         self._gen.prefill_step_size = chunk
 
     def step(self) -> list[Any]:
-        """One decode step and at most one prefill forward; the decode responses."""
+        """One decode step, at most one prefill forward, and the queued first
+        decode forward of the rows that prefill finished; the decode responses."""
         _, responses = self._gen.next()
         self._start_decoding_prefilled()
         return responses
@@ -172,7 +173,8 @@ class Batch:
         if not ready:
             return
         last_tokens = [gen._currently_processing[i][0][0] for i in ready]
-        gen._currently_processing = [row for i, row in enumerate(gen._currently_processing) if i not in set(ready)]
+        moving = set(ready)
+        gen._currently_processing = [row for i, row in enumerate(gen._currently_processing) if i not in moving]
         with mx.stream(gen._stream):
             gen._generation_batch.extend(gen._prompt_batch.split(ready).generate(last_tokens))
 
