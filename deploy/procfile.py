@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping
 
 from deploy.settings import PROG, Settings, SettingsError, env_var, load_settings
-from deploy.supervisor import child_environment, engine_command, web_command
+from deploy.supervisor import child_environment, engine_command, port_problem, web_command
 from ipc.logging_setup import configure as configure_logging
 
 log = logging.getLogger("mlx-server")
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = resolve(role, os.environ)
     except SettingsError as exc:
         print(f"{PROG} {role}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = port_problem(settings.host, settings.port) if role == "web" else None
+    if problem is not None:
+        print(f"{PROG} {role}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging("mlx-server", settings.log_level, settings.log_format)
     argv_, env = command(role, settings, os.environ)

@@ -9,10 +9,12 @@ watched, restarted and stopped as one engine.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,6 +80,32 @@ def web_command(settings: Settings) -> list[str]:
         "--no-control-socket",
         "frontend.wsgi:build_app()",
     ]  # fmt: skip
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the HTTP port cannot be bound, checked before anything starts; None when it can.
+
+    The web workers bind it with SO_REUSEPORT on Linux (frontend.gunicorn_conf), which a
+    second instance doing the same would join, taking half the first one's connections:
+    this probe, without SO_REUSEPORT, fails on any socket already listening there. It also
+    makes a taken port one line and exit 2 instead of a model load and gunicorn's retries.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        return f"cannot bind {host}:{port}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        # As gunicorn's own listener: a closed connection's TIME_WAIT does not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (another server or mlx-server instance): choose another --port"
+            return f"cannot bind {host}:{port}: {exc.strerror}"
+    return None
 
 
 def child_environment(config: runtime.RuntimeConfig, environ: Mapping[str, str]) -> dict[str, str]:
@@ -288,7 +316,7 @@ def run(settings: Settings) -> int:
     stop = _StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    problem = sharding_problem(settings)
+    problem = port_problem(settings.host, settings.port) or sharding_problem(settings)
     if problem is not None:
         print(f"mlx-server: error: {problem}", file=sys.stderr)
         return EXIT_USAGE

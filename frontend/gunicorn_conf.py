@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +39,15 @@ worker_class = "gevent"
 # Workers import the app after the fork: ZeroMQ contexts must never be
 # created in the master (DESIGN.md) and the tokenizer loads once per worker.
 preload_app = False
+# On Linux each worker listens on a socket of its own (SO_REUSEPORT) and the
+# kernel spreads new connections evenly over them. On one shared socket the
+# workers that happen to be awake take most: 64 connections over 4 workers
+# landed 33 / 15 / 14 / 2, and a burst on them was parsed by two workers
+# (BENCHMARKS.md, "Measurements behind the defaults"). macOS's SO_REUSEPORT
+# does not balance, so there the workers keep sharing one. The supervisor
+# checks the port is free first (deploy.supervisor.port_problem): two
+# instances must never share a port.
+reuse_port = sys.platform == "linux"
 # Workers heartbeat from their own greenlet, so long streams are fine.
 timeout = 60
 keepalive = 5

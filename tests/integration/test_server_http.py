@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -177,3 +178,22 @@ def test_client_disconnect_mid_stream_frees_the_slot(base, no_eos):
     # The connection is closed here, long before 3000 tokens.
     status = wait_idle(base)
     assert status["engine"]["tokens_generated"] > 0
+
+
+def _listening_sockets(port: int) -> int:
+    """Sockets in LISTEN on ``port`` (IPv4), from the kernel's own table."""
+    listening = "0A"
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == listening)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balances connections on Linux only")
+def test_each_web_worker_listens_on_a_socket_of_its_own(tiny_server):
+    # The kernel then spreads new connections evenly over the workers instead of
+    # leaving them to whichever worker is awake (frontend.gunicorn_conf.reuse_port).
+    assert _listening_sockets(tiny_server.port) == 2  # the fixture's two workers
+    # And the whole server still answers on that one port, connection after connection.
+    for _ in range(8):
+        with httpx.Client(base_url=tiny_server.base_url) as fresh:
+            assert fresh.get("/health").status_code == 200

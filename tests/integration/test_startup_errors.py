@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 
 import pytest
@@ -89,3 +90,14 @@ def test_sigint_and_sigterm_stop_everything(tiny_model_dir, server_logs):
         server = ServerProcess(tiny_model_dir, server_logs).wait_ready()
         assert len(server.process_tree()) >= 4  # supervisor, engine, gunicorn master, workers
         assert server.stop(sig) == 0  # stop() also asserts no process is left
+
+
+def test_a_port_another_server_holds_is_refused_before_the_model_loads(tiny_model_dir):
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        result = run_cli(str(tiny_model_dir), "--port", str(port))
+    assert result.returncode == 2
+    assert_one_line_error(result, f"port {port}", "already in use", "--port")
+    assert "loading model" not in result.stderr

@@ -4,6 +4,7 @@ with the config mlx-server would hand it."""
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ipc import runtime
 
 REPO = Path(__file__).resolve().parents[2]
 ADDRESS = "ipc:///tmp/mlx-server-test/engine.sock"
+IN_USE_HINT = "(another server or mlx-server instance): choose another --port"
 
 
 @pytest.fixture
@@ -90,6 +92,19 @@ def test_bad_settings_are_one_line_and_exit_2(model: Path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mlx-server web: error: `MLX_SERVER_MAX_LOADED_MODELS` was removed in 0.2")
     assert err.count("\n") == 1
+
+
+def test_a_taken_port_is_one_line_and_exit_2_before_gunicorn_starts(model: Path, monkeypatch, capsys):
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        monkeypatch.setenv("MLX_SERVER_MODEL_PATH", str(model))
+        monkeypatch.setenv("MLX_SERVER_IPC_ADDRESS", ADDRESS)
+        monkeypatch.setenv("PORT", str(port))
+        assert procfile.main(["web"]) == 2  # returns: nothing was exec'ed
+    err = capsys.readouterr().err
+    assert err == f"mlx-server web: error: port {port} on 127.0.0.1 is already in use {IN_USE_HINT}\n"
 
 
 def test_procfile_runs_both_roles():
