@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.supervisor import port_problem
+from tests.integration.server import free_port
 
 
 @pytest.fixture
@@ -18,12 +19,6 @@ def listener() -> Iterator[socket.socket]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_free_port_has_no_problem():
