@@ -12,6 +12,13 @@ the shared prefix is too short to be worth it. Here every trie node keeps
 the length of the shortest entry below it, so the cheapest entry to copy is
 found in one descent, and nothing is copied below ``min_reuse`` tokens.
 
+The trie is a radix tree: a node's edge holds every token up to the next
+branch or entry, so it has about two nodes per entry whatever their length.
+A node per token (mlx-lm's layout) makes the cache's prompts hundreds of
+thousands of Python objects that every full garbage collection walks: tens of
+milliseconds of engine stall each time, and a Python step per token in every
+lookup, insert and eviction.
+
 An entry's size is its tokens x the whole model's KV bytes per token, not
 its arrays' nbytes: every rank of a sharded engine (each holding its own
 part of every cache) counts the same bytes and evicts the same entries.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +39,10 @@ _NONE = 1 << 62  # `shortest` of a subtree without entries
 
 @dataclass(eq=False, slots=True)
 class _Node:
-    children: dict[int, _Node] = field(default_factory=dict)
+    # The tokens from the parent to this node: a tuple of ints, which the garbage
+    # collector stops tracking.
+    edge: tuple[int, ...] = ()
+    children: dict[int, _Node] = field(default_factory=dict)  # by the first token of their edge
     entry: _Entry | None = None
     # Token count of the shortest entry in this subtree (this node's own included):
     # the cheapest one to copy when any of them will do.
@@ -72,17 +83,23 @@ class PrefixCache:
         """
         node, depth = self._root, 0
         prefix: _Entry | None = None  # deepest entry whose tokens all start the prompt
-        for token in tokens:
-            child = node.children.get(token)
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
             if child is None:
                 break
-            node, depth = child, depth + 1
+            shared = _shared_length(child.edge, tokens, depth)
+            # Every entry below `child` shares the prompt's first `depth` tokens.
+            node, depth = child, depth + shared
+            if shared < len(child.edge):
+                break
             if child.entry is not None and depth < len(tokens):
                 prefix = child.entry
         usable = min(depth, len(tokens) - 1)
         # An entry at or below the deepest shared node covers `usable` tokens once trimmed.
-        deeper = self._shortest_entry_below(node) if depth else None
-        if deeper is not None and deeper.trimmable and usable >= self.min_reuse:
+        # Looked for only when that is worth a copy: most prompts share just a chat
+        # template's head, and the answer is then no copy whatever lies below.
+        deeper = self._shortest_entry_below(node) if usable >= self.min_reuse else None
+        if deeper is not None and deeper.trimmable:
             return self._copy(deeper, usable), tokens[usable:]
         if prefix is not None and len(prefix.tokens) >= self.min_reuse:
             return self._copy(prefix, len(prefix.tokens)), tokens[len(prefix.tokens) :]
@@ -114,12 +131,18 @@ class PrefixCache:
         if key in self._lru:
             self._remove(key)
         entry = _Entry(key, cache, len(key) * self.bytes_per_token, can_trim_prompt_cache(cache))
-        node = self._root
+        node, depth = self._root, 0
         node.shortest = min(node.shortest, len(key))
         shorter: list[tuple[int, ...]] = []
-        for token in key:
-            node = node.children.setdefault(token, _Node())
-            node.shortest = min(node.shortest, len(key))
+        while depth < len(key):
+            child = node.children.get(key[depth])
+            if child is None:
+                child = node.children[key[depth]] = _Node(key[depth:])
+            shared = _shared_length(child.edge, key, depth)
+            if shared < len(child.edge):
+                child = _split(node, child, shared)
+            child.shortest = min(child.shortest, len(key))
+            node, depth = child, depth + shared
             if node.entry is not None:
                 shorter.append(node.entry.tokens)
         node.entry = entry
@@ -141,14 +164,47 @@ class PrefixCache:
     def _remove(self, key: tuple[int, ...]) -> None:
         entry = self._lru.pop(key)
         self.nbytes -= entry.nbytes
-        path = [self._root]
-        for token in key:
-            path.append(path[-1].children[token])
+        path, depth = [self._root], 0
+        while depth < len(key):
+            path.append(path[-1].children[key[depth]])
+            depth += len(path[-1].edge)
         path[-1].entry = None
-        # Bottom up: prune what no longer leads to an entry, recount the rest.
-        for depth in range(len(key), -1, -1):
-            node = path[depth]
+        # Bottom up: prune what no longer leads to an entry, merge a node left with
+        # one child and no entry into that child, recount the rest.
+        for i in range(len(path) - 1, -1, -1):
+            node = path[i]
             own = len(node.entry.tokens) if node.entry is not None else _NONE
             node.shortest = min([own, *(child.shortest for child in node.children.values())])
-            if depth and node.shortest == _NONE:
-                del path[depth - 1].children[key[depth - 1]]
+            if not i:
+                break
+            siblings = path[i - 1].children
+            if node.shortest == _NONE:
+                del siblings[node.edge[0]]
+            elif node.entry is None and len(node.children) == 1:
+                (only,) = node.children.values()
+                only.edge = node.edge + only.edge
+                siblings[node.edge[0]] = only
+
+
+def _split(parent: _Node, child: _Node, at: int) -> _Node:
+    """Cut ``child``'s edge after ``at`` tokens: the new node in between."""
+    middle = _Node(child.edge[:at], {child.edge[at]: child}, None, child.shortest)
+    child.edge = child.edge[at:]
+    parent.children[middle.edge[0]] = middle
+    return middle
+
+
+def _shared_length(edge: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
+    """How many of ``edge``'s tokens ``tokens`` repeats from ``start`` on, found by
+    comparing slices (in C) rather than token by token in Python."""
+    n = min(len(edge), len(tokens) - start)
+    if edge[:n] == tuple(tokens[start : start + n]):
+        return n
+    low, high = 0, n - 1  # edge[:low] is shared, edge[:high + 1] is not
+    while low < high:
+        mid = (low + high + 1) // 2
+        if edge[low:mid] == tuple(tokens[start + low : start + mid]):
+            low = mid
+        else:
+            high = mid - 1
+    return low

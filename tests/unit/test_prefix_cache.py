@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from engine.prefix_cache import PrefixCache
@@ -39,13 +41,19 @@ def count_copies():
     FakeLayer.copies = 0
 
 
-def nodes(c: PrefixCache) -> int:
-    stack, n = [c._root], 0
+def walk(c: PrefixCache) -> tuple[int, int]:
+    """(trie nodes below the root, tokens on their edges: the positions a per-token trie has)."""
+    stack, n, tokens = [c._root], 0, 0
     while stack:
         node = stack.pop()
         n += len(node.children)
+        tokens += sum(len(child.edge) for child in node.children.values())
         stack.extend(node.children.values())
-    return n
+    return n, tokens
+
+
+def nodes(c: PrefixCache) -> int:
+    return walk(c)[1]
 
 
 def test_a_prompt_that_extends_an_entry_reuses_all_of_it():
@@ -89,6 +97,25 @@ def test_shared_prefixes_shorter_than_min_reuse_are_not_even_copied():
     assert FakeLayer.copies == 0
     cache, rest = c.fetch([1, 2, 3, 4, 9])
     assert rest == [9] and FakeLayer.copies == 2
+
+
+def test_a_prefix_too_short_to_reuse_walks_no_entry(monkeypatch):
+    """A lookup sharing only a chat template's head with long entries (most prompts)
+    stops at the shared prefix: walking an entry costs a Python step per token, in
+    the engine's socket loop, for every request of a burst."""
+    c = PrefixCache(1 << 30, 100, BPT, min_reuse=8)
+    for i in range(20):
+        tokens = [1, 2, 3, 100 + i, *range(1000, 1400)]
+        c.insert(tokens, cache_for(tokens))
+    descents: list[object] = []
+    walk = PrefixCache._shortest_entry_below
+    monkeypatch.setattr(
+        PrefixCache, "_shortest_entry_below", staticmethod(lambda node: descents.append(node) or walk(node))
+    )
+    assert c.fetch([1, 2, 3, 7, 7, 7, 7, 7, 7, 7]) == (None, [1, 2, 3, 7, 7, 7, 7, 7, 7, 7])
+    assert descents == [] and FakeLayer.copies == 0
+    cache, rest = c.fetch([1, 2, 3, 100, 1000, 1001, 1002, 1003, 1004, 9])
+    assert len(descents) == 1 and rest == [9] and [layer.tokens for layer in cache] == [9, 9]
 
 
 def test_no_shared_token_means_no_cache():
@@ -178,3 +205,128 @@ def test_the_shortest_entry_below_the_shared_prefix_is_the_one_copied():
     c.trim_to(1 << 30, n_entries=1)  # only the newest, [1, 2, 3, 4, 9, 9, 9], stays
     cache, rest = c.fetch([1, 2, 3, 8])
     assert rest == [8] and [layer.nbytes for layer in cache] == [7, 7]
+
+
+def test_entries_cost_about_two_nodes_each_whatever_their_length():
+    """A node per token would make long prompts hundreds of thousands of Python
+    objects that every full garbage collection walks (an engine stall)."""
+    c = PrefixCache(1 << 30, 1000, BPT)
+    for i in range(50):
+        tokens = [1, 2, 3, 100 + i % 7, 200 + i, *range(1000, 1400)]
+        c.insert(tokens, cache_for(tokens))
+    n, tokens_on_edges = walk(c)
+    assert len(c) == 50 and n <= 2 * len(c) and tokens_on_edges > 50 * 400
+
+
+class Reference:
+    """PrefixCache's contract by brute force over its entries, oldest first."""
+
+    def __init__(self, max_bytes: int, max_entries: int, min_reuse: int) -> None:
+        self.max_bytes, self.max_entries, self.min_reuse = max_bytes, max_entries, min_reuse
+        self.entries: dict[tuple[int, ...], bool] = {}  # tokens -> trimmable
+
+    def fetch(self, tokens: list[int]) -> tuple[int | None, list[int]]:
+        """(tokens in the copied cache or None, tokens left to prefill)."""
+
+        def shared(key: tuple[int, ...]) -> int:
+            n = 0
+            while n < min(len(key), len(tokens)) and key[n] == tokens[n]:
+                n += 1
+            return n
+
+        depth = max(map(shared, self.entries), default=0)
+        usable = min(depth, len(tokens) - 1)
+        if usable >= self.min_reuse:
+            deeper = min((k for k in self.entries if shared(k) == depth), key=len)
+            if self.entries[deeper]:
+                self._use(deeper)
+                return usable, tokens[usable:]
+        prefixes = [k for k in self.entries if len(k) < len(tokens) and shared(k) == len(k)]
+        prefix = max(prefixes, key=len, default=None)
+        if prefix is not None and len(prefix) >= self.min_reuse:
+            self._use(prefix)
+            return len(prefix), tokens[len(prefix) :]
+        return None, tokens
+
+    def _use(self, key: tuple[int, ...]) -> None:
+        self.entries[key] = self.entries.pop(key)
+
+    def insert(self, tokens: list[int], trimmable: bool) -> None:
+        key = tuple(tokens)
+        self.entries.pop(key, None)
+        if trimmable:
+            for other in [k for k in self.entries if len(k) < len(key) and key[: len(k)] == k]:
+                del self.entries[other]
+        self.entries[key] = trimmable
+        self.trim_to(self.max_bytes, self.max_entries)
+
+    def trim_to(self, n_bytes: int, n_entries: int | None = None) -> None:
+        limit = len(self.entries) if n_entries is None else n_entries
+        while self.entries and (sum(map(len, self.entries)) * BPT > n_bytes or len(self.entries) > limit):
+            del self.entries[next(iter(self.entries))]
+
+
+def check_tree(c: PrefixCache) -> None:
+    """Every node leads to an entry, none but the root is a bare pass-through,
+    and each knows the shortest entry below it."""
+
+    def shortest(node) -> int:
+        own = [len(node.entry.tokens)] if node.entry is not None else []
+        return min(own + [shortest(child) for child in node.children.values()], default=1 << 62)
+
+    stack = [(c._root, ())]
+    while stack:
+        node, path = stack.pop()
+        assert node.shortest == shortest(node)
+        if node is not c._root:
+            assert node.entry is not None or len(node.children) >= 2
+        if node.entry is not None:
+            assert node.entry.tokens == path
+        for first, child in node.children.items():
+            assert child.edge and child.edge[0] == first
+            stack.append((child, path + child.edge))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_use_matches_the_brute_force_contract(seed):
+    """Inserts (trimmable or not, new or again), lookups and evictions over a
+    3-token alphabet (many shared prefixes and branch points) agree with a brute
+    force search of the entries, and the tree stays compressed and consistent.
+    Entry lengths are distinct, so "the shortest entry below" is one entry."""
+    rng = random.Random(seed)
+    min_reuse = rng.choice([1, 3])
+    c = PrefixCache(60 * BPT, 6, BPT, min_reuse=min_reuse)
+    ref = Reference(60 * BPT, 6, min_reuse)
+    lengths = list(range(1, 30))
+    rng.shuffle(lengths)
+    for _ in range(250):
+        op = rng.random()
+        if op < 0.35 and lengths:
+            tokens = [rng.choice([1, 2, 3]) for _ in range(lengths.pop())]
+            if any(len(k) == len(tokens) for k in ref.entries):
+                continue
+            trimmable = rng.random() < 0.8
+            c.insert(tokens, cache_for(tokens, trimmable=trimmable))
+            ref.insert(tokens, trimmable)
+        elif op < 0.45 and ref.entries:
+            key = rng.choice(list(ref.entries))
+            c.insert(list(key), cache_for(list(key), trimmable=ref.entries[key]))
+            ref.insert(list(key), ref.entries[key])
+        elif op < 0.5:
+            n_bytes = rng.randrange(0, 60) * BPT
+            c.trim_to(n_bytes)
+            ref.trim_to(n_bytes)
+            lengths = [n for n in range(1, 30) if all(len(k) != n for k in ref.entries)]
+            rng.shuffle(lengths)
+        else:
+            base = list(rng.choice(list(ref.entries))) if ref.entries and rng.random() < 0.7 else []
+            tokens = base[: rng.randrange(len(base) + 1)] + [rng.choice([1, 2, 3]) for _ in range(rng.randrange(4))]
+            cache, rest = c.fetch(tokens)
+            copied, ref_rest = ref.fetch(tokens)
+            assert rest == ref_rest
+            assert (None if cache is None else [layer.tokens for layer in cache]) == (
+                None if copied is None else [copied, copied]
+            )
+        assert list(c._lru) == list(ref.entries)
+        assert c.nbytes == sum(map(len, ref.entries)) * BPT
+        check_tree(c)
