@@ -354,7 +354,7 @@ class EngineCore:
         """Put the sequences finished by the last step into the prefix cache.
 
         The socket loop calls this after sending the step's deltas: the work
-        (an evaluation and a trie insert per token) then delays no final token.
+        (an evaluation and a prefix-cache insert per sequence) then delays no final token.
         The next step or prefix lookup does it otherwise, so a request that
         arrives later always sees the prefixes of those that finished before.
         """
