@@ -88,7 +88,7 @@ class PrefixCache:
             if child is None:
                 break
             shared = _shared_length(child.edge, tokens, depth)
-            # Every entry below `child` shares the prompt's first `depth` tokens.
+            # Every entry below `child` shares the prompt's first `depth + shared` tokens.
             node, depth = child, depth + shared
             if shared < len(child.edge):
                 break
@@ -136,8 +136,11 @@ class PrefixCache:
         shorter: list[tuple[int, ...]] = []
         while depth < len(key):
             child = node.children.get(key[depth])
-            if child is None:
-                child = node.children[key[depth]] = _Node(key[depth:])
+            if child is None:  # the rest of the key is a new leaf
+                leaf = _Node(key[depth:], shortest=len(key))
+                node.children[key[depth]] = leaf
+                node = leaf
+                break
             shared = _shared_length(child.edge, key, depth)
             if shared < len(child.edge):
                 child = _split(node, child, shared)
