@@ -8,6 +8,7 @@ only this module names them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -78,10 +79,13 @@ class Batch:
             prefill_step_size=prefill_chunk,
         )
         self._gen = self._new()
+        # Rows whose first token a step returned before BatchGenerator did.
+        self._previewed: set[int] = set()
 
     def reset(self) -> None:
         """Drop every row (after a failed step): a fresh generator."""
         self._gen = self._new()
+        self._previewed.clear()
 
     def insert(
         self,
@@ -110,6 +114,7 @@ class Batch:
     def remove(self, uids: list[int]) -> None:
         if uids:
             self._gen.remove(uids)
+            self._previewed.difference_update(uids)
 
     def rows(self, without: Iterable[int] = ()) -> BatchRows:
         """Rows per stage, not counting the uids in ``without``."""
@@ -142,27 +147,41 @@ class Batch:
         self._gen.prefill_step_size = chunk
 
     def step(self) -> list[Any]:
-        """One decode step, at most one prefill forward, and the queued first
-        decode forward of the rows that prefill finished; the decode responses."""
+        """One decode step, at most one prefill forward, and the first token of
+        the rows that prefill finished; the responses (one token per row)."""
         _, responses = self._gen.next()
-        self._start_decoding_prefilled()
-        return responses
+        if self._previewed:
+            responses = [r for r in responses if not self._already_sent(r)]
+        return responses + self._start_decoding_prefilled()
 
-    def _start_decoding_prefilled(self) -> None:
-        """Move the rows whose prompt this step finished into the decode batch now.
+    def _already_sent(self, response: Any) -> bool:
+        """Whether ``response`` repeats a first token that ``_start_decoding_prefilled``
+        returned: BatchGenerator returns every row's first token from the step after
+        the one that computed it, with its count and stop checks."""
+        if response.uid not in self._previewed:
+            return False
+        self._previewed.discard(response.uid)
+        # A first token that ends its row (max_tokens 1, a stop token) is never
+        # returned early, so its repeat carries no finish to keep.
+        return response.finish_reason is None
+
+    def _start_decoding_prefilled(self) -> list[Any]:
+        """Move the rows whose prompt this step finished into the decode batch
+        now, and return their first tokens.
 
         BatchGenerator moves them at the start of its next step, which only
         queues their last prompt token's forward: their first token then comes
-        a step later still (three steps from insert to first token). Queued
-        here, at the end of the step that prefilled them, that forward runs
-        while the engine sends this step's tokens, and the next step returns
-        their first token (two steps): the same forwards, one step sooner.
-        Mirrors the split at the top of BatchGenerator._next, which then finds
-        nothing left to move.
+        a step later still (three steps from insert to first token). Here the
+        forward is queued at the end of the step that prefilled them and its
+        token is returned with that step: one step from the prefill's end, the
+        same forwards, and the first token does not wait for the next step's
+        forward to be built (on a GPU bound by launching kernels, that build is
+        most of a step). Mirrors the split at the top of BatchGenerator._next,
+        which then finds nothing left to move.
         """
         gen = self._gen
         if len(gen._generation_batch) >= gen.completion_batch_size:
-            return  # BatchGenerator would not move them either
+            return []  # BatchGenerator would not move them either
         # _currently_processing: [segments still to prefill, done, total]; a row
         # down to its one last token is ready for its first decode forward.
         ready = [
@@ -171,12 +190,32 @@ class Batch:
             if len(segments) == 1 and len(segments[0]) == 1
         ]
         if not ready:
-            return
+            return []
         last_tokens = [gen._currently_processing[i][0][0] for i in ready]
         moving = set(ready)
         gen._currently_processing = [row for i, row in enumerate(gen._currently_processing) if i not in moving]
         with mx.stream(gen._stream):
-            gen._generation_batch.extend(gen._prompt_batch.split(ready).generate(last_tokens))
+            started = gen._prompt_batch.split(ready).generate(last_tokens)
+            first = self._first_tokens(started)
+            gen._generation_batch.extend(started)
+        return first
+
+    def _first_tokens(self, started: Any) -> list[Any]:
+        """Responses for the first tokens a new decode batch has just computed,
+        except those that end their row (left to BatchGenerator's own checks);
+        the rows returned are remembered so that their repeat is dropped."""
+        # _next_tokens / _next_logprobs: the sampled first tokens and their rows
+        # of log-probabilities; _matchers: each row's place in its stop sequences.
+        mx.eval(started._next_tokens, started._next_logprobs)
+        first = []
+        for i, token in enumerate(started._next_tokens.tolist()):
+            ends = started.max_tokens[i] <= 1 or copy.copy(started._matchers[i]).advance(token)
+            if ends:
+                continue
+            uid = started.uids[i]
+            first.append(started.Response(uid, token, started._next_logprobs[i], None, None, None))
+            self._previewed.add(uid)
+        return first
 
     def costs(self) -> StepCosts:
         """The timers so far; ``costs().since(before)`` is what steps in between cost."""

@@ -57,10 +57,12 @@ def run_to_end(s: Scheduler) -> dict[str, dict]:
     raise AssertionError("scheduler did not go idle")
 
 
-def step_planned(s: Scheduler):
-    """One step, as Scheduler.step takes it; its plan."""
+def step_planned(s: Scheduler, outputs: list | None = None):
+    """One step, as Scheduler.step takes it; its plan (its outputs appended to ``outputs``)."""
     plan = s.plan()
-    s.collect(s.core.execute(plan) if plan is not None else None)
+    out = s.collect(s.core.execute(plan) if plan is not None else None)
+    if outputs is not None:
+        outputs.append(out)
     return plan
 
 
@@ -102,25 +104,55 @@ def tokens_of(outputs: dict, request_id: str) -> list[int]:
     return [t for deltas in outputs.values() for d in deltas if d.request_id == request_id for t in d.token_ids]
 
 
-def test_a_burst_gets_its_first_tokens_on_the_step_after_its_prefill(model):
-    # mlx-lm's BatchGenerator returns them a step later: it queues the last
-    # prompt token's forward only at the start of the step after the prefill.
+def test_a_burst_gets_its_first_tokens_with_its_prefill_step(model):
+    # mlx-lm's BatchGenerator returns them two steps later: it queues the last
+    # prompt token's forward only at the start of the step after the prefill,
+    # and returns its token from the step after that.
     s = make_scheduler(model)
     prompts = {f"r{i}": list(range(5 + i, 30 + 2 * i)) for i in range(3)}
     for rid, p in prompts.items():
         s.add(b"w", gen(rid, p, 6))
     prefill_step = s.step()
-    assert all(tokens_of(prefill_step, rid) == [] for rid in prompts)
     rows = s.core.batch.rows()
     assert (rows.prefilling, rows.decoding) == (0, 3)  # decoding from the prefill step on
-    first_step = s.step()
+    second_step = s.step()
     results = run_to_end(s)
     for rid, p in prompts.items():
-        assert tokens_of(first_step, rid) == reference_greedy(model, p, 1)
-        assert tokens_of(first_step, rid) + results[rid]["tokens"] == reference_greedy(model, p, 6)
+        reference = reference_greedy(model, p, 6)
+        assert tokens_of(prefill_step, rid) == reference[:1]
+        # Every token once: the step after returns what BatchGenerator computed
+        # since, the first token not again.
+        assert tokens_of(prefill_step, rid) + tokens_of(second_step, rid) + results[rid]["tokens"] == reference
+        assert [f.finish_reason for f in results[rid]["finals"]] == ["length"]
 
 
-def test_a_request_joining_a_busy_batch_gets_its_first_token_on_the_step_after_its_prefill(model):
+def test_a_first_token_that_ends_its_request_comes_once_with_its_finish(model):
+    # Counted and checked against the stop tokens by BatchGenerator, a step later.
+    prompt = list(range(5, 30))
+    first = reference_greedy(model, prompt, 1)
+    s = make_scheduler(model)
+    s.add(b"w", gen("one", prompt, 1))
+    s.add(b"w", gen("stopped", prompt, 8, stop_token_ids=first))
+    results = run_to_end(s)
+    assert results["one"]["tokens"] == first
+    assert [f.finish_reason for f in results["one"]["finals"]] == ["length"]
+    assert results["stopped"]["tokens"] == []  # a stop token is never text
+    assert [f.finish_reason for f in results["stopped"]["finals"]] == ["stop"]
+
+
+def test_a_request_aborted_after_its_first_token_ends_once(model):
+    s = make_scheduler(model)
+    prompt = list(range(5, 30))
+    s.add(b"w", gen("x", prompt, 8))
+    assert tokens_of(s.step(), "x") == reference_greedy(model, prompt, 1)
+    s.abort(["x"])
+    r = run_to_end(s)["x"]
+    assert r["tokens"] == []
+    assert [f.finish_reason for f in r["finals"]] == ["abort"]
+    assert s.running == 0 and not s.has_work()
+
+
+def test_a_request_joining_a_busy_batch_gets_its_first_token_with_its_prefill_step(model):
     s = make_scheduler(model)
     s.add(b"w", gen("running", [5, 6, 7], 30))
     running = []
@@ -129,18 +161,17 @@ def test_a_request_joining_a_busy_batch_gets_its_first_token_on_the_step_after_i
     late_prompt = list(range(40, 60))
     s.add(b"w", gen("late", late_prompt, 6))
     late: list[int] = []
-    steps_after_prefill = None
     for _ in range(MAX_STEPS):
+        before = s.core.batch.rows()
         outputs = s.step()
         running += tokens_of(outputs, "running")
         late += tokens_of(outputs, "late")
         if late:
             break
-        if steps_after_prefill is not None:
-            steps_after_prefill += 1
-        elif s.core.batch.rows().waiting == 0:
-            steps_after_prefill = 0  # this step prefilled it (held while it had just come, then one chunk)
-    assert steps_after_prefill == 0  # its first token came with the very next step
+    # The step that returned its first token began with it still to prefill
+    # (held while it had just come, then one chunk).
+    assert before.decoding == 1 and before.waiting + before.prefilling == 1
+    assert len(late) == 1
     results = run_to_end(s)
     assert late + results["late"]["tokens"] == reference_greedy(model, late_prompt, 6)
     assert running + results["running"]["tokens"] == reference_greedy(model, [5, 6, 7], 30)
@@ -474,12 +505,13 @@ def test_an_engine_holds_what_came_while_announced_requests_are_on_their_way(mod
     assert 0 < s.wait_s() <= ADMISSION_HOLD_MAX_S  # the loop waits on its socket, not spinning
     s.add(b"w2", gen("second", [12, 13, 14], 6))
     s.settled(b"w2", 0)
-    assert step_planned(s).prefill_rows > 0
+    prefilled: list = []
+    assert step_planned(s, prefilled).prefill_rows > 0
     rows = s.core.batch.rows()
     assert rows.prefilling + rows.decoding == 2  # one prefill batch for both
     results = run_to_end(s)
-    assert results["first"]["tokens"] == reference_greedy(model, [9, 10, 11], 6)
-    assert results["second"]["tokens"] == reference_greedy(model, [12, 13, 14], 6)
+    for rid, prompt in (("first", [9, 10, 11]), ("second", [12, 13, 14])):
+        assert tokens_of(prefilled[0], rid) + results[rid]["tokens"] == reference_greedy(model, prompt, 6)
 
 
 def test_a_gone_workers_announcements_hold_nothing(model):
