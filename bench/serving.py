@@ -15,14 +15,16 @@ Progress goes to stderr; the report to stdout, --out and --chart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -97,12 +99,32 @@ class Load:
 
 
 def _settle(load: Load, deadline: Deadline) -> None:
-    """Before a timed run: let other jobs on the machine finish, within limits."""
+    """Before a timed run: collect this process's garbage (the run itself collects
+    none: ``_collector_paused``), then let other jobs on the machine finish, within limits."""
+    gc.collect()
     if load.quiet_wait_s <= 0:
         return
     cores = wait_for_quiet(min(load.quiet_wait_s, deadline.remaining()), threshold_cores=QUIET_CORES)
     if cores > QUIET_CORES:
         log.warning("machine still busy (%.2f cores used by others); measuring anyway", cores)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection in this process while a run is timed (``_settle`` runs one before).
+
+    This process is the clients (and the raw targets' engine). A full collection
+    walks every object it holds, the loaded model's and tokenizer's included:
+    2-3 ms on a 2-core machine, a pause of the clients' that the server would be
+    charged for. Mid-burst it also holds back the burst's last requests while the
+    first are already being served (BENCHMARKS.md, "Burst TTFT")."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -331,7 +353,7 @@ def run_http_target(
                 pid = next(iter(server.pids(spec.profile_label)), None) if profile_dir else None
                 prof = Profiler(pid, profile_dir / f"{spec.name}-c{n}-r{k}.txt") if profile_dir else nullcontext()
                 steps0 = engine_steps(server.base_url)
-                with GpuBusy() as gpu, prof:
+                with _collector_paused(), GpuBusy() as gpu, prof:
                     results, wall = run_load(server.base_url, timed, _split(prompts, n), deadline.remaining())
                 steps1 = engine_steps(server.base_url)
                 cpu = CpuUse(client_s=time.process_time() - cpu0, server_s=cpu_delta(before, server.cpu_seconds()))
@@ -390,7 +412,7 @@ def run_raw_target(
             prompts = make_prompts(tokenizer, n * load.rounds, load.prompt_tokens, f"run-{n}-{k}")
             _settle(load, deadline)
             prof = Profiler(os.getpid(), profile_dir / f"{name}-c{n}-r{k}.txt") if profile_dir else nullcontext()
-            with prof:
+            with _collector_paused(), prof:
                 parts = [engine.run([p.ids for p in prompts[r::load.rounds]], load.max_tokens, eos, bias,
                                     deadline.remaining(), name) for r in range(load.rounds)]  # fmt: skip
             merged = RunResult(
@@ -417,7 +439,8 @@ def _run_single(
     for k in range(load.repeats):
         prompts = make_prompts(tokenizer, load.rounds, load.prompt_tokens, f"run-1-{k}")
         _settle(load, deadline)
-        result = engine.run_single([p.ids for p in prompts], load.max_tokens, eos, deadline.remaining())
+        with _collector_paused():
+            result = engine.run_single([p.ids for p in prompts], load.max_tokens, eos, deadline.remaining())
         if cut_by_deadline(result):
             log.warning("stream_generate: a run cut short by --deadline-s, left out")
             return

@@ -7,6 +7,7 @@ No real servers, no timing assertions: the benchmark itself is run by hand (benc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import http.server
 import json
 import math
@@ -108,6 +109,24 @@ def test_repeats_pick_the_median_run_and_keep_the_spread() -> None:
     assert s.ttft_p50_ms == pytest.approx(2000.0)  # latencies come from the same (median) run
     assert median_run(runs[:2]) is runs[1]  # even count: the lower median
     assert summarize_repeats(runs[:1]).repeats == 1
+
+
+def test_timed_runs_pause_the_garbage_collector_and_restore_it() -> None:
+    """A collection in the clients' process is a pause the server would be charged for."""
+    assert gc.isenabled()
+    with serving._collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), serving._collector_paused():
+        raise RuntimeError("a failed run")
+    assert gc.isenabled()
+    gc.disable()  # a caller that had turned it off keeps it off
+    try:
+        with serving._collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_cpu_delta_per_label_counts_new_processes_from_zero() -> None:
