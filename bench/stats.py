@@ -153,9 +153,26 @@ def median_run(runs: Sequence[RunResult]) -> RunResult:
     return sorted(runs, key=_tps)[(len(runs) - 1) // 2]
 
 
+def _median(values: Sequence[float]) -> float:
+    known = sorted(v for v in values if not math.isnan(v))
+    return percentile(known, 50) if known else math.nan
+
+
 def summarize_repeats(runs: Sequence[RunResult]) -> Summary:
     """The median run's row plus the spread: on a shared 2-core machine one run can
     lose half its speed to a neighbour; the median of a few ignores that, the
-    min-max shows it."""
+    min-max shows it. Latencies are the medians over the runs of each run's
+    percentiles: a run of one burst has one burst's TTFT, and the run with the
+    median tokens/s is no likelier than any other to have the median burst."""
     speeds = [_tps(r) for r in runs]
-    return replace(summarize(median_run(runs)), repeats=len(runs), tps_min=min(speeds), tps_max=max(speeds))
+    rows = [summarize(r) for r in runs]
+    return replace(
+        summarize(median_run(runs)),
+        repeats=len(runs),
+        tps_min=min(speeds),
+        tps_max=max(speeds),
+        ttft_p50_ms=_median([s.ttft_p50_ms for s in rows]),
+        ttft_p95_ms=_median([s.ttft_p95_ms for s in rows]),
+        itl_p50_ms=_median([s.itl_p50_ms for s in rows]),
+        itl_p95_ms=_median([s.itl_p95_ms for s in rows]),
+    )
