@@ -96,7 +96,7 @@ class Summary:
     client_cores: float  # CPU seconds / wall seconds
     server_cores: float
     other_cores: float = math.nan
-    # Timed repeats of this (target, concurrency); the row is the median one.
+    # Timed repeats of this (target, concurrency): the row is the median one, its latencies medians over all.
     repeats: int = 1
     tps_min: float = math.nan
     tps_max: float = math.nan
@@ -154,7 +154,7 @@ def median_run(runs: Sequence[RunResult]) -> RunResult:
 
 
 def _median(values: Sequence[float]) -> float:
-    known = sorted(v for v in values if not math.isnan(v))
+    known = [v for v in values if not math.isnan(v)]
     return percentile(known, 50) if known else math.nan
 
 
