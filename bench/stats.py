@@ -154,8 +154,8 @@ def median_run(runs: Sequence[RunResult]) -> RunResult:
 
 
 def _median(values: Sequence[float]) -> float:
-    known = [v for v in values if not math.isnan(v)]
-    return percentile(known, 50) if known else math.nan
+    """The median of the known values (NaN: a run with no successes); NaN if none is."""
+    return percentile([v for v in values if not math.isnan(v)], 50)
 
 
 def summarize_repeats(runs: Sequence[RunResult]) -> Summary:

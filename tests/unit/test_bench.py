@@ -109,8 +109,9 @@ def test_repeats_pick_the_median_run_and_keep_the_spread() -> None:
     assert s.ttft_p50_ms == pytest.approx(2000.0)
     # Latencies are medians over the runs, not the median-throughput run's own.
     slow_start = RunResult("raw", 1, 10, 2.0, [RequestResult(ttft_s=9.0, chunks=10)])
-    both = summarize_repeats([_timed(1.0), slow_start, _timed(4.0), _timed(3.0), _timed(5.0)])
-    assert median_run([_timed(1.0), slow_start, _timed(4.0), _timed(3.0), _timed(5.0)]).wall_s == 3.0
+    five = [_timed(1.0), slow_start, _timed(4.0), _timed(3.0), _timed(5.0)]
+    both = summarize_repeats(five)
+    assert median_run(five).wall_s == 3.0
     assert both.ttft_p50_ms == pytest.approx(4000.0)  # of 1, 9, 4, 3 and 5 s
     failed = RunResult("raw", 1, 10, 1.0, [RequestResult(error="boom")])
     assert summarize_repeats([failed, _timed(2.0)]).ttft_p50_ms == pytest.approx(2000.0)  # NaN runs skipped
